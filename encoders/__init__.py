@@ -1,0 +1,1 @@
+"""Per-modality neural encoders: tensors in, embeddings out. No I/O, no Kafka."""

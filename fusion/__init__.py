@@ -1,0 +1,1 @@
+"""Fusion model, classifier, model files, training and evaluation. Tensors only."""

@@ -1,0 +1,1 @@
+"""Kafka I/O, decoding, windowing, recordings, simulator and CLI."""

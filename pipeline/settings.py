@@ -1,0 +1,262 @@
+"""One typed settings object for every iotfuse command.
+
+Precedence, lowest to highest: the defaults below < a TOML file (`--config FILE`) <
+environment variables (`IOTFUSE_<SECTION>__<FIELD>`, e.g. `IOTFUSE_KAFKA__BOOTSTRAP_SERVERS`) <
+command-line flags. Every field carries its documentation in `metadata["help"]`;
+`docs/configuration.md` is generated from it (`iotfuse config --markdown`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "IOTFUSE_"
+
+
+class SettingsError(ValueError):
+    """A setting is unknown or has a value of the wrong type."""
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    bootstrap_servers: str = _f("127.0.0.1:9092", "Kafka bootstrap servers, comma-separated.")
+    group_id: str = _f("iotfuse", "Consumer group of the `run` workers.")
+    client_id: str = _f("iotfuse", "Client id prefix for consumers and producers.")
+    exactly_once: bool = _f(
+        False, "Publish events and commit offsets in Kafka transactions (read_committed)."
+    )
+    transactional_id: str = _f(
+        "", "Transactional id for exactly-once; empty = derived from group id and host."
+    )
+    security_protocol: str = _f("PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.")
+    sasl_mechanism: str = _f("", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 when SASL is used.")
+    sasl_username: str = _f("", "SASL username.")
+    sasl_password: str = _f("", "SASL password (prefer the environment variable).")
+    ssl_cafile: str = _f("", "CA certificate file for TLS.")
+    ssl_certfile: str = _f("", "Client certificate file for TLS.")
+    ssl_keyfile: str = _f("", "Client key file for TLS.")
+    max_in_flight_bytes: int = _f(
+        64 * 1024 * 1024, "Producer bytes sent but not yet acknowledged before sending blocks."
+    )
+    fetch_max_bytes: int = _f(
+        32 * 1024 * 1024, "Consumer fetch limit; must admit the largest image plus headers."
+    )
+    max_poll_records: int = _f(500, "Records returned by one consumer poll at most.")
+    session_timeout_ms: int = _f(30000, "Consumer group session timeout.")
+    max_poll_interval_ms: int = _f(300000, "Longest gap between polls before a rebalance.")
+
+    def client_config(self) -> dict[str, Any]:
+        """Security settings as kafka-python keyword arguments (empty ones left out)."""
+        cfg: dict[str, Any] = {"security_protocol": self.security_protocol}
+        optional = {
+            "sasl_mechanism": self.sasl_mechanism,
+            "sasl_plain_username": self.sasl_username,
+            "sasl_plain_password": self.sasl_password,
+            "ssl_cafile": self.ssl_cafile,
+            "ssl_certfile": self.ssl_certfile,
+            "ssl_keyfile": self.ssl_keyfile,
+        }
+        cfg.update({k: v for k, v in optional.items() if v})
+        return cfg
+
+
+@dataclass(frozen=True)
+class TopicSettings:
+    camera: str = _f("iot.camera", "Camera frames in (JPEG or PNG).")
+    audio: str = _f("iot.audio", "Audio chunks in (WAV or raw PCM).")
+    telemetry: str = _f("iot.telemetry", "Telemetry JSON objects in.")
+    labels: str = _f("iot.labels", "Ground-truth labels (training and evaluation).")
+    events: str = _f("iot.events", "Classified windows out.")
+    deadletter: str = _f("iot.deadletter", "Rejected records out, with error headers.")
+    partitions: int = _f(3, "Partitions per topic when iotfuse creates topics.")
+    replication_factor: int = _f(1, "Replication factor when iotfuse creates topics.")
+
+
+@dataclass(frozen=True)
+class WindowSettings:
+    window_ms: int = _f(0, "Window length; 0 = the model's window length (default 2000).")
+    allowed_lateness_ms: int = _f(500, "Watermark = largest event time seen minus this.")
+    idle_timeout_ms: int = _f(5000, "Wall-clock silence after which a device's windows close.")
+    max_open_windows: int = _f(10000, "Open windows over all devices before back-pressure.")
+    max_buffered_bytes: int = _f(
+        512 * 1024 * 1024, "Bytes buffered in open windows before back-pressure."
+    )
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    image_max_width: int = _f(4096, "Widest image accepted, pixels.")
+    image_max_height: int = _f(4096, "Tallest image accepted, pixels.")
+    image_max_bytes: int = _f(8 * 1024 * 1024, "Largest image accepted, bytes.")
+    audio_max_seconds: float = _f(10.0, "Longest audio chunk accepted, seconds.")
+    telemetry_max_bytes: int = _f(64 * 1024, "Largest telemetry value accepted, bytes.")
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    model: str = _f("", "Model directory; empty = the default model shipped with iotfuse.")
+    device: str = _f("auto", "Torch device: auto (CUDA when present), cpu, cuda, cuda:N.")
+    max_batch: int = _f(64, "Windows encoded and fused together at most.")
+    batch_timeout_ms: int = _f(20, "Longest a closed window waits for others to batch with.")
+    commit_interval_ms: int = _f(1000, "How often acknowledged progress is committed.")
+    metrics_port: int = _f(9108, "Prometheus metrics HTTP port; 0 = off.")
+    metrics_host: str = _f("0.0.0.0", "Address the metrics endpoint binds to.")
+    log_level: str = _f("INFO", "DEBUG, INFO, WARNING or ERROR.")
+    log_format: str = _f("text", "text or json (one JSON object per line).")
+
+
+@dataclass(frozen=True)
+class Settings:
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    topics: TopicSettings = field(default_factory=TopicSettings)
+    windows: WindowSettings = field(default_factory=WindowSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+
+
+def _section_types() -> dict[str, type[Any]]:
+    hints = typing.get_type_hints(Settings)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Settings)}
+
+
+def _coerce(value: Any, target: Any, where: str) -> Any:
+    """Convert a TOML/env/CLI value to the field's declared type, or explain why not."""
+    if isinstance(target, types.UnionType):
+        target = next(t for t in typing.get_args(target) if t is not type(None))
+    try:
+        if target is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if target is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(value)
+        if target is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if target is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError(value)
+            return str(value)
+    except ValueError:
+        name = getattr(target, "__name__", str(target))
+        raise SettingsError(f"{where}: expected {name}, got {value!r}") from None
+    raise SettingsError(f"{where}: unsupported setting type {target!r}")
+
+
+def apply_overrides(
+    settings: Settings, overrides: Mapping[str, Mapping[str, Any]], source: str
+) -> Settings:
+    """Return `settings` with `overrides[section][field]` applied, converting types."""
+    sections = _section_types()
+    replaced: dict[str, Any] = {}
+    for section, values in overrides.items():
+        if section not in sections:
+            raise SettingsError(
+                f"{source}: unknown section [{section}]; known: {', '.join(sections)}"
+            )
+        cls = sections[section]
+        hints = typing.get_type_hints(cls)
+        current = replaced.get(section, getattr(settings, section))
+        changes: dict[str, Any] = {}
+        for key, value in values.items():
+            if key not in hints:
+                raise SettingsError(
+                    f"{source}: unknown setting {section}.{key}; known: {', '.join(hints)}"
+                )
+            changes[key] = _coerce(value, hints[key], f"{source}: {section}.{key}")
+        replaced[section] = dataclasses.replace(current, **changes)
+    return dataclasses.replace(settings, **replaced)
+
+
+def from_toml(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SettingsError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise SettingsError(f"{path}: top-level key {section!r} must be a [section] table")
+    return data
+
+
+def from_env(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """`IOTFUSE_KAFKA__BOOTSTRAP_SERVERS=x` -> {"kafka": {"bootstrap_servers": "x"}}."""
+    out: dict[str, dict[str, str]] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+def parse_assignments(items: list[str]) -> dict[str, dict[str, str]]:
+    """`["kafka.group_id=x"]` (the CLI's `--set`) -> {"kafka": {"group_id": "x"}}."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot:
+            raise SettingsError(f"--set {item!r}: expected SECTION.FIELD=VALUE")
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+def load_settings(
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    cli: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Settings:
+    """Defaults < file < environment < CLI flags."""
+    settings = Settings()
+    if config_file is not None:
+        settings = apply_overrides(settings, from_toml(config_file), str(config_file))
+    env = os.environ if environ is None else environ
+    settings = apply_overrides(settings, from_env(env), "environment")
+    if cli:
+        settings = apply_overrides(settings, cli, "command line")
+    return settings
+
+
+def settings_markdown() -> str:
+    """The reference table of every setting: the one place settings are documented."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated by `iotfuse config --markdown`; do not edit by hand.",
+        "",
+        "Precedence: defaults < TOML file (`--config FILE`) < environment"
+        " (`IOTFUSE_<SECTION>__<FIELD>`) < command-line flags (`--set SECTION.FIELD=VALUE`"
+        " and the named flags of each command).",
+        "",
+    ]
+    for section, cls in _section_types().items():
+        lines += [f"## [{section}]", "", "| setting | env | default | meaning |"]
+        lines += ["|---|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            env = f"{ENV_PREFIX}{section.upper()}__{f.name.upper()}"
+            lines.append(f"| `{f.name}` | `{env}` | `{f.default!r}` | {f.metadata['help']} |")
+        lines.append("")
+    return "\n".join(lines)
