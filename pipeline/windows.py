@@ -1,0 +1,159 @@
+"""Per-device tumbling event-time windows, exactly as the wire contract defines them.
+
+- A record with event time `ts` belongs to the window starting at `floor(ts / W) * W`.
+- A device's watermark is the largest event time seen on any of its modalities minus
+  the allowed lateness. Every window whose end is <= the watermark closes.
+- A device silent for `idle_timeout_ms` of wall-clock time has all its windows closed.
+- A record whose window already closed (or was passed by the watermark) is late: it is
+  reported to the caller, who counts and releases it; it never reopens a window.
+
+Pure logic: no Kafka, no decoding, no clock of its own (wall time is passed in).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from encoders.modality import Modality
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a record came from; what the offset tracker holds and releases."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(slots=True)
+class Item:
+    """One accepted record inside a window, with its modality-specific payload."""
+
+    modality: Modality
+    ts_ms: int
+    payload: object
+    position: Position
+    nbytes: int
+
+
+@dataclass(slots=True)
+class Window:
+    device_id: str
+    start_ms: int
+    end_ms: int
+    items: dict[Modality, list[Item]] = field(default_factory=dict)
+    nbytes: int = 0
+
+    def add(self, item: Item) -> None:
+        self.items.setdefault(item.modality, []).append(item)
+        self.nbytes += item.nbytes
+
+    def count(self, modality: Modality) -> int:
+        return len(self.items.get(modality, ()))
+
+    @property
+    def positions(self) -> list[Position]:
+        return [it.position for items in self.items.values() for it in items]
+
+
+@dataclass(frozen=True, slots=True)
+class WindowConfig:
+    window_ms: int = 2000
+    allowed_lateness_ms: int = 500
+    idle_timeout_ms: int = 5000
+
+    def __post_init__(self) -> None:
+        if self.window_ms <= 0:
+            raise ValueError(f"window_ms must be positive, got {self.window_ms}")
+        if self.allowed_lateness_ms < 0 or self.idle_timeout_ms <= 0:
+            raise ValueError("allowed_lateness_ms must be >= 0 and idle_timeout_ms > 0")
+
+    def start_of(self, ts_ms: int) -> int:
+        return (ts_ms // self.window_ms) * self.window_ms
+
+
+@dataclass(slots=True)
+class _Device:
+    open: dict[int, Window] = field(default_factory=dict)  # start_ms -> window
+    max_ts: int | None = None
+    closed_until: int | None = None  # every window ending at or before this is closed
+    last_seen_wall_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class AddResult:
+    late: bool
+    closed: list[Window]
+
+
+class Windower:
+    """Holds the open windows of every device; returns windows as they close, in order."""
+
+    def __init__(self, config: WindowConfig) -> None:
+        self.config = config
+        self._devices: dict[str, _Device] = {}
+        self.open_windows = 0
+        self.buffered_bytes = 0
+
+    def add(self, device_id: str, item: Item, now_wall_ms: int) -> AddResult:
+        dev = self._devices.setdefault(device_id, _Device())
+        dev.last_seen_wall_ms = now_wall_ms
+        start = self.config.start_of(item.ts_ms)
+        end = start + self.config.window_ms
+        if dev.closed_until is not None and end <= dev.closed_until:
+            return AddResult(late=True, closed=[])
+        window = dev.open.get(start)
+        if window is None:
+            window = dev.open[start] = Window(device_id, start, end)
+            self.open_windows += 1
+        window.add(item)
+        self.buffered_bytes += item.nbytes
+        if dev.max_ts is None or item.ts_ms > dev.max_ts:
+            dev.max_ts = item.ts_ms
+        watermark = dev.max_ts - self.config.allowed_lateness_ms
+        boundary = self.config.start_of(watermark)  # largest window boundary <= watermark
+        return AddResult(late=False, closed=self._close_until(dev, boundary))
+
+    def expire_idle(self, now_wall_ms: int) -> list[Window]:
+        """Close every window of devices silent for at least the idle timeout."""
+        closed: list[Window] = []
+        for dev in self._devices.values():
+            if dev.open and now_wall_ms - dev.last_seen_wall_ms >= self.config.idle_timeout_ms:
+                closed += self._close_until(dev, max(dev.open) + self.config.window_ms)
+        return closed
+
+    def close_all(self) -> list[Window]:
+        """End of a finite stream: close everything (offline replay, shutdown drain)."""
+        closed: list[Window] = []
+        for dev in self._devices.values():
+            if dev.open:
+                closed += self._close_until(dev, max(dev.open) + self.config.window_ms)
+        return closed
+
+    def drop_devices(self, device_ids: Iterable[str]) -> list[Window]:
+        """Forget devices entirely (their partitions were revoked); returns what was open."""
+        dropped: list[Window] = []
+        for device_id in device_ids:
+            dev = self._devices.pop(device_id, None)
+            if dev is not None:
+                dropped += dev.open.values()
+                self._forget(dev.open.values())
+        return dropped
+
+    def devices(self) -> list[str]:
+        return list(self._devices)
+
+    def _close_until(self, dev: _Device, boundary: int) -> list[Window]:
+        if dev.closed_until is None or boundary > dev.closed_until:
+            dev.closed_until = boundary
+        ready = sorted(start for start, w in dev.open.items() if w.end_ms <= boundary)
+        closed = [dev.open.pop(start) for start in ready]
+        self._forget(closed)
+        return closed
+
+    def _forget(self, windows: Iterable[Window]) -> None:
+        for w in windows:
+            self.open_windows -= 1
+            self.buffered_bytes -= w.nbytes

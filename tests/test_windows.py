@@ -1,0 +1,129 @@
+"""Window semantics of the contract: alignment, watermark, lateness, idle timeout."""
+
+from __future__ import annotations
+
+import pytest
+
+from encoders.modality import Modality
+from pipeline.windows import Item, Position, Window, WindowConfig, Windower
+
+CAM, AUD, TEL = Modality.CAMERA, Modality.AUDIO, Modality.TELEMETRY
+T0 = 1_767_225_600_000  # a multiple of 2000
+
+
+class Feed:
+    """Adds items with increasing offsets and a controllable wall clock."""
+
+    def __init__(self, cfg: WindowConfig | None = None) -> None:
+        self.w = Windower(cfg or WindowConfig(window_ms=2000, allowed_lateness_ms=500,
+                                              idle_timeout_ms=5000))
+        self.offset = 0
+        self.now = 0
+        self.closed: list[Window] = []
+        self.late: list[int] = []
+
+    def add(self, ts: int, device: str = "d1", modality: Modality = TEL, nbytes: int = 10) -> None:
+        self.offset += 1
+        item = Item(modality, ts, None, Position(str(modality), 0, self.offset), nbytes)
+        result = self.w.add(device, item, self.now)
+        if result.late:
+            self.late.append(ts)
+        self.closed += result.closed
+
+
+def spans(windows: list[Window]) -> list[tuple[str, int, int]]:
+    return [(w.device_id, w.start_ms - T0, w.end_ms - T0) for w in windows]
+
+
+def test_windows_align_to_epoch_multiples() -> None:
+    f = Feed()
+    f.add(T0 + 1999)
+    f.add(T0 + 2000)
+    f.add(T0 + 10_000)  # watermark 9500 closes [0,2000) and [2000,4000)
+    assert spans(f.closed) == [("d1", 0, 2000), ("d1", 2000, 4000)]
+    assert [it.ts_ms - T0 for it in f.closed[0].items[TEL]] == [1999]
+
+
+def test_window_closes_only_when_watermark_reaches_its_end() -> None:
+    f = Feed()
+    f.add(T0 + 100)
+    f.add(T0 + 2499)  # watermark 1999 < 2000: still open
+    assert f.closed == []
+    f.add(T0 + 2500)  # watermark 2000 == end: closes
+    assert spans(f.closed) == [("d1", 0, 2000)]
+
+
+def test_records_within_allowed_lateness_join_their_window() -> None:
+    f = Feed()
+    f.add(T0 + 100)
+    f.add(T0 + 2400)  # watermark 1900
+    f.add(T0 + 1950, modality=CAM)  # out of order but not late
+    f.add(T0 + 2600)
+    assert spans(f.closed) == [("d1", 0, 2000)]
+    assert f.closed[0].count(CAM) == 1 and f.closed[0].count(TEL) == 1
+    assert f.late == []
+
+
+def test_late_record_is_reported_and_does_not_reopen_a_window() -> None:
+    f = Feed()
+    f.add(T0 + 100)
+    f.add(T0 + 5000)  # closes [0,2000); watermark 4500 also passes [2000,4000)
+    f.add(T0 + 1500)  # late: window closed
+    f.add(T0 + 3000)  # late: window passed by the watermark even though it never opened
+    assert f.late == [T0 + 1500, T0 + 3000]
+    assert spans(f.closed) == [("d1", 0, 2000)]
+    assert f.w.open_windows == 1
+
+
+def test_watermark_is_per_device_and_spans_modalities() -> None:
+    f = Feed()
+    f.add(T0 + 100, device="a", modality=CAM)
+    f.add(T0 + 100, device="b")
+    f.add(T0 + 3000, device="a", modality=AUD)  # advances a's watermark only
+    assert spans(f.closed) == [("a", 0, 2000)]
+    assert f.closed[0].count(CAM) == 1
+
+
+def test_idle_timeout_closes_a_silent_device_on_the_injected_clock() -> None:
+    f = Feed()
+    f.now = 1_000
+    f.add(T0 + 100, device="quiet")
+    f.add(T0 + 2100, device="quiet")
+    f.now = 3_000
+    f.add(T0 + 100, device="busy")
+    assert f.w.expire_idle(5_999) == []
+    closed = f.w.expire_idle(6_000)
+    assert spans(closed) == [("quiet", 0, 2000), ("quiet", 2000, 4000)]
+    f.add(T0 + 2200, device="quiet")  # its window was closed: late
+    assert f.late == [T0 + 2200]
+    assert spans(f.w.expire_idle(8_000)) == [("busy", 0, 2000)]
+
+
+def test_every_window_with_a_record_closes_exactly_once() -> None:
+    f = Feed(WindowConfig(window_ms=1000, allowed_lateness_ms=300, idle_timeout_ms=1))
+    timestamps = [T0 + (i * 377) % 9000 for i in range(200)]
+    for ts in sorted(timestamps):
+        f.add(ts, device=f"d{ts % 3}")
+    f.closed += f.w.close_all()
+    seen = [(w.device_id, w.start_ms) for w in f.closed]
+    assert len(seen) == len(set(seen))
+    expected = {(f"d{ts % 3}", ts // 1000 * 1000) for ts in timestamps}
+    assert set(seen) == expected
+    assert sum(len(w.positions) for w in f.closed) == 200
+    assert f.w.open_windows == 0 and f.w.buffered_bytes == 0
+
+
+def test_buffered_bytes_and_open_windows_are_tracked() -> None:
+    f = Feed()
+    f.add(T0 + 1, nbytes=100)
+    f.add(T0 + 2001, nbytes=50)
+    assert (f.w.open_windows, f.w.buffered_bytes) == (2, 150)
+    f.add(T0 + 2600, nbytes=1)
+    assert (f.w.open_windows, f.w.buffered_bytes) == (1, 51)
+    dropped = f.w.drop_devices(["d1"])
+    assert len(dropped) == 1 and (f.w.open_windows, f.w.buffered_bytes) == (0, 0)
+
+
+def test_invalid_config_is_refused() -> None:
+    with pytest.raises(ValueError, match="window_ms"):
+        WindowConfig(window_ms=0)
