@@ -30,12 +30,14 @@ class OffsetTracker:
     def __init__(self) -> None:
         self._parts: dict[TopicPartitionKey, _Partition] = {}
 
-    def track(self, pos: Position) -> None:
+    def track(self, pos: Position) -> bool:
+        """Start holding a consumed record; False if it was seen before (re-delivered)."""
         part = self._parts.setdefault((pos.topic, pos.partition), _Partition())
         if part.next_offset is not None and pos.offset < part.next_offset:
-            return  # already tracked (re-delivered after a seek); keep the first instance
+            return False
         part.pending.append(pos.offset)
         part.next_offset = pos.offset + 1
+        return True
 
     def release(self, positions: Iterable[Position]) -> None:
         for pos in positions:

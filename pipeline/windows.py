@@ -145,6 +145,17 @@ class Windower:
     def devices(self) -> list[str]:
         return list(self._devices)
 
+    def closed_until(self, device_id: str) -> int | None:
+        """Every window of the device ending at or before this has closed."""
+        dev = self._devices.get(device_id)
+        return None if dev is None else dev.closed_until
+
+    def restore(self, device_id: str, closed_until: int) -> None:
+        """Resume a device whose windows up to `closed_until` were already emitted."""
+        dev = self._devices.setdefault(device_id, _Device())
+        if dev.closed_until is None or closed_until > dev.closed_until:
+            dev.closed_until = closed_until
+
     def _close_until(self, dev: _Device, boundary: int) -> list[Window]:
         if dev.closed_until is None or boundary > dev.closed_until:
             dev.closed_until = boundary

@@ -35,8 +35,8 @@ def test_partitions_are_independent() -> None:
 
 def test_redelivered_offsets_are_tracked_once_and_forget_drops_a_partition() -> None:
     t = OffsetTracker()
-    t.track(pos(5))
-    t.track(pos(5))
+    assert t.track(pos(5))
+    assert not t.track(pos(5))
     t.release([pos(5)])
     assert t.committable() == {("t", 0): 6}
     t.track(pos(6))

@@ -1,0 +1,79 @@
+"""Assemble the pipeline from settings: the engine, and the two drivers that run it.
+
+- `run_offline(records)`: any iterable of records (a recording, a list in a test) in, the
+  outputs out, as fast as the machine allows. End of input closes every window.
+- `KafkaWorker` (pipeline/worker.py): the same engine between a consumer and a producer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+from pipeline.align import Aligner
+from pipeline.engine import Clock, Engine, EngineConfig, wall_clock_ms
+from pipeline.errors import UserError
+from pipeline.ingest import IngestConfig
+from pipeline.metrics import Metrics
+from pipeline.model_runner import ModelRunner
+from pipeline.outputs import Output
+from pipeline.records import Record
+from pipeline.settings import Settings
+from pipeline.windows import WindowConfig
+
+
+class ConfigMismatchError(UserError):
+    pass
+
+
+def window_config(settings: Settings, model_window_ms: int) -> WindowConfig:
+    w = settings.windows
+    if w.window_ms and w.window_ms != model_window_ms:
+        raise ConfigMismatchError(
+            f"windows.window_ms={w.window_ms} but the model was trained on {model_window_ms} ms "
+            "windows; leave windows.window_ms at 0 (use the model's) or train a model for it"
+        )
+    return WindowConfig(model_window_ms, w.allowed_lateness_ms, w.idle_timeout_ms)
+
+
+def build_engine(
+    settings: Settings, runner: ModelRunner, metrics: Metrics | None = None,
+    clock: Clock = wall_clock_ms,
+) -> Engine:
+    features = runner.features
+    cfg = EngineConfig(
+        ingest=IngestConfig.from_settings(settings.topics, settings.limits, features.sample_rate),
+        windows=window_config(settings, features.window_ms),
+        features=features,
+        events_topic=settings.topics.events,
+        deadletter_topic=settings.topics.deadletter,
+        model=runner.model_id,
+        max_batch=settings.runtime.max_batch,
+        batch_timeout_ms=settings.runtime.batch_timeout_ms,
+        max_open_windows=settings.windows.max_open_windows,
+        max_buffered_bytes=settings.windows.max_buffered_bytes,
+    )
+    return Engine(cfg, runner.classify, metrics or Metrics(), clock)
+
+
+def run_offline(
+    engine: Engine, records: Iterable[Record], on_record: Callable[[int], None] | None = None
+) -> Iterator[Output]:
+    """Drive the engine over a finite stream in event time; yields outputs as produced.
+
+    Records pass the same aligner as in the Kafka worker (a recording holds the topics in
+    the order they were consumed); records of other topics (labels) are skipped.
+    """
+    inputs = tuple(engine.cfg.ingest.topics)
+    aligner = Aligner(inputs)
+    for n, record in enumerate(records, 1):
+        if record.topic in inputs:
+            aligner.push(record)
+            for ready in aligner.pop_ready(lambda _topic, _partition: False):
+                yield from engine.process(ready)
+            if engine.queued() >= engine.cfg.max_batch:
+                yield from engine.run_batch()
+        if on_record is not None:
+            on_record(n)
+    for ready in aligner.flush():
+        yield from engine.process(ready)
+    yield from engine.finish()

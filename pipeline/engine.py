@@ -1,0 +1,237 @@
+"""The stream core: records in, outputs (events and dead letters) out.
+
+Plain, single-threaded logic with Kafka only at the edges: the Kafka worker, offline
+replay and the tests all drive the same `Engine`:
+
+    for record in source:
+        outputs += engine.process(record)     # dead letters now; windows queue as they close
+    engine.tick()                             # idle timeouts (injected wall clock)
+    if engine.batch_due(): outputs += engine.run_batch()   # encode + fuse closed windows
+    engine.take_released()                    # positions that need no output (late records)
+
+Every position an output holds is released by the caller once the broker acknowledged it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from encoders.modality import Modality
+from pipeline.decode import RejectedRecord
+from pipeline.features import FeatureSpec, window_inputs
+from pipeline.ingest import IngestConfig, ingest
+from pipeline.metrics import Metrics
+from pipeline.outputs import Decision, ModelId, Output, dead_letter, event_output, event_value
+from pipeline.records import Record
+from pipeline.windows import Item, Position, Window, WindowConfig, Windower
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], int]  # wall-clock milliseconds
+Classify = Callable[[Sequence[dict[Modality, np.ndarray]]], list[Decision]]
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    ingest: IngestConfig
+    windows: WindowConfig
+    features: FeatureSpec
+    events_topic: str
+    deadletter_topic: str
+    model: ModelId
+    max_batch: int = 64
+    batch_timeout_ms: int = 20
+    max_open_windows: int = 10000
+    max_buffered_bytes: int = 512 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class _Closed:
+    window: Window
+    closed_at_ms: int
+
+
+class Engine:
+    def __init__(
+        self, cfg: EngineConfig, classify: Classify, metrics: Metrics, clock: Clock = wall_clock_ms
+    ) -> None:
+        self.cfg = cfg
+        self.classify = classify
+        self.metrics = metrics
+        self.clock = clock
+        self.windower = Windower(cfg.windows)
+        self._queue: list[_Closed] = []
+        self._released: list[Position] = []
+        self._records: dict[Position, Record] = {}  # camera records, for decode-time rejects
+        self._device_partition: dict[str, int] = {}
+        self._reported: set[str] = set()
+        self._resumed: dict[str, int] = {}  # device -> windows before this were emitted
+
+    # -- records in ---------------------------------------------------------------------
+    def process(self, record: Record) -> list[Output]:
+        """Ingest one record; returns its dead letter if it is rejected."""
+        now = self.clock()
+        try:
+            got = ingest(record, self.cfg.ingest)
+        except RejectedRecord as err:
+            self.metrics.dead_letters.labels(reason=str(err.reason)).inc()
+            return [dead_letter(record, err, self.cfg.deadletter_topic)]
+        self.metrics.records_in.labels(modality=str(got.item.modality)).inc()
+        self._check_partition(got.device_id, record)
+        if self._already_emitted(got.device_id, got.item.ts_ms):
+            self.metrics.reread_skipped.inc()
+            self._released.append(got.item.position)
+            return []
+        result = self.windower.add(got.device_id, got.item, now)
+        if result.late:
+            self.metrics.late_records.labels(modality=str(got.item.modality)).inc()
+            self._released.append(got.item.position)
+        elif got.item.modality is Modality.CAMERA:
+            self._records[got.item.position] = record
+        self._enqueue(result.closed, now)
+        return []
+
+    def tick(self) -> None:
+        """Close windows of devices that went silent (wall-clock idle timeout)."""
+        now = self.clock()
+        self._enqueue(self.windower.expire_idle(now), now)
+        self.metrics.open_windows.set(self.windower.open_windows)
+        self.metrics.buffered_bytes.set(self.windower.buffered_bytes)
+
+    def finish(self) -> list[Output]:
+        """End of a finite stream: close every window and classify everything queued."""
+        self._enqueue(self.windower.close_all(), self.clock())
+        outputs: list[Output] = []
+        while self._queue:
+            outputs += self.run_batch()
+        return outputs
+
+    # -- batching -----------------------------------------------------------------------
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def batch_due(self) -> bool:
+        if not self._queue:
+            return False
+        waited = self.clock() - self._queue[0].closed_at_ms
+        return len(self._queue) >= self.cfg.max_batch or waited >= self.cfg.batch_timeout_ms
+
+    def over_capacity(self) -> bool:
+        return (
+            self.windower.open_windows >= self.cfg.max_open_windows
+            or self.windower.buffered_bytes >= self.cfg.max_buffered_bytes
+        )
+
+    def run_batch(self) -> list[Output]:
+        """Encode and fuse up to `max_batch` closed windows as one batch."""
+        batch, self._queue = self._queue[: self.cfg.max_batch], self._queue[self.cfg.max_batch :]
+        if not batch:
+            return []
+        t0 = time.perf_counter()
+        prepared = [window_inputs(c.window, self.cfg.features) for c in batch]
+        t1 = time.perf_counter()
+        decisions = self.classify([p.raw for p in prepared])
+        t2 = time.perf_counter()
+        self.metrics.stage_seconds.labels(stage="features").observe(t1 - t0)
+        self.metrics.stage_seconds.labels(stage="model").observe(t2 - t1)
+        self.metrics.batch_size.observe(len(batch))
+        outputs: list[Output] = []
+        now = self.clock()
+        for closed, inputs, decision in zip(batch, prepared, decisions, strict=True):
+            outputs += self._window_outputs(closed, inputs.rejected, decision, now)
+            self.metrics.unknown_metrics.inc(inputs.unknown_metrics)
+        self.metrics.windows_emitted.inc(len(batch))
+        return outputs
+
+    def _window_outputs(
+        self,
+        closed: _Closed,
+        rejected: list[tuple[Item, RejectedRecord]],
+        decision: Decision,
+        now: int,
+    ) -> list[Output]:
+        window = closed.window
+        outputs = []
+        bad = {it.position for it, _ in rejected}
+        for item, err in rejected:
+            self.metrics.dead_letters.labels(reason=str(err.reason)).inc()
+            record = self._records[item.position]
+            outputs.append(dead_letter(record, err, self.cfg.deadletter_topic))
+        holds = tuple(p for p in window.positions if p not in bad)
+        for it in window.items.get(Modality.CAMERA, ()):
+            self._records.pop(it.position, None)
+        value = event_value(window, decision, self.cfg.model, now, excluded=len(bad))
+        outputs.append(
+            event_output(window, value, self.cfg.events_topic, holds, closed.closed_at_ms)
+        )
+        return outputs
+
+    # -- progress across restarts and rebalances -----------------------------------------
+    def progress(self, partition: int) -> dict[str, int]:
+        """Per device of this partition: every window ending at or before it was emitted.
+
+        Only meaningful when nothing is queued (call after draining): the worker stores it
+        with the committed offsets, so whoever re-reads the uncommitted records next skips
+        the ones whose windows were already emitted instead of emitting them again, split.
+        """
+        assert not self._queue, "progress() needs the queue drained first"
+        out: dict[str, int] = {}
+        for device, part in self._device_partition.items():
+            until = self.windower.closed_until(device)
+            if part == partition and until is not None:
+                out[device] = until
+        return out
+
+    def resume(self, progress: dict[str, int]) -> None:
+        """Take over devices whose windows up to the given boundaries were already emitted."""
+        for device, until in progress.items():
+            if until > self._resumed.get(device, until - 1):
+                self._resumed[device] = until
+                self.windower.restore(device, until)
+
+    def _already_emitted(self, device: str, ts_ms: int) -> bool:
+        until = self._resumed.get(device)
+        return until is not None and self.cfg.windows.start_of(ts_ms) < until
+
+    # -- bookkeeping --------------------------------------------------------------------
+    def take_released(self) -> list[Position]:
+        released, self._released = self._released, []
+        return released
+
+    def revoke(self, partitions: Iterable[tuple[str, int]]) -> int:
+        """Drop the open windows of devices on revoked partitions (re-read by the new owner)."""
+        numbers = {p for _, p in partitions}
+        devices = [d for d, p in self._device_partition.items() if p in numbers]
+        dropped = self.windower.drop_devices(devices)
+        for w in dropped:
+            for it in w.items.get(Modality.CAMERA, ()):
+                self._records.pop(it.position, None)
+        for d in devices:
+            self._device_partition.pop(d, None)
+            self._resumed.pop(d, None)
+        return len(dropped)
+
+    def _enqueue(self, windows: list[Window], now: int) -> None:
+        self._queue += [_Closed(w, now) for w in windows]
+
+    def _check_partition(self, device: str, record: Record) -> None:
+        seen = self._device_partition.setdefault(device, record.partition)
+        if seen != record.partition and device not in self._reported:
+            self._reported.add(device)
+            self.metrics.copartition_violations.inc()
+            log.warning(
+                "device %s arrives on partition %d of %s but on partition %d elsewhere: the "
+                "input topics are not co-partitioned (producers use different partitioners?). "
+                "Its windows may be split across workers; use the murmur2 partitioner "
+                "(librdkafka: partitioner=murmur2_random) and equal partition counts.",
+                device, record.partition, record.topic, seen,
+            )

@@ -1,0 +1,144 @@
+"""A closed window -> the raw per-modality arrays the model takes.
+
+The single code path from records to model input: the live pipeline, offline replay,
+training and evaluation all build their inputs here.
+
+- camera: `num_frames` frames sampled evenly across the window's frames (by event time),
+  decoded at reduced resolution -> uint8 [T, S, S, 3]; a frame that fails to decode is
+  rejected (dead-lettered) and another one is tried.
+- audio: each chunk's samples placed at its event-time offset in the window -> float32
+  [window_samples]; silence (zeros) where no audio arrived; samples past the window end
+  are cut (the chunk belongs to the window of its first sample).
+- telemetry: samples averaged per time step -> float32 [steps, n_metrics], NaN = missing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from encoders.modality import Modality
+from pipeline.decode import AudioChunk, RejectedRecord, decode_image
+from pipeline.ingest import CameraFrame
+from pipeline.windows import Item, Window
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureSpec:
+    """What the model takes from a window (derived from the model's config)."""
+
+    window_ms: int
+    modalities: tuple[Modality, ...]
+    image_size: int = 64
+    num_frames: int = 4
+    sample_rate: int = 16000
+    metrics: tuple[str, ...] = ()
+    steps: int = 20
+
+    @property
+    def window_samples(self) -> int:
+        return self.sample_rate * self.window_ms // 1000
+
+    @classmethod
+    def from_model_config(cls, cfg: Any) -> FeatureSpec:
+        mods = tuple(Modality(m) for m in cfg.modalities)
+        kw: dict[str, Any] = {"window_ms": cfg.window_ms, "modalities": mods}
+        if Modality.CAMERA in mods:
+            kw |= {"image_size": cfg.camera.image_size, "num_frames": cfg.camera.num_frames}
+        if Modality.AUDIO in mods:
+            kw |= {"sample_rate": cfg.audio.sample_rate}
+        if Modality.TELEMETRY in mods:
+            kw |= {"metrics": tuple(cfg.telemetry.metrics), "steps": cfg.telemetry.steps}
+        return cls(**kw)
+
+
+@dataclass(slots=True)
+class WindowInputs:
+    raw: dict[Modality, np.ndarray]
+    rejected: list[tuple[Item, RejectedRecord]] = field(default_factory=list)
+    unknown_metrics: int = 0
+
+
+def _spread(n: int, k: int) -> list[int]:
+    """k indices spread evenly over range(n) (repeats when n < k)."""
+    return [int(round(i)) for i in np.linspace(0, n - 1, k)] if n else []
+
+
+def camera_input(
+    frames: list[Item], spec: FeatureSpec
+) -> tuple[np.ndarray | None, list[tuple[Item, RejectedRecord]]]:
+    """Decode the sampled frames; failed decodes are returned for dead-lettering."""
+    ordered = sorted(frames, key=lambda it: it.ts_ms)
+    rejected: list[tuple[Item, RejectedRecord]] = []
+    decoded: dict[int, np.ndarray] = {}
+    wanted = _spread(len(ordered), spec.num_frames)
+    tried: set[int] = set()
+    for idx in wanted + list(range(len(ordered))):
+        if len(decoded) >= len(set(wanted)) or idx in tried:
+            continue
+        tried.add(idx)
+        frame = ordered[idx].payload
+        assert isinstance(frame, CameraFrame)
+        try:
+            decoded[idx] = decode_image(frame.value, frame.info, spec.image_size)
+        except RejectedRecord as exc:
+            rejected.append((ordered[idx], exc))
+    if not decoded:
+        return None, rejected
+    good = sorted(decoded)
+    picks = [good[i] for i in _spread(len(good), spec.num_frames)]
+    return np.stack([decoded[i] for i in picks]), rejected  # [T, S, S, 3] uint8
+
+
+def audio_input(chunks: list[Item], spec: FeatureSpec, start_ms: int) -> np.ndarray:
+    out = np.zeros(spec.window_samples, dtype=np.float32)  # [N]
+    for it in sorted(chunks, key=lambda it: it.ts_ms):
+        chunk = it.payload
+        assert isinstance(chunk, AudioChunk)
+        at = (it.ts_ms - start_ms) * spec.sample_rate // 1000
+        n = max(0, min(len(chunk.samples), spec.window_samples - at))
+        out[at : at + n] = chunk.samples[:n]
+    return out
+
+
+def telemetry_input(
+    samples: list[Item], spec: FeatureSpec, start_ms: int
+) -> tuple[np.ndarray, int]:
+    """Per-step means of the model's metrics; returns (array, unknown metric count)."""
+    col = {name: j for j, name in enumerate(spec.metrics)}
+    sums = np.zeros((spec.steps, len(col)), dtype=np.float64)  # [steps, M]
+    counts = np.zeros((spec.steps, len(col)), dtype=np.int64)  # [steps, M]
+    unknown = 0
+    for it in samples:
+        metrics = it.payload
+        assert isinstance(metrics, dict)
+        step = min(spec.steps - 1, (it.ts_ms - start_ms) * spec.steps // spec.window_ms)
+        for name, value in metrics.items():
+            j = col.get(name)
+            if j is None:
+                unknown += 1
+                continue
+            sums[step, j] += value
+            counts[step, j] += 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    return means.astype(np.float32), unknown  # [steps, M]
+
+
+def window_inputs(window: Window, spec: FeatureSpec) -> WindowInputs:
+    out = WindowInputs(raw={})
+    if Modality.CAMERA in spec.modalities and window.count(Modality.CAMERA):
+        frames, rejected = camera_input(window.items[Modality.CAMERA], spec)
+        out.rejected += rejected
+        if frames is not None:
+            out.raw[Modality.CAMERA] = frames
+    if Modality.AUDIO in spec.modalities and window.count(Modality.AUDIO):
+        out.raw[Modality.AUDIO] = audio_input(window.items[Modality.AUDIO], spec, window.start_ms)
+    if Modality.TELEMETRY in spec.modalities and window.count(Modality.TELEMETRY):
+        raw, out.unknown_metrics = telemetry_input(
+            window.items[Modality.TELEMETRY], spec, window.start_ms
+        )
+        out.raw[Modality.TELEMETRY] = raw
+    return out
