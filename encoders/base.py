@@ -1,0 +1,87 @@
+"""What every modality encoder shares: the error type, the preprocessor and trunk interfaces.
+
+Every modality goes through the same stages (ImageBind-style):
+
+    raw tensor --Preprocessor--> model input --Trunk--> [n, trunk.out_dim] --head--> token
+
+A Preprocessor is a plain callable without parameters: it checks the raw input loudly (dtype,
+shape, sample rate) and turns it into what the trunk expects. A Trunk is an nn.Module that maps
+that input to one feature vector per row and says how wide it is (`out_dim`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+
+class ModelConfigError(ValueError):
+    """A model configuration is invalid. The message names the field and what to change."""
+
+
+@dataclass(frozen=True)
+class RawInfo:
+    """Facts about the raw inputs that are not in the tensors themselves (same for every row)."""
+
+    audio_sample_rate: int
+
+
+class Preprocessor(Protocol):
+    """Raw window tensor of one modality (all rows that have it) -> trunk input. No parameters."""
+
+    def __call__(self, raw: Tensor, info: RawInfo) -> Tensor: ...
+
+
+class Trunk(nn.Module):
+    """A modality backbone: preprocessed input [n, ...] -> features [n, out_dim]."""
+
+    out_dim: int
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise ModelConfigError(message) unless condition holds (for config __post_init__ checks)."""
+    if not condition:
+        raise ModelConfigError(message)
+
+
+def check_hf_fields(section: str, trunk: str, path: str | None,
+                     config: dict[str, Any] | None) -> None:
+    """The trunk/hf_path/hf_config fields of a modality config are consistent."""
+    require(trunk in ("cnn", "hf"), f'{section}.trunk must be "cnn" or "hf", got {trunk!r}')
+    if trunk == "hf":
+        require(path is not None or config is not None,
+                f'{section}.trunk="hf" needs {section}.hf_path: a local transformers model '
+                f"directory (nothing is downloaded)")
+    else:
+        require(path is None and config is None,
+                f'{section}.hf_path/hf_config are only used with {section}.trunk="hf"')
+
+
+def check_raw(raw: Tensor, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    """Refuse a raw batch whose dtype or per-row shape is not what the model was built for."""
+    if raw.dtype != dtype:
+        raise ValueError(f"{name}: expected dtype {dtype}, got {raw.dtype}; convert the raw "
+                         f"input before collating (the pipeline builds {dtype} arrays)")
+    if raw.dim() != len(shape) + 1 or tuple(raw.shape[1:]) != shape:
+        raise ValueError(f"{name}: expected rows of shape {list(shape)} (batch "
+                         f"[n, {', '.join(map(str, shape))}]), got batch {list(raw.shape)}; "
+                         f"the model config fixes this shape")
+
+
+class ConvBlock(nn.Sequential):
+    """Conv (optionally depthwise-separable) + BatchNorm + GELU, 1D or 2D."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, separable: bool, dims: int = 2):
+        conv = nn.Conv2d if dims == 2 else nn.Conv1d
+        norm = nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d
+        if separable:
+            layers: list[nn.Module] = [
+                conv(c_in, c_in, 3, stride, 1, groups=c_in, bias=False),  # depthwise: size/stride
+                conv(c_in, c_out, 1, bias=False),  # pointwise: c_in -> c_out channels
+            ]
+        else:
+            layers = [conv(c_in, c_out, 3, stride, 1, bias=False)]  # c_in -> c_out, size/stride
+        super().__init__(*layers, norm(c_out), nn.GELU())
