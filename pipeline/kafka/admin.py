@@ -1,0 +1,198 @@
+"""Topic administration: the contract's topics, created idempotently and co-partitioned.
+
+The three input topics and the labels topic must have the same partition count (a device's
+records of every modality land on the same partition number); `ensure_topics` refuses to
+leave them otherwise. The camera and dead-letter topics accept records of up to 10 MiB
+(8 MiB images plus headers; dead letters carry the original value).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import kafka.errors as errors
+from kafka import KafkaAdminClient
+
+LARGE_RECORD_BYTES = 10_485_760  # max.message.bytes of the camera and dead-letter topics
+
+
+class TopicLayoutError(RuntimeError):
+    """Topics are missing or not co-partitioned."""
+
+
+@dataclass(frozen=True, slots=True)
+class TopicNames:
+    camera: str = "iot.camera"
+    audio: str = "iot.audio"
+    telemetry: str = "iot.telemetry"
+    labels: str = "iot.labels"
+    events: str = "iot.events"
+    deadletter: str = "iot.deadletter"
+
+    @classmethod
+    def prefixed(cls, prefix: str) -> TopicNames:
+        """`<prefix>.camera`, `<prefix>.audio`, ... (e.g. one set of topics per test)."""
+        return cls(
+            *(
+                f"{prefix}.{role}"
+                for role in ("camera", "audio", "telemetry", "labels", "events", "deadletter")
+            )
+        )
+
+    @property
+    def inputs(self) -> tuple[str, str, str]:
+        return (self.camera, self.audio, self.telemetry)
+
+    @property
+    def copartitioned(self) -> tuple[str, ...]:
+        """The topics that must share one partition count: the inputs and the labels."""
+        return (*self.inputs, self.labels)
+
+    @property
+    def all(self) -> tuple[str, ...]:
+        return (*self.copartitioned, self.events, self.deadletter)
+
+
+def ensure_topics(
+    bootstrap_servers: str,
+    names: TopicNames,
+    partitions: int,
+    replication_factor: int,
+    *,
+    min_insync_replicas: int | None = None,
+    client_config: Mapping[str, Any] | None = None,
+    timeout_s: float = 30.0,
+) -> None:
+    """Create the missing topics of `names`; return once every partition has a leader.
+
+    Existing topics are kept as they are (configs included). Raises TopicLayoutError if an
+    existing input or labels topic has a partition count other than `partitions`.
+    """
+    if partitions < 1 or replication_factor < 1:
+        raise ValueError(
+            f"partitions and replication_factor must be >= 1, got "
+            f"{partitions} and {replication_factor}"
+        )
+    with _admin(bootstrap_servers, client_config) as admin:
+        existing = _partition_counts(admin, names.all)
+        _require_layout(names, existing, partitions)
+        missing = [t for t in names.all if t not in existing]
+        if missing:
+            specs = {
+                t: _topic_spec(t, names, partitions, replication_factor, min_insync_replicas)
+                for t in missing
+            }
+            _create(admin, specs)
+        admin.wait_for_topics(list(names.all), timeout_ms=int(timeout_s * 1000))
+        # someone may have created a topic between our describe and create, with other counts
+        _require_layout(names, _partition_counts(admin, names.all), partitions)
+
+
+def check_copartitioned(
+    bootstrap_servers: str,
+    topics: Sequence[str] | TopicNames,
+    *,
+    client_config: Mapping[str, Any] | None = None,
+) -> dict[str, int]:
+    """Partition count of each topic (TopicNames: inputs and labels); raise unless all equal."""
+    wanted = list(topics.copartitioned if isinstance(topics, TopicNames) else topics)
+    with _admin(bootstrap_servers, client_config) as admin:
+        counts = _partition_counts(admin, wanted)
+    absent = [t for t in wanted if t not in counts]
+    if absent:
+        raise TopicLayoutError(
+            f"topics {', '.join(absent)} do not exist: create them (e.g. `ensure_topics`) "
+            "before starting producers or the pipeline"
+        )
+    if len(set(counts.values())) > 1:
+        raise TopicLayoutError(
+            f"topics are not co-partitioned ({_describe(counts)}): the input and labels topics "
+            "need one partition count so that a device's records share a partition number"
+        )
+    return counts
+
+
+def _require_layout(names: TopicNames, existing: Mapping[str, int], partitions: int) -> None:
+    copart = {t: existing[t] for t in names.copartitioned if t in existing}
+    if any(count != partitions for count in copart.values()):
+        raise TopicLayoutError(
+            f"existing topics do not match the requested {partitions} partitions "
+            f"({_describe(copart)}); the input and labels topics must be co-partitioned. Pass "
+            f"the partition count they already have, or delete and recreate them (adding "
+            f"partitions later moves keys to other partitions)"
+        )
+
+
+def _describe(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{t}: {n} partitions" for t, n in counts.items())
+
+
+def _topic_spec(
+    topic: str,
+    names: TopicNames,
+    partitions: int,
+    replication_factor: int,
+    min_insync_replicas: int | None,
+) -> dict[str, Any]:
+    configs: dict[str, str] = {}
+    if topic in (names.camera, names.deadletter):
+        configs["max.message.bytes"] = str(LARGE_RECORD_BYTES)
+    if min_insync_replicas is not None:
+        configs["min.insync.replicas"] = str(min_insync_replicas)
+    return {
+        "num_partitions": partitions,
+        "replication_factor": replication_factor,
+        "configs": configs,
+    }
+
+
+def _create(admin: KafkaAdminClient, specs: dict[str, dict[str, Any]]) -> None:
+    """Create topics; one that appeared meanwhile (TopicAlreadyExists) is fine."""
+    result = admin.create_topics(specs, raise_errors=False)
+    failed = []
+    for topic in result["topics"]:
+        error = errors.for_code(int(topic["error_code"]))
+        if error not in (errors.NoError, errors.TopicAlreadyExistsError):
+            failed.append(f"{topic['name']}: {error.__name__}: {topic.get('error_message')}")
+    if failed:
+        raise TopicLayoutError("could not create topics: " + "; ".join(failed))
+
+
+def _partition_counts(admin: KafkaAdminClient, topics: Sequence[str]) -> dict[str, int]:
+    """Partition count of each existing topic among `topics` (absent ones are left out)."""
+    counts: dict[str, int] = {}
+    for topic in admin.describe_topics(list(topics)):
+        error = errors.for_code(int(topic["error_code"]))
+        if error is errors.UnknownTopicOrPartitionError:
+            continue
+        if error is not errors.NoError:
+            raise TopicLayoutError(f"cannot describe topic {topic['name']}: {error.__name__}")
+        counts[str(topic["name"])] = len(topic["partitions"])
+    return counts
+
+
+def _admin(bootstrap_servers: str, client_config: Mapping[str, Any] | None) -> KafkaAdminClient:
+    config = {**(client_config or {}), "bootstrap_servers": bootstrap_servers}
+    return KafkaAdminClient(**config)
+
+
+def admin_client_or_none(bootstrap_servers: str) -> KafkaAdminClient | None:
+    """An admin client, or None while no broker answers (for polling a starting cluster)."""
+    try:
+        return KafkaAdminClient(
+            bootstrap_servers=bootstrap_servers, bootstrap_timeout_ms=3000, request_timeout_ms=5000
+        )
+    except Exception:  # not serving yet: callers poll again
+        return None
+
+
+def unfenced_brokers(admin: KafkaAdminClient) -> set[int]:
+    """Ids of the brokers the cluster metadata lists as registered and unfenced (none when
+    the cluster does not answer)."""
+    try:
+        cluster = admin.describe_cluster()
+    except Exception:  # not answering (yet): callers poll
+        return set()
+    return {int(b["broker_id"]) for b in cluster["brokers"] if not b.get("is_fenced", False)}

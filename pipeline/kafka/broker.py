@@ -1,0 +1,425 @@
+"""A real local Apache Kafka 4.x (KRaft, no Docker): one node or a 3-node cluster.
+
+    with LocalKafka(nodes=3) as k:
+        produce_to(k.bootstrap_servers)
+        k.stop_node(1)  # fault tests
+        k.start_node(1)
+
+Every node is a combined broker+controller JVM on 127.0.0.1 with its own free ports, config,
+data directory (all inside one temporary directory, removed on exit) and log file
+(`log_tail()`). Readiness is polled with a deadline: the cluster is ready when every running
+node accepts connections and the cluster metadata lists all of them as unfenced brokers.
+
+The JVMs never outlive the Python process: `__exit__` stops them, so does a weakref
+finalizer (which also runs at interpreter exit, through atexit), and on Linux the kernel
+kills them when the process dies (see `runtime.spawn`).
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from types import FrameType, TracebackType
+
+from kafka import KafkaAdminClient
+
+from pipeline.kafka import runtime
+from pipeline.kafka.admin import admin_client_or_none, unfenced_brokers
+from pipeline.kafka.runtime import KAFKA_VERSION, KafkaRuntime
+
+HOST = "127.0.0.1"
+
+
+class KafkaStartError(RuntimeError):
+    """A local broker did not start (its log tail is part of the message)."""
+
+
+@dataclass(slots=True)
+class _Node:
+    index: int  # 0-based position in the cluster; node.id is index + 1
+    port: int  # PLAINTEXT listener (clients)
+    controller_port: int
+    home: Path  # server.properties and the data directory
+    log_file: Path  # log4j output
+    out_file: Path  # the JVM's own stdout/stderr (crashes, bad flags)
+    proc: subprocess.Popen[bytes] | None = None
+    started_pids: list[int] = field(default_factory=list)
+    archive_dump: Path | None = None  # class archive this JVM writes at exit
+
+    @property
+    def node_id(self) -> int:
+        return self.index + 1
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+
+class LocalKafka:
+    """A local Kafka cluster of `nodes` (1 or 3) combined broker+controller JVMs.
+
+    port: the first node's client port (the others get port+1, port+2); None picks free
+    ports. heap: -Xmx per node (default 512m for one node, 384m each for three). log_dir:
+    where node-<i>.log files go (kept after exit); None keeps them in the data directory.
+    """
+
+    def __init__(
+        self,
+        nodes: int = 1,
+        port: int | None = None,
+        heap: str | None = None,
+        log_dir: str | Path | None = None,
+        *,
+        startup_timeout_s: float = 120.0,
+        shutdown_timeout_s: float = 20.0,
+    ) -> None:
+        if nodes not in (1, 3):
+            raise ValueError(f"nodes must be 1 or 3, got {nodes}")
+        self.nodes = nodes
+        self.port = port
+        self.heap = heap or ("512m" if nodes == 1 else "384m")
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.startup_timeout_s = startup_timeout_s
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self.cluster_id = new_cluster_id()
+        self._nodes: list[_Node] = []
+        self._root: Path | None = None
+        self._runtime: KafkaRuntime | None = None
+        self._finalizer: weakref.finalize[..., LocalKafka] | None = None
+
+    def __enter__(self) -> LocalKafka:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Format and start all nodes; return once the cluster serves clients."""
+        if self._finalizer is not None:
+            raise RuntimeError("this LocalKafka was already started: create a new one")
+        self._runtime = runtime.load_runtime()
+        self._root = root = Path(tempfile.mkdtemp(prefix="iotfuse-kafka-"))
+        self._finalizer = weakref.finalize(
+            self, _shutdown, self._nodes, root, self.shutdown_timeout_s
+        )
+        try:
+            self._nodes.extend(_plan_nodes(self.nodes, self.port, root, self.log_dir or root))
+            _write_configs(self._nodes, root)
+            _format_storage(self._runtime, self._nodes, self.cluster_id, root)
+            for node in self._nodes:
+                self._spawn(node)
+            self._wait_ready(time.monotonic() + self.startup_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop every JVM (SIGTERM, then SIGKILL after the deadline) and delete the data."""
+        if self._finalizer is not None:
+            self._finalizer()
+
+    def stop_node(self, index: int, *, kill: bool = False) -> None:
+        """Stop node `index` (0-based): SIGTERM (controlled shutdown) or, with kill, SIGKILL."""
+        node = self._nodes[index]
+        if node.proc is not None and kill:
+            runtime.send_signal(node.proc, signal.SIGKILL)
+            node.proc.wait()
+            _forget_process(node, exited_on_its_own=False)
+        elif node.proc is not None:
+            _stop_all([node], self.shutdown_timeout_s)
+
+    def start_node(self, index: int) -> None:
+        """Restart a stopped node on its old ports and data; wait until the cluster sees it."""
+        node = self._nodes[index]
+        if node.proc is not None and node.proc.poll() is None:
+            raise RuntimeError(f"node {index} is already running")
+        if node.proc is not None:  # it died on its own
+            _forget_process(node, exited_on_its_own=False)
+        self._spawn(node)
+        self._wait_ready(time.monotonic() + self.startup_timeout_s)
+
+    @property
+    def bootstrap_servers(self) -> str:
+        if not self._nodes:
+            raise RuntimeError("LocalKafka is not started: use it as a context manager")
+        return ",".join(n.address for n in self._nodes)
+
+    @property
+    def data_dir(self) -> Path:
+        if self._root is None:
+            raise RuntimeError("LocalKafka is not started: use it as a context manager")
+        return self._root
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        """Process ids of the JVMs running now."""
+        return tuple(
+            n.proc.pid for n in self._nodes if n.proc is not None and n.proc.poll() is None
+        )
+
+    @property
+    def started_pids(self) -> tuple[int, ...]:
+        """Process ids of every broker JVM this instance ever started (restarts included)."""
+        return tuple(pid for n in self._nodes for pid in n.started_pids)
+
+    @property
+    def log_files(self) -> tuple[Path, ...]:
+        return tuple(n.log_file for n in self._nodes)
+
+    def log_tail(self, lines: int = 50) -> str:
+        """The last `lines` lines of every node's log (and of the JVM's own output)."""
+        parts: list[str] = []
+        for node in self._nodes:
+            for path in (node.log_file, node.out_file):
+                text = runtime.tail(path, lines)
+                if text or path == node.log_file:
+                    parts.append(f"===== node {node.index} (id {node.node_id}): {path} =====")
+                    parts.append(text or "(empty or removed)")
+        return "\n".join(parts)
+
+    def _spawn(self, node: _Node) -> None:
+        assert self._runtime is not None and self._root is not None
+        first = node.index == 0 and not node.started_pids  # one JVM writes the class archive
+        dump = self._runtime.archive_dump_target() if first else None
+        cmd = [
+            *self._runtime.java_command(self.heap, self._root / "log4j2.properties", node.log_file),
+            *([f"-XX:ArchiveClassesAtExit={dump}"] if dump else []),
+            f"-XX:ErrorFile={node.home}/hs_err_pid%p.log",
+            "-XX:+ExitOnOutOfMemoryError",
+            "kafka.Kafka",
+            str(node.home / "server.properties"),
+        ]
+        with open(node.out_file, "ab") as out:
+            node.proc = runtime.spawn(cmd, cwd=node.home, stdout=out.fileno())
+        node.started_pids.append(node.proc.pid)
+        node.archive_dump = dump
+
+    def _wait_ready(self, deadline: float) -> None:
+        admin: KafkaAdminClient | None = None
+        try:
+            while True:
+                running = self._running_or_raise()
+                if all(runtime.accepts_connections(HOST, n.port) for n in running):
+                    admin = admin or admin_client_or_none(self.bootstrap_servers)
+                    wanted = {n.node_id for n in running}
+                    if admin is not None and unfenced_brokers(admin) >= wanted:
+                        return
+                if time.monotonic() > deadline:
+                    raise KafkaStartError(
+                        f"local Kafka ({self.nodes} node(s)) not ready after "
+                        f"{self.startup_timeout_s:.0f}s; raise startup_timeout_s on a slow "
+                        f"machine. Log tail:\n{self.log_tail()}"
+                    )
+                try:  # the poll interval, cut short if the JVM dies
+                    running[0].proc.wait(timeout=0.2)  # type: ignore[union-attr]
+                except subprocess.TimeoutExpired:
+                    pass
+        finally:
+            if admin is not None:
+                admin.close()
+
+    def _running_or_raise(self) -> list[_Node]:
+        """The nodes that should run; raise with the log tail if one exited."""
+        started = [n for n in self._nodes if n.proc is not None]
+        for node in started:
+            code = node.proc.poll() if node.proc is not None else None
+            if code is not None:
+                _forget_process(node, exited_on_its_own=False)
+                raise KafkaStartError(
+                    f"Kafka node {node.index} exited with code {code} while starting (Kafka "
+                    f"{KAFKA_VERSION}, {self._runtime.java if self._runtime else 'java'}). "
+                    f"Log tail:\n{self.log_tail()}"
+                )
+        return started
+
+
+def new_cluster_id() -> str:
+    """22-char URL-safe base64 of a random UUID, never starting with '-' (like Kafka's Uuid)."""
+    while True:
+        text = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not text.startswith("-"):  # would read as an option on a command line
+            return text
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)  # a script may be reading the bootstrap line through a pipe
+
+
+def run_foreground(
+    nodes: int = 1, port: int | None = None, out: Callable[[str], object] = _say
+) -> int:
+    """`iotfuse broker`: run a local Kafka until SIGINT/SIGTERM; 0 on a clean stop.
+
+    Prints `bootstrap.servers=HOST:PORT[,...]` (one machine-readable line) once ready. A
+    signal during startup stops the half-started cluster and returns 130.
+    """
+    if runtime.cached_classpath() is None:
+        out(f"downloading Apache Kafka {KAFKA_VERSION} jars with Maven (first run only) ...")
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        # set from another thread: Event.set in a handler could deadlock with stop.wait()
+        threading.Thread(target=stop.set, daemon=True).start()
+
+    kafka = LocalKafka(nodes=nodes, port=port)
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in signals}
+    try:
+        for s in signals:  # while starting, a signal interrupts the start
+            signal.signal(s, signal.default_int_handler)
+        try:
+            kafka.start()
+        except KeyboardInterrupt:
+            out("interrupted while starting; stopped")
+            return 130
+        try:
+            for s in signals:
+                signal.signal(s, on_signal)
+            out(f"bootstrap.servers={kafka.bootstrap_servers}")
+            out(
+                f"Apache Kafka {KAFKA_VERSION}: {nodes} node(s) ready; logs: "
+                f"{', '.join(map(str, kafka.log_files))}. Ctrl-C stops and deletes the data."
+            )
+            stop.wait()
+            out("stopping ...")
+        finally:
+            kafka.close()
+        return 0
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+# -- module helpers (none refers to LocalKafka: the finalizer must not keep it alive) ----------
+
+
+def _shutdown(nodes: list[_Node], root: Path, timeout_s: float) -> None:
+    _stop_all(nodes, timeout_s)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _stop_all(nodes: Sequence[_Node], timeout_s: float) -> None:
+    running = [n for n in nodes if n.proc is not None]
+    procs = [n.proc for n in running if n.proc is not None]
+    for node, on_its_own in zip(running, runtime.stop(procs, timeout_s), strict=True):
+        _forget_process(node, on_its_own)
+
+
+def _forget_process(node: _Node, exited_on_its_own: bool) -> None:
+    node.proc = None
+    if node.archive_dump is not None:
+        runtime.publish_archive(node.archive_dump, complete=exited_on_its_own)
+        node.archive_dump = None
+
+
+def _plan_nodes(count: int, port: int | None, root: Path, logs: Path) -> list[_Node]:
+    """Ports (picked before any config is written), directories and log files."""
+    if port is not None:
+        client_ports = [port + i for i in range(count)]
+        for p in client_ports:
+            if not runtime.port_is_free(HOST, p):
+                raise KafkaStartError(
+                    f"port {p} on {HOST} is not free: choose another --port or omit it to use "
+                    "free ports"
+                )
+        controller_ports = runtime.free_ports(HOST, count, exclude=set(client_ports))
+    else:
+        ports = runtime.free_ports(HOST, 2 * count, exclude=set())
+        client_ports, controller_ports = ports[:count], ports[count:]
+    logs.mkdir(parents=True, exist_ok=True)
+    homes = [root / f"node-{i}" for i in range(count)]
+    files = [(logs / f"node-{i}.log", logs / f"node-{i}.out") for i in range(count)]
+    return [
+        _Node(i, client_ports[i], controller_ports[i], homes[i], *files[i]) for i in range(count)
+    ]
+
+
+def _write_configs(nodes: Sequence[_Node], root: Path) -> None:
+    template = resources.files(__package__).joinpath("log4j2.properties").read_text()
+    (root / "log4j2.properties").write_text(template)
+    for node in nodes:
+        (node.home / "data").mkdir(parents=True)
+        props = _server_properties(node, nodes)
+        (node.home / "server.properties").write_text(
+            "".join(f"{k}={v}\n" for k, v in props.items())
+        )
+
+
+def _server_properties(node: _Node, nodes: Sequence[_Node]) -> dict[str, str]:
+    single = len(nodes) == 1
+    replicas, min_isr = ("1", "1") if single else ("3", "2")
+    voters = ",".join(f"{n.node_id}@{HOST}:{n.controller_port}" for n in nodes)
+    quorum = (
+        {"controller.quorum.bootstrap.servers": f"{HOST}:{node.controller_port}"}  # --standalone
+        if single
+        else {"controller.quorum.voters": voters}  # a static quorum: every node is a voter
+    )
+    return {
+        "process.roles": "broker,controller",
+        "node.id": str(node.node_id),
+        "listeners": f"PLAINTEXT://{node.address},CONTROLLER://{HOST}:{node.controller_port}",
+        "advertised.listeners": f"PLAINTEXT://{node.address}",
+        "controller.listener.names": "CONTROLLER",
+        "inter.broker.listener.name": "PLAINTEXT",
+        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        **quorum,
+        "log.dirs": str(node.home / "data"),
+        "min.insync.replicas": min_isr,
+        "offsets.topic.replication.factor": replicas,
+        "offsets.topic.num.partitions": "10",  # 50 by default: a slow first group join
+        "transaction.state.log.replication.factor": replicas,
+        "transaction.state.log.min.isr": min_isr,
+        "transaction.state.log.num.partitions": "10",
+        "group.initial.rebalance.delay.ms": "0",
+        # a local broker replays and simulates streams stamped in the past: keep them all
+        # (the default 7-day retention deletes such records within seconds of producing)
+        "log.retention.ms": "-1",
+        "broker.heartbeat.interval.ms": "500",  # notice a dead node in 3 s, not 9 s
+        "broker.session.timeout.ms": "3000",
+        "num.network.threads": "2",
+        "num.io.threads": "2",
+        "num.recovery.threads.per.data.dir": "1",
+    }
+
+
+def _format_storage(rt: KafkaRuntime, nodes: Sequence[_Node], cluster_id: str, root: Path) -> None:
+    """kafka.tools.StorageTool format for every node, in parallel."""
+    base = [
+        *rt.java_command("256m", root / "log4j2.properties", root / "format.log"),
+        "kafka.tools.StorageTool",
+        "format",
+        f"--cluster-id={cluster_id}",
+        *(["--standalone"] if len(nodes) == 1 else []),
+    ]
+    procs = [
+        runtime.spawn([*base, "-c", str(n.home / "server.properties")], n.home, subprocess.PIPE)
+        for n in nodes
+    ]
+    failures = []
+    try:
+        for node, proc in zip(nodes, procs, strict=True):
+            output, _ = proc.communicate(timeout=120)
+            if proc.returncode != 0:
+                text = output.decode(errors="replace")[-3000:]
+                failures.append(f"node {node.index}: exit {proc.returncode}\n{text}")
+    finally:
+        runtime.stop([p for p in procs if p.poll() is None], timeout_s=0)  # on timeout/interrupt
+    if failures:
+        raise KafkaStartError("formatting the Kafka storage failed:\n" + "\n".join(failures))
