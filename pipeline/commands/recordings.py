@@ -1,0 +1,199 @@
+"""`iotfuse record`, `iotfuse replay`, `iotfuse inspect`: recordings of Kafka topics."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import TextIO
+
+from pipeline.commands.common import bootstrap_arg
+from pipeline.errors import UserError
+from pipeline.settings import Settings
+
+
+class ProgressLine:
+    """Records, bytes and rate on `stream`: one updating line on a terminal, else a line
+    every `interval_s` (default 5 s). Call it with running totals; it rate-limits itself."""
+
+    def __init__(
+        self, verb: str, stream: TextIO, *, total: int | None = None,
+        clock: Callable[[], float] = time.monotonic, interval_s: float | None = None,
+    ) -> None:
+        self.verb = verb
+        self.stream = stream
+        self.total = total
+        self.clock = clock
+        self.tty = stream.isatty()
+        self.interval_s = interval_s if interval_s is not None else (0.25 if self.tty else 5.0)
+        self._start = self._last = clock()
+        self._last_counts = (0, 0)
+
+    def __call__(self, records: int, nbytes: int) -> None:
+        now = self.clock()
+        if now - self._last < self.interval_s:
+            return
+        seconds = now - self._last
+        last_records, last_bytes = self._last_counts
+        rate = ((records - last_records) / seconds, (nbytes - last_bytes) / seconds)
+        self._last, self._last_counts = now, (records, nbytes)
+        self._show(self._text(records, nbytes, rate, now - self._start), final=False)
+
+    def finish(self, records: int, nbytes: int) -> None:
+        elapsed = max(self.clock() - self._start, 1e-9)
+        rate = (records / elapsed, nbytes / elapsed)
+        self._show(self._text(records, nbytes, rate, elapsed), final=True)
+
+    def _text(self, records: int, nbytes: int, rate: tuple[float, float], elapsed: float) -> str:
+        share = f" of {self.total:,}" if self.total is not None else ""
+        return (f"{self.verb}: {records:,}{share} records, {nbytes / 1e6:,.1f} MB,"
+                f" {rate[0]:,.0f} records/s, {rate[1] / 1e6:,.1f} MB/s, {elapsed:,.1f} s")
+
+    def _show(self, text: str, final: bool) -> None:
+        if self.tty:
+            self.stream.write("\r" + text + "\x1b[K" + ("\n" if final else ""))
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """An event set by the first SIGINT/SIGTERM (a second one interrupts at once)."""
+    stop = threading.Event()
+
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        print(f"\n{signal.Signals(signum).name}: finishing the current block; again to abort",
+              file=sys.stderr)
+        # from another thread: Event.set here could deadlock with a stop.wait() it interrupts
+        threading.Thread(target=stop.set, daemon=True).start()
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, handle)
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextmanager
+def _user_errors(path: Path) -> Iterator[None]:
+    from pipeline.recording import RecordingError
+
+    try:
+        yield
+    except RecordingError as exc:
+        raise UserError(str(exc)) from exc
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist") from None
+    except OSError as exc:
+        raise UserError(f"{path}: {exc.strerror or exc}") from exc
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def record_args(p: argparse.ArgumentParser) -> None:
+    bootstrap_arg(p)
+    p.add_argument("--topics", nargs="+", required=True, metavar="TOPIC",
+                   help="topics to record (every partition)")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE", help="recording to write")
+    until = p.add_mutually_exclusive_group()
+    until.add_argument("--duration", type=_positive, metavar="SECONDS",
+                       help="stop after this long (default: until SIGINT/SIGTERM)")
+    until.add_argument("--until-end", action="store_true",
+                       help="stop once every partition reached its end offset at start")
+    p.add_argument("--from", dest="start", default="earliest", metavar="POSITION",
+                   help="earliest (default), latest or a timestamp in epoch milliseconds")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
+
+def record(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.recorder import RecordOptions, parse_start, record_to_file
+
+    options = RecordOptions(tuple(args.topics), parse_start(args.start), args.duration,
+                            args.until_end)
+    progress = ProgressLine("record", sys.stderr)
+    with _user_errors(args.out), stop_on_signals() as stop:
+        result = record_to_file(settings.kafka, options, args.out, stop, progress,
+                                overwrite=args.overwrite)
+    progress.finish(result.records, result.bytes)
+    why = {"end": "reached the end offsets", "duration": "duration elapsed",
+           "stopped": "stopped by signal"}[result.stop_reason]
+    print(f"recorded {result.records} records ({result.bytes / 1e6:.1f} MB) from"
+          f" {result.partitions} partitions into {args.out} ({why})")
+    return 0
+
+
+def replay_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", type=Path, help="recording to replay")
+    bootstrap_arg(p)
+    pace = p.add_mutually_exclusive_group()
+    pace.add_argument("--speed", type=_positive, default=1.0,
+                      help="timing factor: 10 = ten times faster than recorded (default 1)")
+    pace.add_argument("--max-speed", action="store_true", help="send as fast as possible")
+    p.add_argument("--topic-map", nargs="+", action="extend", default=[], metavar="OLD=NEW",
+                   help="publish records of topic OLD to topic NEW (repeatable)")
+
+
+def replay(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.replayer import ReplayOptions, parse_topic_map, prepare, replay_to_kafka
+
+    options = ReplayOptions(None if args.max_speed else args.speed,
+                            parse_topic_map(args.topic_map))
+    with _user_errors(args.file):
+        scan = prepare(args.file, settings.kafka, options)
+        progress = ProgressLine("replay", sys.stderr, total=scan.records)
+        with stop_on_signals() as stop:
+            result = replay_to_kafka(args.file, settings.kafka, options, stop, progress,
+                                     scan=scan)
+    progress.finish(result.records, result.bytes)
+    note = " (stopped by signal before the end)" if result.stopped else ""
+    print(f"replayed {result.records} records ({result.bytes / 1e6:.1f} MB) from {args.file}"
+          f" in {result.elapsed_s:.1f} s{note}")
+    if result.skipped:
+        print(f"warning: skipped {result.skipped} records with neither key nor value"
+              " (kafka-python cannot send those)", file=sys.stderr)
+    if result.truncated_at is not None:
+        print(f"warning: {args.file} is cut short at byte {result.truncated_at} (a crash while"
+              " recording?): replayed its records up to the last whole block", file=sys.stderr)
+    return 0
+
+
+def inspect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", type=Path, help="recording to inspect")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plot", type=Path, metavar="PNG", help="draw a timeline into this PNG")
+    p.add_argument("--max-devices", type=int, default=40, help="timeline rows at most")
+
+
+def inspect(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.inspect_recording import format_table, inspect_recording, plot_timeline, to_json
+
+    with _user_errors(args.file):
+        info = inspect_recording(args.file, settings.topics,
+                                 timeline_bins=600 if args.plot else None,
+                                 max_devices=args.max_devices)
+    print(json.dumps(to_json(info), indent=2) if args.json else format_table(info))
+    if args.plot:
+        if info.timeline is None:
+            raise UserError(f"{args.file} holds no records: nothing to plot")
+        with _user_errors(args.plot):
+            plot_timeline(info, args.plot)
+        print(f"timeline written to {args.plot}", file=sys.stderr)
+    return 0
