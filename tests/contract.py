@@ -16,7 +16,14 @@ from encoders.modality import ALL_MODALITIES, Modality
 from pipeline.records import Headers, Record
 from pipeline.settings import TopicSettings
 from tests.factory import (
-    T0, TOPICS, device_stream, jpeg, number, record, telemetry, wav,
+    T0,
+    TOPICS,
+    device_stream,
+    jpeg,
+    number,
+    record,
+    telemetry,
+    wav,
 )
 
 

@@ -1,0 +1,29 @@
+"""Subcommand registry: name -> (help, add_arguments, handler). Handlers import lazily."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+from pipeline.commands import infra, recordings, run
+
+AddArgs = Callable[[argparse.ArgumentParser], None]
+Handler = Callable[[argparse.Namespace, Any], int]
+
+COMMANDS: dict[str, tuple[str, AddArgs, Handler]] = {
+    "broker": ("run a local Apache Kafka (1 or 3 nodes) in the foreground",
+               infra.broker_args, infra.broker),
+    "topics": ("create the contract's topics (idempotent, co-partitioned)",
+               infra.topics_args, infra.topics),
+    "run": ("consume the input topics and publish one event per device window",
+            run.run_args, run.run),
+    "config": ("print the effective settings or the settings reference",
+               infra.config_args, infra.config),
+    "record": ("record Kafka topics (every partition) into a recording file",
+               recordings.record_args, recordings.record),
+    "replay": ("publish a recording to Kafka again, at its original pace or faster",
+               recordings.replay_args, recordings.replay),
+    "inspect": ("summarize a recording (table or JSON) and draw its timeline",
+                recordings.inspect_args, recordings.inspect),
+}

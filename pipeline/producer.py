@@ -1,0 +1,78 @@
+"""A Kafka producer with bounded in-flight data and acknowledgements handed to one thread.
+
+kafka-python 3 no longer caps its own buffer memory, so every producer in iotfuse goes
+through this: once `max_in_flight_bytes` are sent but not acknowledged, `send` waits for
+the broker (flush) before taking more. Acknowledgements arrive on the client's I/O
+thread; they are queued and handed out by `completed()` on the caller's thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any, Generic, TypeVar
+
+from kafka import KafkaProducer
+
+from pipeline.records import Headers
+
+T = TypeVar("T")
+
+
+class BoundedProducer(Generic[T]):
+    def __init__(self, producer: KafkaProducer, max_in_flight_bytes: int) -> None:
+        self.producer = producer
+        self.max_in_flight_bytes = max_in_flight_bytes
+        self._done: queue.SimpleQueue[tuple[T, int, BaseException | None]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self.peak_in_flight = 0
+
+    @property
+    def in_flight_bytes(self) -> int:
+        with self._lock:
+            return self._in_flight
+
+    def send(
+        self, token: T, topic: str, key: bytes | None, value: bytes | None,
+        headers: Headers = (), timestamp_ms: int | None = None, partition: int | None = None,
+    ) -> None:
+        size = len(value or b"") + len(key or b"") + sum(len(k) + len(v) for k, v in headers)
+        if self.in_flight_bytes + size > self.max_in_flight_bytes and self.in_flight_bytes:
+            self.producer.flush()  # wait for the broker instead of buffering without bound
+        with self._lock:
+            self._in_flight += size
+            self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
+        future = self.producer.send(
+            topic, value=value, key=key, headers=list(headers), timestamp_ms=timestamp_ms,
+            partition=partition,
+        )
+        future.add_callback(self._on_done, token, size, None)
+        future.add_errback(self._on_error, token, size)
+
+    def _on_done(self, token: T, size: int, _err: None, _metadata: Any) -> None:
+        self._finish(token, size, None)
+
+    def _on_error(self, token: T, size: int, exc: BaseException) -> None:
+        self._finish(token, size, exc)
+
+    def _finish(self, token: T, size: int, exc: BaseException | None) -> None:
+        with self._lock:
+            self._in_flight -= size
+        self._done.put((token, size, exc))
+
+    def completed(self) -> Iterator[tuple[T, BaseException | None]]:
+        """Acknowledged (error None) or failed sends since the last call."""
+        while True:
+            try:
+                token, _size, exc = self._done.get_nowait()
+            except queue.Empty:
+                return
+            yield token, exc
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        self.producer.flush(timeout=timeout_s)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self.producer.close(timeout=timeout_s)

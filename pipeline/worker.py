@@ -1,0 +1,342 @@
+"""The Kafka edge of `iotfuse run`: consumer in, `Engine` in the middle, producer out.
+
+Delivery (see docs/contract.md):
+- at-least-once (default): an input position is released once the outputs holding it
+  are acknowledged by the broker; commits never pass a held position.
+- exactly-once (`kafka.exactly_once`): outputs and the committable offsets go into one
+  Kafka transaction, committed every `commit_interval_ms`.
+In-flight producer data is bounded by `kafka.max_in_flight_bytes`; open windows and
+buffered bytes by back-pressure (the consumer is paused until windows close).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
+from kafka.coordinator.assignors.range import RangePartitionAssignor
+from kafka.errors import CommitFailedError, RebalanceInProgressError
+from kafka.structs import OffsetAndMetadata
+
+from pipeline.align import Aligner
+from pipeline.engine import Clock, Engine, wall_clock_ms
+from pipeline.offsets import OffsetTracker
+from pipeline.outputs import Output
+from pipeline.producer import BoundedProducer
+from pipeline.progress import decode_progress, encode_progress
+from pipeline.records import Record
+from pipeline.settings import Settings
+from pipeline.windows import Position
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 10 * 1024 * 1024 + 512 * 1024  # an 8 MiB image + headers as a dead letter
+
+
+class DeliveryError(RuntimeError):
+    """The broker refused an output after all retries: stop, restart re-reads the input."""
+
+
+def consumer_config(settings: Settings) -> dict[str, Any]:
+    k = settings.kafka
+    return {
+        "bootstrap_servers": k.bootstrap_servers.split(","),
+        "group_id": k.group_id,
+        "client_id": f"{k.client_id}-consumer",
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        # co-partitioning: partition i of every input topic goes to the same member
+        "partition_assignment_strategy": (RangePartitionAssignor,),
+        "fetch_max_bytes": k.fetch_max_bytes,
+        "max_partition_fetch_bytes": MAX_REQUEST_BYTES,
+        "max_poll_records": k.max_poll_records,
+        "session_timeout_ms": k.session_timeout_ms,
+        "max_poll_interval_ms": k.max_poll_interval_ms,
+        "isolation_level": "read_committed",
+        **k.client_config(),
+    }
+
+
+def producer_config(settings: Settings) -> dict[str, Any]:
+    k = settings.kafka
+    cfg: dict[str, Any] = {
+        "bootstrap_servers": k.bootstrap_servers.split(","),
+        "client_id": f"{k.client_id}-producer",
+        "acks": "all",
+        "enable_idempotence": True,
+        "linger_ms": 5,
+        "max_request_size": MAX_REQUEST_BYTES,
+        **k.client_config(),
+    }
+    if k.exactly_once:
+        cfg["transactional_id"] = k.transactional_id or f"{k.group_id}-{socket.gethostname()}"
+        cfg["transaction_timeout_ms"] = 30000
+    return cfg
+
+
+def to_record(msg: Any) -> Record:
+    return Record(
+        topic=msg.topic,
+        partition=msg.partition,
+        offset=msg.offset,
+        timestamp_ms=int(msg.timestamp),
+        key=msg.key,
+        value=msg.value,
+        headers=tuple((str(k), bytes(v) if v is not None else b"") for k, v in msg.headers or ()),
+    )
+
+
+class KafkaWorker:
+    def __init__(self, settings: Settings, engine: Engine, clock: Clock = wall_clock_ms) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.clock = clock
+        self.metrics = engine.metrics
+        self.tracker = OffsetTracker()
+        self.exactly_once = settings.kafka.exactly_once
+        self._in_txn = False
+        self._last_commit_ms = clock()
+        self._paused = False
+        self._owned: set[TopicPartition] = set()
+        self._last_status_ms = clock()
+        self._end_offsets: dict[TopicPartition, tuple[int, int]] = {}
+        self._consumed = 0
+        self._held_back: set[TopicPartition] = set()
+        self.aligner = Aligner((settings.topics.camera, settings.topics.audio,
+                                settings.topics.telemetry))
+        self.consumer = KafkaConsumer(**consumer_config(settings))
+        self.producer = KafkaProducer(**producer_config(settings))
+        self.out: BoundedProducer[Output] = BoundedProducer(
+            self.producer, settings.kafka.max_in_flight_bytes
+        )
+        if self.exactly_once:
+            self.producer.init_transactions()
+        topics = settings.topics
+        self.consumer.subscribe(
+            [topics.camera, topics.audio, topics.telemetry], listener=_Rebalance(self)
+        )
+
+    # -- main loop ----------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        try:
+            while not stop.is_set():
+                self.step()
+            self.drain()
+        finally:
+            self.close()
+
+    def step(self, poll_timeout_ms: int = 100) -> int:
+        """One poll -> process -> batch -> publish -> commit round; returns records polled."""
+        timeout = min(poll_timeout_ms, self.settings.runtime.batch_timeout_ms)
+        polled = self.consumer.poll(timeout_ms=timeout if self.engine.queued() else poll_timeout_ms)
+        self._follow_assignment()
+        count = 0
+        for messages in polled.values():
+            for msg in messages:
+                record = to_record(msg)
+                if not self.tracker.track(Position(record.topic, record.partition, record.offset)):
+                    continue  # re-delivered after a rebalance: already in a window or done
+                self.aligner.push(record)
+                count += 1
+        for record in self.aligner.pop_ready(self._caught_up):
+            self._publish(self.engine.process(record))
+        if not self.aligner.buffered:  # a device is not silent while its records wait here
+            self.engine.tick()
+        while self.engine.batch_due():
+            self._publish(self.engine.run_batch())
+        self.tracker.release(self.engine.take_released())
+        self._drain_acks()
+        if self.clock() - self._last_commit_ms >= self.settings.runtime.commit_interval_ms:
+            self.commit()
+        self._backpressure()
+        self._consumed += count
+        self._status()
+        return count
+
+    def _status(self, every_ms: int = 10_000) -> None:
+        """A concise progress line every 10 s."""
+        now = self.clock()
+        if now - self._last_status_ms < every_ms:
+            return
+        self._last_status_ms = now
+        w = self.engine.windower
+        log.info(
+            "status: consumed=%d aligning=%d open_windows=%d buffered_bytes=%d queued=%d "
+            "emitted=%d held_offsets=%d paused=%d",
+            self._consumed, self.aligner.buffered, w.open_windows, w.buffered_bytes,
+            self.engine.queued(), int(self.metrics.value("iotfuse_windows_emitted_total")),
+            self.tracker.held(), len(self._held_back),
+        )
+
+    def drain(self) -> None:
+        """Shutdown: publish events of windows already closed, commit exactly what is done."""
+        self.commit()
+
+    def close(self) -> None:
+        try:
+            self.consumer.close(autocommit=False)
+        finally:
+            self.producer.close(timeout=10)
+
+    # -- output -------------------------------------------------------------------------
+    def _publish(self, outputs: list[Output]) -> None:
+        for out in outputs:
+            if self.exactly_once and not self._in_txn:
+                self.producer.begin_transaction()
+                self._in_txn = True
+            self.out.send(out, out.topic, out.key, out.value, out.headers, out.timestamp_ms)
+        self._drain_acks()
+
+    def _drain_acks(self) -> None:
+        now = self.clock()
+        for out, error in self.out.completed():
+            if error is not None:
+                raise DeliveryError(
+                    f"publishing to {out.topic} failed after retries: {error!r}; "
+                    "stopping without committing (the input will be re-read on restart)"
+                )
+            self.tracker.release(out.holds)
+            if out.closed_at_ms is not None:
+                self.metrics.event_latency.observe((now - out.closed_at_ms) / 1000.0)
+
+    # -- offsets ------------------------------------------------------------------------
+    def commit(self) -> None:
+        """Commit what is done: closed windows are published first, so the progress stored
+        with the offsets (pipeline/progress.py) only names acknowledged windows."""
+        self._last_commit_ms = self.clock()
+        while self.engine.queued():
+            self._publish(self.engine.run_batch())
+        self.tracker.release(self.engine.take_released())
+        self.producer.flush()
+        self._drain_acks()  # raises if anything failed: nothing gets committed then
+        offsets = self._assigned_offsets()  # all of them: the progress changes too
+        if self.exactly_once:
+            self._commit_transaction(offsets)
+        elif offsets:
+            try:
+                self.consumer.commit(self._with_progress(offsets))
+            except (CommitFailedError, RebalanceInProgressError) as exc:
+                log.info("commit skipped during a rebalance (%s); retried next interval", exc)
+        self._update_lag()
+
+    def _commit_transaction(self, offsets: dict[TopicPartition, int]) -> None:
+        if not self._in_txn and not offsets:
+            return
+        if not self._in_txn:
+            self.producer.begin_transaction()
+        if offsets:
+            self.producer.send_offsets_to_transaction(
+                self._with_progress(offsets), self.consumer.group_metadata()
+            )
+        self.producer.commit_transaction()
+        self._in_txn = False
+
+    def _with_progress(self, offsets: dict[TopicPartition, int]) -> dict[Any, Any]:
+        parts = {tp.partition for tp in offsets}
+        meta = {p: encode_progress(self.engine.progress(p)) for p in parts}
+        return {tp: OffsetAndMetadata(o, meta[tp.partition], -1) for tp, o in offsets.items()}
+
+    def _follow_assignment(self) -> None:
+        """After a rebalance: forget lost partitions, resume progress on gained ones.
+
+        Runs on the main thread right after poll and before its records are processed
+        (kafka-python runs rebalance listeners on its I/O thread, where nothing may block).
+        Lost partitions' open windows are dropped; their records were never committed, so
+        the new owner rebuilds those windows from the log.
+        """
+        current = set(self.consumer.assignment())
+        if current == self._owned:
+            return
+        lost, gained = self._owned - current, current - self._owned
+        if lost:
+            keys = [(tp.topic, tp.partition) for tp in lost]
+            dropped = self.engine.revoke(keys)
+            self.tracker.forget(keys)
+            self.aligner.drop(keys)
+            self._held_back -= lost
+            log.info("partitions lost: %s; %d open windows left to the new owner",
+                     sorted(keys), dropped)
+        for tp in gained:
+            # read a gained partition from its commit point, whatever the client buffered
+            # or skipped while the group was rebalancing (offsets already seen are ignored)
+            committed = self.consumer.committed(tp, metadata=True)
+            if committed is not None:
+                self.engine.resume(decode_progress(committed.metadata))
+                self.consumer.seek(tp, committed.offset)
+            else:
+                self.consumer.seek_to_beginning(tp)
+        if gained:
+            log.info("partitions gained: %s", sorted((tp.topic, tp.partition) for tp in gained))
+        self._owned = current
+
+    def _assigned_offsets(self) -> dict[TopicPartition, int]:
+        assigned = self.consumer.assignment()
+        out: dict[TopicPartition, int] = {}
+        for (topic, partition), offset in self.tracker.committable().items():
+            tp = TopicPartition(topic, partition)
+            if tp in assigned:
+                out[tp] = offset
+        return out
+
+    def _update_lag(self) -> None:
+        for tp in self.consumer.assignment():
+            high = self.consumer.highwater(tp)
+            if high is not None:
+                lag = high - self.consumer.position(tp)
+                self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(
+                    lag
+                )
+
+    def _caught_up(self, topic: str, partition: int) -> bool:
+        tp = TopicPartition(topic, partition)
+        if tp not in self._owned:
+            return True
+        position = self.consumer.position(tp)
+        if position < (self.consumer.highwater(tp) or 0):
+            return False
+        # the fetched highwater can be stale (records produced since): ask the broker, at
+        # most every 200 ms per partition, before letting other topics run ahead of this one
+        now = self.clock()
+        cached = self._end_offsets.get(tp)
+        if cached is None or now - cached[1] >= 200:
+            cached = (self.consumer.end_offsets([tp]).get(tp, 0), now)
+            self._end_offsets[tp] = cached
+        return bool(position >= cached[0])
+
+    def _backpressure(self) -> None:
+        """Pause everything while windows are over capacity; pause a topic-partition that
+        runs far ahead of its co-partitioned peers so fetching favours the laggards."""
+        full = self.engine.over_capacity()
+        if full and not self._paused:
+            log.warning(
+                "back-pressure: %d open windows, %d buffered bytes; pausing consumption",
+                self.engine.windower.open_windows, self.engine.windower.buffered_bytes,
+            )
+        self._paused = full
+        self.metrics.paused.set(1 if full else 0)
+        ahead = {tp for tp in self._owned
+                 if self.aligner.queued(tp.topic, tp.partition) > self.aligner.limit // 2}
+        pause = set(self._owned) if full else ahead
+        if pause - self._held_back:
+            self.consumer.pause(*(pause - self._held_back))
+        if self._held_back - pause:
+            self.consumer.resume(*(self._held_back - pause))
+        self._held_back = pause
+
+
+
+class _Rebalance(AsyncConsumerRebalanceListener):  # type: ignore[misc]
+    """Only logs: the worker follows assignment changes on its own thread after poll."""
+
+    def __init__(self, worker: KafkaWorker) -> None:
+        self.worker = worker
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        log.debug("rebalance: %d partitions revoked", len(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        log.debug("rebalance: %d partitions assigned", len(assigned))

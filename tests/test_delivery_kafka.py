@@ -1,0 +1,154 @@
+"""Delivery guarantees with real `iotfuse run` processes: SIGKILL, exactly-once, two workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from encoders.modality import Modality
+from pipeline.kafka.admin import TopicNames
+from tests.contract import Published, expected_windows
+from tests.factory import T0, device_stream, make_model, number
+from tests.kafka_util import produce, read_until, settings_for, to_topics
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model(tmp_path_factory.mktemp("model"), (Modality.TELEMETRY, Modality.AUDIO))
+
+
+class Workers:
+    def __init__(self, bootstrap: str, topics: TopicNames, model: Path, log_dir: Path) -> None:
+        self.bootstrap, self.topics, self.model, self.log_dir = bootstrap, topics, model, log_dir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, *extra: str) -> subprocess.Popen[bytes]:
+        t = self.topics
+        sets = [f"topics.{f}={getattr(t, f)}" for f in
+                ("camera", "audio", "telemetry", "events", "deadletter")]
+        sets += ["windows.idle_timeout_ms=1500", "runtime.commit_interval_ms=200",
+                 f"kafka.group_id=g-{t.camera}"]
+        cmd = [sys.executable, "-m", "pipeline.cli", "run", "--bootstrap-servers",
+               self.bootstrap, "--model", str(self.model), "--metrics-port", "0",
+               "--device", "cpu", *[a for s in sets for a in ("--set", s)], *extra]
+        log = open(self.log_dir / f"worker-{len(self.procs)}.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def check_alive(self) -> None:
+        for i, p in enumerate(self.procs):
+            if p.poll() not in (None, -signal.SIGKILL, 0):
+                log = (self.log_dir / f"worker-{i}.log").read_text()[-3000:]
+                raise AssertionError(f"worker {i} exited with {p.returncode}:\n{log}")
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+@pytest.fixture
+def workers(bootstrap: str, topics: TopicNames, model_dir: Path,
+            tmp_path: Path) -> Iterator[Workers]:
+    w = Workers(bootstrap, topics, model_dir, tmp_path)
+    yield w
+    w.stop_all()
+
+
+def fleet(seconds: int, devices: int = 6, start: int = T0) -> list:
+    recs = []
+    for d in range(devices):
+        recs += device_stream(f"dev-{d}", start + 37 * d, seconds,
+                              (Modality.TELEMETRY, Modality.AUDIO))
+    recs.sort(key=lambda r: r.timestamp_ms)
+    return number(recs)
+
+
+def windows_of(events: list[Published]) -> Counter[tuple[str, int]]:
+    return Counter((json.loads(e.value)["device_id"], json.loads(e.value)["window"]["start_ms"])
+                   for e in events)
+
+
+def assert_whole_windows(events: list[Published], sent: list, topics: TopicNames) -> None:
+    """Every event, duplicate or not, was computed from all records of its window."""
+    settings = settings_for("x", topics)
+    counts = expected_windows(sent, [], settings.topics)
+    for e in events:
+        v = json.loads(e.value)
+        for m in ("telemetry", "audio"):
+            key = (v["device_id"], v["window"]["start_ms"], Modality(m))
+            assert v["modalities"][m]["records"] == counts[key], f"split window {key}"
+
+
+def run_kill_restart(bootstrap: str, topics: TopicNames, workers: Workers,
+                     *extra: str) -> tuple[list, list[Published]]:
+    first, second = fleet(8), fleet(6, start=T0 + 10000)  # no window spans both
+    sent = produce(bootstrap, to_topics(first, topics))
+    victim = workers.start(*extra)
+    read_until(bootstrap, [topics.events], lambda got: len(got) >= 6, timeout_s=90,
+               poll=workers.check_alive)
+    os.kill(victim.pid, signal.SIGKILL)  # mid-stream: windows open, offsets uncommitted
+    victim.wait(timeout=30)
+    sent += produce(bootstrap, to_topics(second, topics))
+    workers.start(*extra)
+    expected = {(d, s) for d, s, _ in expected_windows(sent, [], settings_for("x", topics).topics)}
+    isolation = "read_committed" if extra else "read_uncommitted"
+    events = read_until(bootstrap, [topics.events],
+                        lambda got: expected <= set(windows_of(got)), timeout_s=120,
+                        isolation_level=isolation, poll=workers.check_alive)
+    return sent, events
+
+
+def test_sigkill_and_restart_loses_no_window(bootstrap, topics, workers) -> None:
+    sent, events = run_kill_restart(bootstrap, topics, workers)
+    assert_whole_windows(events, sent, topics)
+
+
+def test_exactly_once_survives_sigkill_without_duplicates(bootstrap, topics, workers) -> None:
+    sent, events = run_kill_restart(bootstrap, topics, workers, "--exactly-once",
+                                    "--transactional-id", f"tx-{topics.camera}")
+    workers.stop_all()  # SIGTERM: commits the last transaction
+    events = read_until(bootstrap, [topics.events], lambda got: True, timeout_s=5,
+                        isolation_level="read_committed")
+    assert_whole_windows(events, sent, topics)
+    dupes = [k for k, n in windows_of(events).items() if n > 1]
+    assert dupes == [], f"read_committed consumer saw duplicates: {dupes[:5]}"
+
+
+def test_two_workers_share_partitions_and_hand_over(bootstrap, topics, workers) -> None:
+    first, second = fleet(6, devices=9), fleet(6, devices=9, start=T0 + 8000)
+    sent = produce(bootstrap, to_topics(first, topics))
+    a = workers.start()
+    b = workers.start()
+    n_first = len({(d, s) for d, s, _ in
+                   expected_windows(sent, [], settings_for("x", topics).topics)})
+    read_until(bootstrap, [topics.events], lambda got: len(got) >= n_first - 9, timeout_s=120,
+               poll=workers.check_alive)
+    a.send_signal(signal.SIGTERM)  # graceful: publishes closed windows, commits, leaves
+    assert a.wait(timeout=60) == 0
+    sent += produce(bootstrap, to_topics(second, topics))
+    expected = {(d, s) for d, s, _ in expected_windows(sent, [], settings_for("x", topics).topics)}
+    read_until(bootstrap, [topics.events],
+                        lambda got: expected <= set(windows_of(got)), timeout_s=120,
+                        poll=workers.check_alive)
+    # Known gap (issue 3 stays open): right after a handover the survivor can emit a window
+    # before all of its records were read (alignment across a fresh assignment), so
+    # "once and whole" is not asserted here yet; every window still gets an event.
+    assert b.poll() is None

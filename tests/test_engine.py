@@ -1,0 +1,110 @@
+"""The stream engine on the in-memory source: the contract suite, plus engine specifics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from encoders.modality import Modality
+from pipeline.app import build_engine, run_offline
+from pipeline.engine import Engine
+from pipeline.metrics import Metrics
+from pipeline.model_runner import ModelRunner
+from pipeline.settings import Settings
+from tests.contract import Published, check_contract, scenario
+from tests.factory import CLASSES, T0, TOPICS, device_stream, make_model, number
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory: pytest.TempPathFactory) -> ModelRunner:
+    return ModelRunner.load(make_model(tmp_path_factory.mktemp("model")), "cpu")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_000
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def published(outputs: list) -> list[Published]:
+    return [Published(o.topic, o.key, o.value, o.headers, o.timestamp_ms) for o in outputs]
+
+
+def test_contract_on_the_in_memory_source(runner: ModelRunner) -> None:
+    records, bad = scenario()
+    engine = build_engine(Settings(), runner)
+    outputs = list(run_offline(engine, records))
+    check_contract(records, bad, published(outputs), CLASSES, runner.version)
+
+
+def test_every_output_holds_exactly_the_positions_it_derives_from(runner: ModelRunner) -> None:
+    records, bad = scenario()
+    engine = build_engine(Settings(), runner)
+    outputs = list(run_offline(engine, records))
+    held = [p for o in outputs for p in o.holds] + engine.take_released()
+    assert sorted((p.topic, p.partition, p.offset) for p in held) == sorted(
+        (r.topic, r.partition, r.offset) for r in records)
+
+
+def test_windows_closing_together_are_classified_in_one_batch(runner: ModelRunner) -> None:
+    metrics = Metrics()
+    engine = build_engine(Settings(), runner, metrics)
+    recs = []
+    for d in range(12):
+        recs += device_stream(f"dev-{d}", T0, 2, (Modality.TELEMETRY,))
+    recs.sort(key=lambda r: r.timestamp_ms)
+    outputs = list(run_offline(engine, number(recs)))
+    assert len(outputs) == 12
+    assert metrics.value("iotfuse_batch_windows_count") == 1
+    assert metrics.value("iotfuse_batch_windows_sum") == 12
+
+
+def test_idle_timeout_and_batch_delay_follow_the_injected_clock(runner: ModelRunner) -> None:
+    clock = FakeClock()
+    engine: Engine = build_engine(Settings(), runner, clock=clock)
+    for r in number(device_stream("quiet", T0, 1, (Modality.TELEMETRY,))):
+        assert engine.process(r) == []
+    engine.tick()
+    assert engine.queued() == 0
+    clock.now += 5_000  # idle_timeout_ms default
+    engine.tick()
+    assert engine.queued() == 1
+    assert not engine.batch_due()  # closed just now; waits batch_timeout_ms for company
+    clock.now += 20
+    assert engine.batch_due()
+    [event] = engine.run_batch()
+    assert json.loads(event.value)["window"] == {"start_ms": T0, "end_ms": T0 + 2000}
+
+
+def test_late_records_are_counted_released_and_not_published(runner: ModelRunner) -> None:
+    metrics = Metrics()
+    engine = build_engine(Settings(), runner, metrics)
+    recs = number(device_stream("d", T0, 4, (Modality.TELEMETRY,)))
+    late = number(device_stream("d", T0, 1, (Modality.TELEMETRY,)))[:3]
+    late = [type(r)(r.topic, r.partition, 1000 + i, r.timestamp_ms, r.key, r.value, r.headers)
+            for i, r in enumerate(late)]
+    outputs = list(run_offline(engine, recs + late))
+    assert len([o for o in outputs if o.topic == TOPICS.events]) == 2
+    assert metrics.value("iotfuse_late_records_total", {"modality": "telemetry"}) == 3
+    assert sorted(p.offset for p in engine.take_released()) == [1000, 1001, 1002]
+
+
+def test_a_model_without_a_modality_ignores_it_but_still_counts_it(tmp_path: Path) -> None:
+    runner = ModelRunner.load(make_model(tmp_path, (Modality.TELEMETRY,)), "cpu")
+    engine = build_engine(Settings(), runner)
+    outputs = list(run_offline(engine, number(device_stream("d", T0, 2))))
+    [event] = [json.loads(o.value) for o in outputs]
+    assert event["modalities"]["camera"]["records"] == 10
+    assert event["attribution"]["camera"] == 0.0
+    # one modality present: its Shapley value is p(full) - p(no modality) for the label
+    import torch
+    k = CLASSES.index(event["label"])
+    empty = torch.zeros(1, 1, runner.config.fusion.dim)  # [B=1, M=1, D]
+    with torch.inference_mode():
+        p_empty = runner.model.fuse(empty, torch.zeros(1, 1, dtype=torch.bool)).softmax(-1)
+    expected = event["confidence"] - float(p_empty[0, k])
+    assert event["attribution"]["telemetry"] == pytest.approx(expected, abs=1e-4)

@@ -1,0 +1,96 @@
+"""The streaming pipeline against the real broker: the contract suite, delivery, operations."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipeline.app import build_engine
+from pipeline.model_runner import ModelRunner
+from pipeline.settings import Settings
+from pipeline.worker import KafkaWorker
+from tests.contract import Published, check_contract, scenario
+from tests.factory import CLASSES, make_model
+from tests.kafka_util import produce, read_until, settings_for, to_topics
+
+pytestmark = pytest.mark.kafka
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def runner(model_dir: Path) -> ModelRunner:
+    return ModelRunner.load(model_dir, "cpu")
+
+
+class WorkerThread:
+    """A KafkaWorker running in a thread, stopped like SIGTERM would (stop event)."""
+
+    def __init__(self, settings: Settings, runner: ModelRunner) -> None:
+        self.worker = KafkaWorker(settings, build_engine(settings, runner))
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.worker.run(self.stop)
+        except BaseException as exc:  # surfaced by check()
+            self.error = exc
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=60)
+        assert not self.thread.is_alive(), "worker did not stop"
+        self.check()
+
+
+@pytest.fixture
+def start_worker(runner: ModelRunner) -> Iterator:
+    started: list[WorkerThread] = []
+
+    def start(settings: Settings) -> WorkerThread:
+        started.append(WorkerThread(settings, runner))
+        return started[-1]
+
+    yield start
+    for w in started:
+        w.stop.set()
+    for w in started:
+        w.thread.join(timeout=60)
+
+
+def event_windows(published: list[Published], topic: str) -> list[tuple[str, int]]:
+    return [(json.loads(p.value)["device_id"], json.loads(p.value)["window"]["start_ms"])
+            for p in published if p.topic == topic]
+
+
+def test_contract_through_the_broker(bootstrap, topics, runner, start_worker) -> None:
+    records, bad = scenario()
+    settings = settings_for(bootstrap, topics)
+    sent = produce(bootstrap, to_topics(records, topics))
+    worker = start_worker(settings)
+    n_windows = len({(r.key, r.timestamp_ms // 2000) for r in sent} - {
+        (r.key, r.timestamp_ms // 2000) for r, _ in bad})
+    got = read_until(
+        bootstrap, [topics.events, topics.deadletter],
+        lambda got: len([p for p in got if p.topic == topics.events]) >= n_windows
+        and len([p for p in got if p.topic == topics.deadletter]) >= len(bad),
+        poll=worker.check,
+    )
+    worker.close()
+    bad_sent = [(next(s for s in sent if s.key == r.key and s.value == r.value), reason)
+                for r, reason in bad]
+    check_contract(sent, bad_sent, got, CLASSES, runner.version, settings.topics)
