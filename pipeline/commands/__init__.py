@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.commands import infra, recordings, run
+from pipeline.commands import demo, infra, recordings, run
 
 AddArgs = Callable[[argparse.ArgumentParser], None]
 Handler = Callable[[argparse.Namespace, Any], int]
@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, AddArgs, Handler]] = {
                infra.topics_args, infra.topics),
     "run": ("consume the input topics and publish one event per device window",
             run.run_args, run.run),
+    "demo": ("local Kafka + simulated devices + the pipeline, events shown as they arrive",
+             demo.demo_args, demo.demo),
     "config": ("print the effective settings or the settings reference",
                infra.config_args, infra.config),
     "record": ("record Kafka topics (every partition) into a recording file",

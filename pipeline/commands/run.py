@@ -46,8 +46,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.model_runner import ModelRunner
     from pipeline.worker import KafkaWorker
 
-    stop = install_stop_handlers()
     runner = ModelRunner.load(settings.runtime.model or None, settings.runtime.device)
+    stop = install_stop_handlers()
     metrics = Metrics()
     if settings.runtime.metrics_port:
         metrics.serve(settings.runtime.metrics_port, settings.runtime.metrics_host)
