@@ -133,22 +133,23 @@ def test_exactly_once_survives_sigkill_without_duplicates(bootstrap, topics, wor
 
 
 def test_two_workers_share_partitions_and_hand_over(bootstrap, topics, workers) -> None:
-    first, second = fleet(6, devices=9), fleet(6, devices=9, start=T0 + 8000)
-    sent = produce(bootstrap, to_topics(first, topics))
+    # The whole backlog is in the log before the workers start: records produced while a
+    # caught-up worker consumes may land seconds apart across topics (big audio batches
+    # trail small telemetry ones) and then are late by the contract, which is not what
+    # this test is about. Here the handover happens in the middle of the backlog.
+    sent = produce(bootstrap, to_topics(fleet(30, devices=9), topics))
+    expected = {(d, s) for d, s, _ in expected_windows(sent, [], settings_for("x", topics).topics)}
     a = workers.start()
     b = workers.start()
-    n_first = len({(d, s) for d, s, _ in
-                   expected_windows(sent, [], settings_for("x", topics).topics)})
-    read_until(bootstrap, [topics.events], lambda got: len(got) >= n_first - 9, timeout_s=120,
-               poll=workers.check_alive)
+    early = read_until(bootstrap, [topics.events], lambda got: len(got) >= 9, timeout_s=120,
+                       poll=workers.check_alive)
     a.send_signal(signal.SIGTERM)  # graceful: publishes closed windows, commits, leaves
     assert a.wait(timeout=60) == 0
-    sent += produce(bootstrap, to_topics(second, topics))
-    expected = {(d, s) for d, s, _ in expected_windows(sent, [], settings_for("x", topics).topics)}
-    read_until(bootstrap, [topics.events],
+    assert len(set(windows_of(early))) < len(expected), "handover happened after the backlog"
+    events = read_until(bootstrap, [topics.events],
                         lambda got: expected <= set(windows_of(got)), timeout_s=120,
                         poll=workers.check_alive)
-    # Known gap (issue 3 stays open): right after a handover the survivor can emit a window
-    # before all of its records were read (alignment across a fresh assignment), so
-    # "once and whole" is not asserted here yet; every window still gets an event.
+    assert_whole_windows(events, sent, topics)
+    dupes = [k for k, n in windows_of(events).items() if n > 1]
+    assert dupes == [], f"windows emitted twice across the handover: {dupes[:5]}"
     assert b.poll() is None
