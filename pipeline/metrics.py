@@ -65,6 +65,7 @@ class Metrics:
         got = self.registry.get_sample_value(name, labels or {})
         return 0.0 if got is None else got
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> None:
-        """Expose `/metrics` over HTTP (a daemon thread)."""
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Expose `/metrics` over HTTP (a daemon thread); returns the bound port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(server.server_port)

@@ -108,3 +108,39 @@ def test_a_model_without_a_modality_ignores_it_but_still_counts_it(tmp_path: Pat
         p_empty = runner.model.fuse(empty, torch.zeros(1, 1, dtype=torch.bool)).softmax(-1)
     expected = event["confidence"] - float(p_empty[0, k])
     assert event["attribution"]["telemetry"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_metrics_endpoint_serves_the_pipeline_counters(runner: ModelRunner) -> None:
+    import urllib.request
+
+    metrics = Metrics()
+    port = metrics.serve(0, "127.0.0.1")
+    records, bad = scenario()
+    list(run_offline(build_engine(Settings(), runner, metrics), records))
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    telemetry_in = sum(1 for r in records if r.topic == TOPICS.telemetry) - sum(
+        1 for r, _ in bad if r.topic == TOPICS.telemetry)
+    assert f'iotfuse_records_in_total{{modality="telemetry"}} {float(telemetry_in)}' in body
+    assert 'iotfuse_dead_letters_total{reason="telemetry_non_finite"} 2.0' in body
+    assert "iotfuse_stage_seconds_bucket" in body and "iotfuse_windows_emitted_total" in body
+
+
+def test_open_windows_and_buffered_bytes_are_capped_for_back_pressure(
+        runner: ModelRunner) -> None:
+    from dataclasses import replace
+
+    s = Settings()
+    engine = build_engine(replace(s, windows=replace(s.windows, max_open_windows=3)), runner)
+    for d in range(3):
+        assert not engine.over_capacity()
+        for r in number(device_stream(f"d{d}", T0, 1, (Modality.TELEMETRY,))):
+            engine.process(r)
+    assert engine.over_capacity()  # the worker pauses the consumer here
+    engine.tick()
+    engine.finish()
+    assert not engine.over_capacity()
+    s2 = replace(s, windows=replace(s.windows, max_buffered_bytes=2000))
+    engine = build_engine(s2, runner)
+    for r in number(device_stream("big", T0, 1, (Modality.AUDIO,))):
+        engine.process(r)  # two 0.5 s chunks resampled: 2 x 32 KB of float32
+    assert engine.over_capacity()
