@@ -69,8 +69,7 @@ def demo(args: argparse.Namespace, settings: Settings) -> int:
         with LocalKafka() as kafka:
             print(f"demo: local Kafka at {kafka.bootstrap_servers}")
             t = settings.topics
-            ensure_topics(kafka.bootstrap_servers, TopicNames(
-                t.camera, t.audio, t.telemetry, t.labels, t.events, t.deadletter), 3, 1)
+            ensure_topics(kafka.bootstrap_servers, TopicNames.from_settings(t), 3, 1)
             kafka_settings = dataclasses.replace(
                 settings.kafka, bootstrap_servers=kafka.bootstrap_servers)
             live = dataclasses.replace(

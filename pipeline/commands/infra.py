@@ -31,7 +31,7 @@ def topics(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.kafka.admin import TopicNames, ensure_topics
 
     t = settings.topics
-    names = TopicNames(t.camera, t.audio, t.telemetry, t.labels, t.events, t.deadletter)
+    names = TopicNames.from_settings(t)
     ensure_topics(
         settings.kafka.bootstrap_servers, names, t.partitions, t.replication_factor,
         client_config=settings.kafka.client_config(),

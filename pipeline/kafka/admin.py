@@ -15,6 +15,8 @@ from typing import Any
 import kafka.errors as errors
 from kafka import KafkaAdminClient
 
+from pipeline.settings import TopicSettings
+
 LARGE_RECORD_BYTES = 10_485_760  # max.message.bytes of the camera and dead-letter topics
 
 
@@ -40,6 +42,12 @@ class TopicNames:
                 for role in ("camera", "audio", "telemetry", "labels", "events", "deadletter")
             )
         )
+
+    @classmethod
+    def from_settings(cls, topics: TopicSettings) -> TopicNames:
+        """The names configured in `[topics]` (pipeline/settings.py)."""
+        return cls(topics.camera, topics.audio, topics.telemetry, topics.labels,
+                   topics.events, topics.deadletter)
 
     @property
     def inputs(self) -> tuple[str, str, str]:
