@@ -9,19 +9,23 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from pipeline.commands.common import bootstrap_arg
 from pipeline.errors import UserError
 from pipeline.settings import Settings
 
+if TYPE_CHECKING:
+    from pipeline.offline import OfflineResult
+
 
 class ProgressLine:
-    """Records, bytes and rate on `stream`: one updating line on a terminal, else a line
-    every `interval_s` (default 5 s). Call it with running totals; it rate-limits itself."""
+    """Records, bytes and rate (and events, if given) on `stream`: one updating line on a
+    terminal, else a line every `interval_s` (default 5 s). Call it with running totals;
+    it rate-limits itself."""
 
     def __init__(
         self, verb: str, stream: TextIO, *, total: int | None = None,
@@ -36,7 +40,7 @@ class ProgressLine:
         self._start = self._last = clock()
         self._last_counts = (0, 0)
 
-    def __call__(self, records: int, nbytes: int) -> None:
+    def __call__(self, records: int, nbytes: int, events: int | None = None) -> None:
         now = self.clock()
         if now - self._last < self.interval_s:
             return
@@ -44,17 +48,19 @@ class ProgressLine:
         last_records, last_bytes = self._last_counts
         rate = ((records - last_records) / seconds, (nbytes - last_bytes) / seconds)
         self._last, self._last_counts = now, (records, nbytes)
-        self._show(self._text(records, nbytes, rate, now - self._start), final=False)
+        self._show(self._text(records, nbytes, rate, now - self._start, events), final=False)
 
-    def finish(self, records: int, nbytes: int) -> None:
+    def finish(self, records: int, nbytes: int, events: int | None = None) -> None:
         elapsed = max(self.clock() - self._start, 1e-9)
         rate = (records / elapsed, nbytes / elapsed)
-        self._show(self._text(records, nbytes, rate, elapsed), final=True)
+        self._show(self._text(records, nbytes, rate, elapsed, events), final=True)
 
-    def _text(self, records: int, nbytes: int, rate: tuple[float, float], elapsed: float) -> str:
+    def _text(self, records: int, nbytes: int, rate: tuple[float, float], elapsed: float,
+              events: int | None) -> str:
         share = f" of {self.total:,}" if self.total is not None else ""
+        made = f", {events:,} events" if events is not None else ""
         return (f"{self.verb}: {records:,}{share} records, {nbytes / 1e6:,.1f} MB,"
-                f" {rate[0]:,.0f} records/s, {rate[1] / 1e6:,.1f} MB/s, {elapsed:,.1f} s")
+                f" {rate[0]:,.0f} records/s, {rate[1] / 1e6:,.1f} MB/s{made}, {elapsed:,.1f} s")
 
     def _show(self, text: str, final: bool) -> None:
         if self.tty:
@@ -144,17 +150,39 @@ def replay_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", type=Path, help="recording to replay")
     bootstrap_arg(p)
     pace = p.add_mutually_exclusive_group()
-    pace.add_argument("--speed", type=_positive, default=1.0,
+    pace.add_argument("--speed", type=_positive,
                       help="timing factor: 10 = ten times faster than recorded (default 1)")
     pace.add_argument("--max-speed", action="store_true", help="send as fast as possible")
     p.add_argument("--topic-map", nargs="+", action="extend", default=[], metavar="OLD=NEW",
-                   help="publish records of topic OLD to topic NEW (repeatable)")
+                   help="treat records of topic OLD as topic NEW (repeatable)")
+    off = p.add_argument_group("offline", "run the pipeline over the recording, no Kafka")
+    off.add_argument("--offline", action="store_true",
+                     help="decode, window, encode and classify here, as fast as possible,"
+                          " instead of publishing to Kafka (needs --out)")
+    off.add_argument("--out", type=Path, metavar="EVENTS.jsonl",
+                     help="events, one JSON value per line, as `run` would publish them"
+                          " (- = stdout)")
+    off.add_argument("--deadletters", type=Path, metavar="FILE.jsonl",
+                     help="rejected records, one JSON per line: key, topic, partition,"
+                          " offset, stage, reason, message")
+    off.add_argument("--model", metavar="DIR", help="model directory (default: shipped model)")
+    off.add_argument("--device", help="torch device: auto, cpu, cuda, cuda:N")
+    off.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
 
 def replay(args: argparse.Namespace, settings: Settings) -> int:
+    if args.offline:
+        return _replay_offline(args, settings)
+    misplaced = [flag for flag, value in (("--out", args.out), ("--deadletters", args.deadletters),
+                                          ("--model", args.model), ("--device", args.device),
+                                          ("--overwrite", args.overwrite or None))
+                 if value is not None]
+    if misplaced:
+        raise UserError(f"{', '.join(misplaced)} only apply with --offline (run the pipeline"
+                        " here); to publish to Kafka leave them out")
     from pipeline.replayer import ReplayOptions, parse_topic_map, prepare, replay_to_kafka
 
-    options = ReplayOptions(None if args.max_speed else args.speed,
+    options = ReplayOptions(None if args.max_speed else (args.speed or 1.0),
                             parse_topic_map(args.topic_map))
     with _user_errors(args.file):
         scan = prepare(args.file, settings.kafka, options)
@@ -173,6 +201,68 @@ def replay(args: argparse.Namespace, settings: Settings) -> int:
         print(f"warning: {args.file} is cut short at byte {result.truncated_at} (a crash while"
               " recording?): replayed its records up to the last whole block", file=sys.stderr)
     return 0
+
+
+def _open_output(path: Path, overwrite: bool, stack: ExitStack) -> TextIO:
+    if str(path) == "-":
+        return sys.stdout
+    try:
+        return stack.enter_context(open(path, "w" if overwrite else "x", encoding="utf-8"))
+    except FileExistsError:
+        raise UserError(f"{path} already exists: choose another path or pass --overwrite"
+                        ) from None
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _replay_offline(args: argparse.Namespace, settings: Settings) -> int:
+    if args.out is None:
+        raise UserError("--offline needs --out EVENTS.jsonl (or --out - for stdout)")
+    if args.speed is not None:
+        raise UserError("--speed does not apply with --offline (it always runs as fast as"
+                        " the machine allows); leave it out")
+    from pipeline.app import build_engine
+    from pipeline.model_runner import ModelRunner
+    from pipeline.offline import replay_offline
+    from pipeline.replayer import parse_topic_map, scan_recording
+
+    topic_map = parse_topic_map(args.topic_map)
+    with _user_errors(args.file):
+        total = scan_recording(args.file).records  # also fails early on a bad file
+    runner = ModelRunner.load(settings.runtime.model or None, settings.runtime.device)
+    engine = build_engine(settings, runner)
+    progress = ProgressLine("replay --offline", sys.stderr, total=total)
+    with ExitStack() as stack:
+        events = _open_output(args.out, args.overwrite, stack)
+        dead = (_open_output(args.deadletters, args.overwrite, stack)
+                if args.deadletters is not None else None)
+        with _user_errors(args.file):
+            result = replay_offline(
+                args.file, engine, events, dead, topic_map=topic_map,
+                progress=lambda c: progress(c.records, c.bytes, c.events))
+    c = result.counts
+    progress.finish(c.records, c.bytes, c.events)
+    _offline_summary(args, result, engine.metrics.value("iotfuse_late_records_total"))
+    return 0
+
+
+def _offline_summary(args: argparse.Namespace, result: OfflineResult, late: float) -> None:
+    c = result.counts
+    where = f" into {args.deadletters}" if args.deadletters is not None else ""
+    print(f"replayed {c.records} records from {args.file} offline in {result.elapsed_s:.1f} s:"
+          f" {c.events} events into {args.out}, {c.dead_letters} dead letters{where},"
+          f" {late:.0f} late records dropped", file=sys.stderr)
+    if c.dead_letters and args.deadletters is None:
+        print("note: pass --deadletters FILE.jsonl to see why records were rejected",
+              file=sys.stderr)
+    if c.records and not c.inputs:
+        seen = ", ".join(sorted(c.other_topics))
+        print(f"warning: none of the recording's topics ({seen}) is an input topic of the"
+              " pipeline: map them with --topic-map OLD=NEW (e.g. t.camera=iot.camera) or"
+              " set topics.camera/audio/telemetry", file=sys.stderr)
+    if result.truncated_at is not None:
+        print(f"warning: {args.file} is cut short at byte {result.truncated_at} (a crash while"
+              " recording?): processed its records up to the last whole block", file=sys.stderr)
 
 
 def inspect_args(p: argparse.ArgumentParser) -> None:
