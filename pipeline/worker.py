@@ -103,7 +103,7 @@ class KafkaWorker:
         self._paused = False
         self._owned: set[TopicPartition] = set()
         self._last_status_ms = clock()
-        self._end_offsets: dict[TopicPartition, tuple[int, int]] = {}
+        self._end_offsets: dict[TopicPartition, int] | None = None  # fresh per poll
         self._consumed = 0
         self._held_back: set[TopicPartition] = set()
         self.aligner = Aligner((settings.topics.camera, settings.topics.audio,
@@ -134,6 +134,7 @@ class KafkaWorker:
         timeout = min(poll_timeout_ms, self.settings.runtime.batch_timeout_ms)
         polled = self.consumer.poll(timeout_ms=timeout if self.engine.queued() else poll_timeout_ms)
         self._follow_assignment()
+        self._end_offsets = None
         count = 0
         for messages in polled.values():
             for msg in messages:
@@ -298,14 +299,13 @@ class KafkaWorker:
         position = self.consumer.position(tp)
         if position < (self.consumer.highwater(tp) or 0):
             return False
-        # the fetched highwater can be stale (records produced since): ask the broker, at
-        # most every 200 ms per partition, before letting other topics run ahead of this one
-        now = self.clock()
-        cached = self._end_offsets.get(tp)
-        if cached is None or now - cached[1] >= 200:
-            cached = (self.consumer.end_offsets([tp]).get(tp, 0), now)
-            self._end_offsets[tp] = cached
-        return bool(position >= cached[0])
+        # The fetched highwater can be stale (records produced since the last fetch), so
+        # before letting other topics run ahead of this one, ask the broker: one request
+        # per poll for every partition with nothing buffered, made after that poll.
+        if self._end_offsets is None:
+            idle = [p for p in self._owned if not self.aligner.queued(p.topic, p.partition)]
+            self._end_offsets = self.consumer.end_offsets(idle) if idle else {}
+        return bool(position >= self._end_offsets.get(tp, 0))
 
     def _backpressure(self) -> None:
         """Pause everything while windows are over capacity; pause a topic-partition that
