@@ -16,7 +16,7 @@ from pipeline.ingest import IngestConfig
 from pipeline.metrics import Metrics
 from pipeline.model_runner import ModelRunner
 from pipeline.outputs import Output
-from pipeline.records import Record
+from pipeline.records import Record, number_unset_offsets
 from pipeline.settings import Settings
 from pipeline.windows import WindowConfig
 
@@ -61,11 +61,12 @@ def run_offline(
     """Drive the engine over a finite stream in event time; yields outputs as produced.
 
     Records pass the same aligner as in the Kafka worker (a recording holds the topics in
-    the order they were consumed); records of other topics (labels) are skipped.
+    the order they were consumed); records of other topics (labels) are skipped. Records
+    without offsets (simulated) are numbered first: positions identify records.
     """
     inputs = tuple(engine.cfg.ingest.topics)
     aligner = Aligner(inputs)
-    for n, record in enumerate(records, 1):
+    for n, record in enumerate(number_unset_offsets(records), 1):
         if record.topic in inputs:
             aligner.push(record)
             for ready in aligner.pop_ready(lambda _topic, _partition: False):

@@ -6,7 +6,8 @@ everything downstream (decoding, windowing, sinks) is plain functions over them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
 
 Headers = tuple[tuple[str, bytes], ...]
 
@@ -29,3 +30,16 @@ class Record:
             if k.lower() == lowered:
                 found = v
         return found
+
+
+def number_unset_offsets(records: Iterable[Record]) -> Iterator[Record]:
+    """Give records recorded without an offset (-1, e.g. simulated) the offsets a broker
+    would: 0, 1, ... per (topic, partition) in stream order. Positions must be unique."""
+    counters: dict[tuple[str, int], int] = {}
+    for rec in records:
+        if rec.offset < 0:
+            stream = (rec.topic, rec.partition)
+            n = counters.get(stream, 0)
+            counters[stream] = n + 1
+            rec = replace(rec, offset=n)
+        yield rec
