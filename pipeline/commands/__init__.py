@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.commands import demo, infra, recordings, run
+from pipeline.commands import demo, infra, learn, recordings, run
 
 AddArgs = Callable[[argparse.ArgumentParser], None]
 Handler = Callable[[argparse.Namespace, Any], int]
@@ -28,4 +28,10 @@ COMMANDS: dict[str, tuple[str, AddArgs, Handler]] = {
                recordings.replay_args, recordings.replay),
     "inspect": ("summarize a recording (table or JSON) and draw its timeline",
                 recordings.inspect_args, recordings.inspect),
+    "simulate": ("simulated labelled device streams into a recording or Kafka topics",
+                 learn.simulate_args, learn.simulate),
+    "train": ("train a fusion model (or a single-modality baseline) from labelled recordings",
+              learn.train_args, learn.train),
+    "evaluate": ("score a model on labelled recordings: metrics.json, confusion matrix, report",
+                 learn.evaluate_args, learn.evaluate),
 }
