@@ -207,12 +207,19 @@ def test_a_port_in_use_is_reported() -> None:
             LocalKafka(nodes=1, port=port).start()
 
 
-def leader_of(bootstrap: str, topic: str, partition: int) -> int:
+def leader_of(bootstrap: str, topic: str, partition: int, timeout_s: float = 30.0) -> int:
+    """The partition's leader, waiting (with a deadline) until metadata names one: right
+    after creation a describe can list the topic without that partition yet."""
+    deadline = time.monotonic() + timeout_s
     with KafkaAdminClient(bootstrap_servers=bootstrap) as admin:
-        (described,) = admin.describe_topics([topic])
-    return next(
-        int(p["leader_id"]) for p in described["partitions"] if p["partition_index"] == partition
-    )
+        while True:
+            (described,) = admin.describe_topics([topic])
+            leaders = [int(p["leader_id"]) for p in described["partitions"]
+                       if p["partition_index"] == partition and int(p["leader_id"]) >= 0]
+            if leaders:
+                return leaders[0]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{topic}[{partition}] has no leader after {timeout_s} s")
 
 
 def topic_config(bootstrap: str, topic: str, key: str) -> str:
