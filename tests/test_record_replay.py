@@ -40,6 +40,7 @@ from pipeline.replayer import (
     required_partitions,
 )
 from pipeline.settings import KafkaSettings
+from tests.factory import FakeClock
 
 # Recent timestamps: the broker's time retention (7 days, checked 30 s after start and every
 # 5 minutes) deletes records stamped further back, even in the active segment.
@@ -47,19 +48,6 @@ T0 = (time.time_ns() // 1_000_000_000 - 600) * 1000
 HEADERS = (("content-type", b"image/jpeg"), ("dup", b""), ("dup", b"\x00\xff"))
 
 
-class FakeClock:
-    """A clock that only moves when slept on (or told to): sleeps are recorded, not slept."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 # -- unit tests: pacing, merging, options (no broker) ------------------------------------

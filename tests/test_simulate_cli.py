@@ -15,7 +15,7 @@ from pipeline.recording import read_records
 from pipeline.records import Record
 from pipeline.replayer import Pacer
 from pipeline.simulate import CLASSES, ScenarioConfig, episodes_from_records, simulate
-from tests.factory import T0, TOPICS
+from tests.factory import T0, TOPICS, FakeClock
 from tests.kafka_util import read_until
 
 
@@ -66,17 +66,6 @@ def test_an_existing_file_is_kept_unless_overwrite(tmp_path: Path,
     assert path.read_bytes() != b"keep me"
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 def _rec(ts: int) -> Record:
@@ -84,7 +73,7 @@ def _rec(ts: int) -> Record:
 
 
 def test_send_paced_waits_the_timestamp_gaps_divided_by_speed() -> None:
-    clock, sent = FakeClock(), []
+    clock, sent = FakeClock(100.0), []
     n, size = send_paced([_rec(T0), _rec(T0 + 1000), _rec(T0 + 3000)], sent.append,
                          Pacer(2.0, clock, clock.sleep), threading.Event(), lambda n, b: None)
     assert (n, size) == (3, 3 * len(b"cell-00{}"))
@@ -93,7 +82,7 @@ def test_send_paced_waits_the_timestamp_gaps_divided_by_speed() -> None:
 
 
 def test_send_paced_stops_when_asked() -> None:
-    clock, stop, sent = FakeClock(), threading.Event(), []
+    clock, stop, sent = FakeClock(100.0), threading.Event(), []
 
     def send(record: Record) -> None:
         sent.append(record)
