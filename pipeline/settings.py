@@ -56,6 +56,9 @@ class KafkaSettings:
     max_poll_records: int = _f(500, "Records returned by one consumer poll at most.")
     session_timeout_ms: int = _f(30000, "Consumer group session timeout.")
     max_poll_interval_ms: int = _f(300000, "Longest gap between polls before a rebalance.")
+    topic_wait_ms: int = _f(
+        60000, "How long `run` waits at start for the input topics to exist before failing."
+    )
 
     def client_config(self) -> dict[str, Any]:
         """Security settings as kafka-python keyword arguments (empty ones left out)."""

@@ -24,6 +24,7 @@ from kafka.structs import OffsetAndMetadata
 
 from pipeline.align import Aligner
 from pipeline.engine import Clock, Engine, wall_clock_ms
+from pipeline.errors import UserError
 from pipeline.offsets import OffsetTracker
 from pipeline.outputs import Output
 from pipeline.producer import BoundedProducer
@@ -57,6 +58,9 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
         "session_timeout_ms": k.session_timeout_ms,
         "max_poll_interval_ms": k.max_poll_interval_ms,
         "isolation_level": "read_committed",
+        # refresh topic metadata every 30 s (default 5 min): a member that joined the group
+        # on incomplete metadata rejoins soon, and added partitions are picked up
+        "metadata_max_age_ms": 30_000,
         **k.client_config(),
     }
 
@@ -90,6 +94,37 @@ def to_record(msg: Any) -> Record:
     )
 
 
+def await_input_topics(consumer: KafkaConsumer, topics: list[str], wait_ms: int,
+                       clock: Clock = wall_clock_ms) -> None:
+    """Wait until the broker knows every input topic, co-partitioned, before joining the group.
+
+    Joining first would let the group's range assignor see a topic without partitions and
+    leave it unassigned until the next metadata refresh; a missing topic would only show
+    as a worker that never consumes anything.
+    """
+    deadline = clock() + wait_ms
+    while True:
+        counts = {t: len(consumer.partitions_for_topic(t)) for t in topics}
+        missing = [t for t, n in counts.items() if n == 0]
+        if not missing:
+            break
+        if clock() >= deadline:
+            raise UserError(
+                f"input topics {', '.join(missing)} do not exist on "
+                f"{consumer.config['bootstrap_servers']} (waited {wait_ms} ms): create them "
+                "with `iotfuse topics` or check [topics] and --bootstrap-servers"
+            )
+        log.info("waiting for input topics to exist: %s", ", ".join(missing))
+        threading.Event().wait(0.5)
+    if len(set(counts.values())) > 1:
+        raise UserError(
+            "input topics are not co-partitioned ("
+            + ", ".join(f"{t}: {n}" for t, n in counts.items())
+            + "): a device's records must share a partition number; recreate them with one "
+            "partition count (`iotfuse topics --partitions N`)"
+        )
+
+
 class KafkaWorker:
     def __init__(self, settings: Settings, engine: Engine, clock: Clock = wall_clock_ms) -> None:
         self.settings = settings
@@ -115,10 +150,9 @@ class KafkaWorker:
         )
         if self.exactly_once:
             self.producer.init_transactions()
-        topics = settings.topics
-        self.consumer.subscribe(
-            [topics.camera, topics.audio, topics.telemetry], listener=_Rebalance(self)
-        )
+        inputs = [settings.topics.camera, settings.topics.audio, settings.topics.telemetry]
+        await_input_topics(self.consumer, inputs, settings.kafka.topic_wait_ms, clock)
+        self.consumer.subscribe(inputs, listener=_Rebalance(self))
 
     # -- main loop ----------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:

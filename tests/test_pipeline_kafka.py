@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from kafka.admin import KafkaAdminClient, NewTopic
 
 from pipeline.app import build_engine
+from pipeline.errors import UserError
+from pipeline.kafka.admin import TopicNames
 from pipeline.model_runner import ModelRunner
 from pipeline.settings import Settings
 from pipeline.worker import KafkaWorker
@@ -94,3 +99,25 @@ def test_contract_through_the_broker(bootstrap, topics, runner, start_worker) ->
     bad_sent = [(next(s for s in sent if s.key == r.key and s.value == r.value), reason)
                 for r, reason in bad]
     check_contract(sent, bad_sent, got, CLASSES, runner.version, settings.topics)
+
+
+def with_topic_wait(settings: Settings, wait_ms: int) -> Settings:
+    return replace(settings, kafka=replace(settings.kafka, topic_wait_ms=wait_ms))
+
+
+def test_a_missing_input_topic_stops_the_worker_with_advice(bootstrap, runner) -> None:
+    names = TopicNames.prefixed(f"absent-{uuid.uuid4().hex[:8]}")  # never created
+    settings = with_topic_wait(settings_for(bootstrap, names), 0)
+    with pytest.raises(UserError, match=rf"{names.camera}.*do not exist.*iotfuse topics"):
+        KafkaWorker(settings, build_engine(settings, runner))
+
+
+def test_input_topics_of_different_partition_counts_are_refused(bootstrap, runner) -> None:
+    names = TopicNames.prefixed(f"uneven-{uuid.uuid4().hex[:8]}")
+    with KafkaAdminClient(bootstrap_servers=bootstrap) as admin:
+        admin.create_topics([NewTopic(t, 3 if t == names.audio else 2, 1)
+                             for t in names.inputs])
+    settings = with_topic_wait(settings_for(bootstrap, names), 30_000)
+    with pytest.raises(UserError, match=rf"not co-partitioned.*{names.audio}: 3"):
+        KafkaWorker(settings, build_engine(settings, runner))
+
