@@ -4,6 +4,8 @@ Records go through the same aligner, `ingest()`, `Windower` and `window_inputs()
 `iotfuse run`; only the last stage differs: instead of classifying a closed window, its
 raw inputs are paired with the ground truth of the labels topic. A window's label is the
 label covering most of it (labels are half-open spans per device).
+
+`windows_from_recordings` does this for recording files (training and evaluation).
 """
 
 from __future__ import annotations
@@ -11,20 +13,24 @@ from __future__ import annotations
 import bisect
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from encoders.modality import Modality
 from pipeline.align import Aligner
 from pipeline.decode import RejectedRecord
+from pipeline.errors import UserError
 from pipeline.features import FeatureSpec, window_inputs
 from pipeline.ingest import IngestConfig, ingest
 from pipeline.records import Record
+from pipeline.settings import Settings
 from pipeline.windows import Window, WindowConfig, Windower
 
 log = logging.getLogger(__name__)
+OnRecords = Callable[[int, int], None]  # (records, bytes) read so far
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,4 +124,52 @@ def labelled_windows(
         label = labels.label_of(device, start, end)
         if label is not None and raw:
             out.append(LabelledWindow(device, start, raw, label))
+    return out
+
+
+@dataclass
+class Tally:
+    records: int = 0
+    bytes: int = 0  # keys and values
+
+
+def counted(records: Iterable[Record], tally: Tally, on_records: OnRecords | None,
+            every: int = 200) -> Iterator[Record]:
+    """Pass records through, adding them to `tally` and reporting it every `every` records."""
+    for record in records:
+        tally.records += 1
+        tally.bytes += len(record.key or b"") + len(record.value or b"")
+        if on_records is not None and tally.records % every == 0:
+            on_records(tally.records, tally.bytes)
+        yield record
+
+
+def windows_from_recordings(paths: Sequence[Path], settings: Settings, spec: FeatureSpec,
+                            on_records: OnRecords | None = None) -> list[LabelledWindow]:
+    """Labelled windows of every recording, one after the other."""
+    return [w for got in recording_windows(paths, settings, spec, on_records) for w in got]
+
+
+def recording_windows(paths: Sequence[Path], settings: Settings, spec: FeatureSpec,
+                      on_records: OnRecords | None = None) -> list[list[LabelledWindow]]:
+    """Labelled windows of each recording (each read on its own: device ids may repeat)."""
+    from pipeline.app import window_config
+    from pipeline.recording import RecordingError, read_records
+
+    ingest_cfg = IngestConfig.from_settings(settings.topics, settings.limits, spec.sample_rate)
+    windows: WindowConfig = window_config(settings, spec.window_ms)
+    out: list[list[LabelledWindow]] = []
+    tally = Tally()
+    for path in paths:
+        try:
+            records = counted(read_records(path), tally, on_records)
+            got = labelled_windows(records, ingest_cfg, windows, spec, settings.topics.labels)
+        except FileNotFoundError:
+            raise UserError(f"recording {path} does not exist") from None
+        except (RecordingError, OSError) as exc:
+            raise UserError(f"cannot read recording {path}: {exc}") from exc
+        if not got:
+            raise UserError(f"{path} yields no labelled windows: it needs input records and "
+                            f"labels on topic {settings.topics.labels!r} for the same devices")
+        out.append(got)
     return out

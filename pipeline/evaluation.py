@@ -3,7 +3,7 @@
     result = evaluate_recordings(EvalOptions(model=None, data=(Path("test.iotrec"),)), settings)
     pipeline.report.write_report(Path("report"), result)
 
-Windows come from `pipeline.training.windows_from_recordings` (the live pipeline's code
+Windows come from `pipeline.dataset.windows_from_recordings` (the live pipeline's code
 path). Besides the full scores, the model is scored with modalities removed from its
 inputs -- `without_<m>` (every modality but m) and `only_<m>` -- by deleting them from
 each window's inputs, so the model masks them exactly as it does for a window in which
@@ -171,8 +171,8 @@ def evaluate_recordings(options: EvalOptions, settings: Settings,
                         on_records: Callable[[int, int], None] | None = None
                         ) -> dict[str, Any]:
     """The full metrics dict written to metrics.json (see write_report)."""
+    from pipeline.dataset import windows_from_recordings
     from pipeline.model_runner import ModelRunner, default_model_dir
-    from pipeline.training import windows_from_recordings
 
     paths = [options.model or default_model_dir(), *options.compare]
     runners = [ModelRunner.load(p, options.device) for p in paths]
@@ -193,6 +193,21 @@ def evaluate_recordings(options: EvalOptions, settings: Settings,
                                runner.config.modalities, with_ablation=i == 0)
         results.append(model_info(runner, path) | got)
     main = results[0]
-    return {"schema": SCHEMA, "data": [str(p) for p in options.data], "model": {
+    out = {"schema": SCHEMA, "data": [str(p) for p in options.data], "model": {
         k: main.pop(k) for k in ("name", "version", "path", "modalities")},
         "classes": main.pop("classes"), **main, "compare": results[1:]}
+    best = best_single_modality(out)
+    return out if best is None else out | {"best_single_modality": best}
+
+
+def best_single_modality(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The best one-modality score: the model's `only_<m>` scores and the compared models
+    of one modality. None when there is neither."""
+    candidates = [(f"{metrics['model']['name']} only_{k[5:]}", v) for k, v in metrics.items()
+                  if k.startswith("only_")]
+    candidates += [(m["name"], m["macro_f1"]) for m in metrics.get("compare", [])
+                   if len(m["modalities"]) == 1]
+    if not candidates:
+        return None
+    name, score = max(candidates, key=lambda c: c[1])
+    return {"name": name, "macro_f1": score, "fused_margin": metrics["macro_f1"] - score}

@@ -84,6 +84,10 @@ def report_markdown(metrics: dict[str, Any]) -> str:
         for m in [{**model, **metrics}, *compare]:
             lines.append(f"| {m['name']} | {', '.join(m['modalities'])} | {_f(m['macro_f1'])} "
                          f"| {_f(m['accuracy'])} | {m['windows']} | {m['version'][:19]} |")
+    best = metrics.get("best_single_modality")
+    if best is not None:
+        lines += ["", f"Best single-modality score: {best['name']}, macro-F1 "
+                      f"{_f(best['macro_f1'])}; the model is {best['fused_margin']:+.3f} above it."]
     lines += ["", f"Confusion matrix: [{CONFUSION}]({CONFUSION}) (rows: true class).", ""]
     return "\n".join(lines)
 

@@ -24,7 +24,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO, overload
@@ -32,19 +32,15 @@ from typing import Any, TextIO, overload
 import numpy as np
 
 from encoders.modality import ALL_MODALITIES, Modality
-from pipeline.dataset import LabelledWindow, labelled_windows
+from pipeline.dataset import LabelledWindow, OnRecords, recording_windows
 from pipeline.errors import UserError
 from pipeline.features import FeatureSpec
-from pipeline.ingest import IngestConfig
-from pipeline.records import Record
 from pipeline.settings import Settings
-from pipeline.windows import WindowConfig
 
 log = logging.getLogger(__name__)
 
 # the simulator's sensor unit (pipeline/simulate/telemetry.py); --metrics overrides
 DEFAULT_METRICS = ("temperature_c", "smoke_ppm", "vibration_rms", "motor_current_a", "door_open")
-OnRecords = Callable[[int, int], None]  # (records, bytes) read so far
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,7 +59,7 @@ class TrainOptions:
     val_fraction: float = 0.2
     val_block_ms: int = 30_000
     modality_dropout: float | None = None  # None: the fusion config's default
-    augment: bool = True  # vary the camera's training inputs (see Augmented)
+    augment: bool = True  # vary the training inputs (see Augmented)
     camera_hf: str | None = None  # local transformers vision model directory
     audio_hf: str | None = None  # local transformers AST directory
     freeze_hf: bool = False  # train only the heads and fusion on top of the hf trunks
@@ -105,54 +101,6 @@ def parse_modalities(text: str) -> tuple[Modality, ...]:
         raise UserError(f"--modalities {text!r}: list distinct modalities among {known}, "
                         "comma-separated, e.g. camera,audio")
     return tuple(m for m in ALL_MODALITIES if m.value in names)
-
-
-@dataclass
-class Tally:
-    records: int = 0
-    bytes: int = 0  # keys and values
-
-
-def counted(records: Iterable[Record], tally: Tally, on_records: OnRecords | None,
-            every: int = 200) -> Iterator[Record]:
-    """Pass records through, adding them to `tally` and reporting it every `every` records."""
-    for record in records:
-        tally.records += 1
-        tally.bytes += len(record.key or b"") + len(record.value or b"")
-        if on_records is not None and tally.records % every == 0:
-            on_records(tally.records, tally.bytes)
-        yield record
-
-
-def windows_from_recordings(paths: Sequence[Path], settings: Settings, spec: FeatureSpec,
-                            on_records: OnRecords | None = None) -> list[LabelledWindow]:
-    """Labelled windows of every recording, one after the other."""
-    return [w for got in recording_windows(paths, settings, spec, on_records) for w in got]
-
-
-def recording_windows(paths: Sequence[Path], settings: Settings, spec: FeatureSpec,
-                      on_records: OnRecords | None = None) -> list[list[LabelledWindow]]:
-    """Labelled windows of each recording (each read on its own: device ids may repeat)."""
-    from pipeline.app import window_config
-    from pipeline.recording import RecordingError, read_records
-
-    ingest_cfg = IngestConfig.from_settings(settings.topics, settings.limits, spec.sample_rate)
-    windows: WindowConfig = window_config(settings, spec.window_ms)
-    out: list[list[LabelledWindow]] = []
-    tally = Tally()
-    for path in paths:
-        try:
-            records = counted(read_records(path), tally, on_records)
-            got = labelled_windows(records, ingest_cfg, windows, spec, settings.topics.labels)
-        except FileNotFoundError:
-            raise UserError(f"recording {path} does not exist") from None
-        except (RecordingError, OSError) as exc:
-            raise UserError(f"cannot read recording {path}: {exc}") from exc
-        if not got:
-            raise UserError(f"{path} yields no labelled windows: it needs input records and "
-                            f"labels on topic {settings.topics.labels!r} for the same devices")
-        out.append(got)
-    return out
 
 
 def split_windows(windows: Sequence[LabelledWindow], val_fraction: float, block_ms: int,
@@ -242,14 +190,47 @@ def augment_camera(frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(shifted, 0.0, 255.0).astype(np.uint8)
 
 
+def slower_camera(frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """As a camera with a lower frame rate sees the window: its T frames drawn from 1..T-1
+    distinct ones, each repeated. [T, S, S, 3] -> same."""
+    t = frames.shape[0]
+    distinct = int(rng.integers(1, max(t, 2)))
+    kept = np.linspace(0, t - 1, distinct).round().astype(np.int64)  # [distinct]
+    return frames[kept[np.linspace(0, distinct - 1, t).round().astype(np.int64)]]
+
+
+def sparser_telemetry(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """As a slower sensor: only every k-th time step (k in 2..10) keeps its values, the
+    others are missing (NaN). float32 [steps, M] -> same."""
+    k = int(rng.integers(2, 11))
+    offset = int(rng.integers(0, k))
+    out = np.full_like(x, np.nan)  # [steps, M]
+    out[offset::k] = x[offset::k]
+    return out
+
+
+def narrower_audio(x: np.ndarray, rng: np.random.Generator, sample_rate: int) -> np.ndarray:
+    """As a microphone sampled at a lower rate: nothing above a 3-6 kHz cutoff.
+    float32 [samples] -> same."""
+    spectrum = np.fft.rfft(x)  # [samples // 2 + 1]
+    spectrum[np.fft.rfftfreq(len(x), 1.0 / sample_rate) > rng.uniform(3000.0, 6000.0)] = 0
+    return np.fft.irfft(spectrum, n=len(x)).astype(np.float32)  # [samples]
+
+
 class Augmented(Sequence[Example]):
     """Training examples, each one varied anew every time it is read, so the model sees
-    more scenes than the recordings hold. Deterministic: one generator seeded with `seed`,
-    and fusion.train reads the examples in a seeded order."""
+    more scenes and hardware than the recordings hold: every camera window gets a new look
+    (`augment_camera`); with probability `p_hardware` each modality is also seen as slower
+    or narrower hardware records it (`slower_camera`, `narrower_audio`,
+    `sparser_telemetry`). Deterministic: one generator seeded with `seed`, and fusion.train
+    reads the examples in a seeded order."""
 
-    def __init__(self, examples: Sequence[Example], seed: int) -> None:
+    def __init__(self, examples: Sequence[Example], seed: int, sample_rate: int = 16000,
+                 p_hardware: float = 0.3) -> None:
         self.examples = examples
         self.rng = np.random.default_rng(seed)
+        self.sample_rate = sample_rate
+        self.p_hardware = p_hardware
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -264,10 +245,16 @@ class Augmented(Sequence[Example]):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         inputs, label = self.examples[i]
-        frames = inputs.get(Modality.CAMERA)
-        if frames is None:
-            return inputs, label
-        return inputs | {Modality.CAMERA: augment_camera(frames, self.rng)}, label
+        out = dict(inputs)
+        rng, p = self.rng, self.p_hardware
+        if Modality.CAMERA in out:
+            frames = augment_camera(out[Modality.CAMERA], rng)
+            out[Modality.CAMERA] = slower_camera(frames, rng) if rng.random() < p else frames
+        if Modality.AUDIO in out and rng.random() < p:
+            out[Modality.AUDIO] = narrower_audio(out[Modality.AUDIO], rng, self.sample_rate)
+        if Modality.TELEMETRY in out and rng.random() < p:
+            out[Modality.TELEMETRY] = sparser_telemetry(out[Modality.TELEMETRY], rng)
+        return out, label
 
 
 def choose_classes(windows: Sequence[LabelledWindow]) -> tuple[str, ...]:
@@ -351,7 +338,8 @@ def train_from_recordings(options: TrainOptions, settings: Settings,
                       seed=options.seed, device=str(device),
                       modality_dropout=options.modality_dropout)
     started = time.monotonic()
-    examples = Augmented(train_data, options.seed) if options.augment else train_data
+    rate = config.audio.sample_rate if config.audio is not None else 16000
+    examples = Augmented(train_data, options.seed, rate) if options.augment else train_data
     result = train(model, examples, val_data, cfg, progress)
     seconds = time.monotonic() - started
     version = save_model(model, options.out)

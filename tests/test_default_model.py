@@ -8,11 +8,12 @@ from pathlib import Path
 
 from encoders.modality import ALL_MODALITIES
 from fusion.modelfile import load_model
+from pipeline.dataset import windows_from_recordings
 from pipeline.evaluation import evaluate_windows, model_classifier
 from pipeline.model_runner import ModelRunner, default_model_dir
 from pipeline.settings import Settings
 from pipeline.simulate import CLASSES, ScenarioConfig, simulate
-from pipeline.training import DEFAULT_METRICS, windows_from_recordings
+from pipeline.training import DEFAULT_METRICS
 
 
 def test_the_shipped_model_loads_and_its_hash_is_its_version() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from pipeline.dataset import LabelledWindow
 from pipeline.evaluation import (
     Inputs,
     ablation,
+    best_single_modality,
     evaluate_windows,
     keep_modalities,
     merged_spec,
@@ -112,7 +114,7 @@ def test_specs_merge_only_when_shared_modalities_agree() -> None:
     assert merged_spec([full, FeatureSpec(1000, (A,))]) is None
 
 
-def _metrics() -> dict[str, object]:
+def _metrics() -> dict[str, Any]:
     s = scores([0, 1, 1], [0, 1, 0], ("normal", "fire"))
     return {"schema": "iotfuse.evaluation/v1", "data": ["t.iotrec"],
             "model": {"name": "m", "version": "sha256:" + "a" * 64, "path": "m",
@@ -122,8 +124,20 @@ def _metrics() -> dict[str, object]:
                          "modalities": ["telemetry"], **s, "macro_f1": 0.25}]}
 
 
+def test_best_single_modality_takes_only_scores_and_one_modality_models() -> None:
+    metrics = _metrics()
+    assert best_single_modality({**metrics, "compare": []}) is None
+    best = best_single_modality(metrics)
+    assert best is not None and best["name"] == "other" and best["macro_f1"] == 0.25
+    metrics |= {"only_audio": 0.5, "only_camera": 0.125}
+    best = best_single_modality(metrics)
+    assert best is not None and best["name"] == "m only_audio"
+    assert best["fused_margin"] == pytest.approx(2 / 3 - 0.5)
+
+
 def test_report_files(tmp_path: Path) -> None:
     metrics = _metrics()
+    metrics["best_single_modality"] = best_single_modality(metrics)
     paths = write_report(tmp_path / "r", metrics)
     assert [p.name for p in paths] == ["metrics.json", "confusion_matrix.png", "report.md"]
     assert json.loads(paths[0].read_text()) == metrics
@@ -132,6 +146,7 @@ def test_report_files(tmp_path: Path) -> None:
     assert text == report_markdown(metrics)
     assert "macro-F1 0.667" in text and "| other | telemetry | 0.250 |" in text
     assert "| fire | 1.000 | 0.500 | 0.667 | 2 |" in text
+    assert "Best single-modality score: other, macro-F1 0.250; the model is +0.417" in text
 
 
 def _random_model(directory: Path, modalities: tuple[Modality, ...]) -> Path:

@@ -130,7 +130,7 @@ def test_augmented_examples_vary_the_camera_anew_on_every_read_deterministically
     audio = np.ones(16, np.float32)
     examples = [({Modality.CAMERA: frames, Modality.AUDIO: audio}, 2),
                 ({Modality.TELEMETRY: np.zeros((20, 5), np.float32)}, 1)]
-    data = Augmented(examples, seed=5)
+    data = Augmented(examples, seed=5, p_hardware=0.0)
     first, second = data[0], data[0]
     assert first[1] == second[1] == 2 and len(data) == 2
     for inputs in (first[0], second[0]):
@@ -140,7 +140,7 @@ def test_augmented_examples_vary_the_camera_anew_on_every_read_deterministically
     assert not np.array_equal(first[0][Modality.CAMERA], second[0][Modality.CAMERA])
     assert data[1] == examples[1]
     assert np.array_equal(examples[0][0][Modality.CAMERA], frames)  # originals untouched
-    again = Augmented(examples, seed=5)
+    again = Augmented(examples, seed=5, p_hardware=0.0)
     assert np.array_equal(again[0][0][Modality.CAMERA], first[0][Modality.CAMERA])
     assert [label for _, label in data] == [2, 1]
 
@@ -164,3 +164,23 @@ def test_a_local_transformers_camera_trunk_can_be_frozen(recording: Path, tmp_pa
              if k.startswith("trunks.camera.")}
     shared = [k for k in pretrained if k in trunk]
     assert shared and all(torch.equal(pretrained[k], trunk[k]) for k in shared)
+
+
+def test_hardware_augmentation_looks_like_slower_or_narrower_devices() -> None:
+    rng = np.random.default_rng(1)
+    frames = np.stack([np.full((8, 8, 3), 40 * i, np.uint8) for i in range(4)])
+    t = np.arange(32000) / 16000
+    audio = (np.sin(2 * np.pi * 1000 * t) + np.sin(2 * np.pi * 7000 * t)).astype(np.float32)
+    metrics = rng.normal(size=(20, 5)).astype(np.float32)
+    examples = [({Modality.CAMERA: frames, Modality.AUDIO: audio, Modality.TELEMETRY: metrics},
+                 0)]
+    for _ in range(5):
+        inputs, _ = Augmented(examples, seed=int(rng.integers(1000)), p_hardware=1.0)[0]
+        cam = inputs[Modality.CAMERA]
+        distinct = {cam[i].tobytes() for i in range(4)}
+        assert cam.shape == frames.shape and len(distinct) < 4  # fewer distinct frames
+        spectrum = np.abs(np.fft.rfft(inputs[Modality.AUDIO]))  # 0.5 Hz per bin
+        assert spectrum[2000] > 1000 and spectrum[14000] < 1e-2  # 1 kHz kept, 7 kHz gone
+        tel = inputs[Modality.TELEMETRY]
+        kept = ~np.isnan(tel).all(axis=1)
+        assert 2 <= kept.sum() <= 10 and np.array_equal(tel[kept], metrics[kept])
