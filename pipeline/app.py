@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator
 
 from pipeline.align import Aligner
@@ -51,8 +52,19 @@ def build_engine(
         batch_timeout_ms=settings.runtime.batch_timeout_ms,
         max_open_windows=settings.windows.max_open_windows,
         max_buffered_bytes=settings.windows.max_buffered_bytes,
+        feature_threads=feature_threads(settings.runtime.feature_threads),
     )
     return Engine(cfg, runner.classify, metrics or Metrics(), clock)
+
+
+def feature_threads(setting: int) -> int:
+    """runtime.feature_threads: 0 = one per CPU core this process may use, at most 4."""
+    if setting > 0:
+        return setting
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+ALIGN_CHUNK = 64  # records buffered before the aligner is asked what it can release
 
 
 def run_offline(
@@ -69,8 +81,9 @@ def run_offline(
     for n, record in enumerate(number_unset_offsets(records), 1):
         if record.topic in inputs:
             aligner.push(record)
-            for ready in aligner.pop_ready(lambda _topic, _partition: False):
-                yield from engine.process(ready)
+            if aligner.buffered >= ALIGN_CHUNK:  # releases the same order, fewer calls
+                for ready in aligner.pop_ready(lambda _topic, _partition: False):
+                    yield from engine.process(ready)
             if engine.queued() >= engine.cfg.max_batch:
                 yield from engine.run_batch()
         if on_record is not None:

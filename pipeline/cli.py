@@ -79,6 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.logs import setup_logging
 
     setup_logging(settings.runtime.log_level, settings.runtime.log_format)
+    if settings.runtime.torch_threads > 0:  # the process's CPU budget for torch
+        import torch
+
+        torch.set_num_threads(settings.runtime.torch_threads)
     handler: Handler = args.handler
     try:
         return handler(args, settings)

@@ -17,13 +17,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from encoders.modality import Modality
 from pipeline.decode import RejectedRecord
-from pipeline.features import FeatureSpec, window_inputs
+from pipeline.features import FeatureSpec, WindowInputs, window_inputs
 from pipeline.ingest import IngestConfig, ingest
 from pipeline.metrics import Metrics
 from pipeline.outputs import Decision, ModelId, Output, dead_letter, event_output, event_value
@@ -52,6 +53,7 @@ class EngineConfig:
     batch_timeout_ms: int = 20
     max_open_windows: int = 10000
     max_buffered_bytes: int = 512 * 1024 * 1024
+    feature_threads: int = 1  # threads preparing one batch's window inputs (frame decode)
 
 
 @dataclass(slots=True)
@@ -83,9 +85,9 @@ class Engine:
         try:
             got = ingest(record, self.cfg.ingest)
         except RejectedRecord as err:
-            self.metrics.dead_letters.labels(reason=str(err.reason)).inc()
+            self.metrics.labelled(self.metrics.dead_letters, str(err.reason)).inc()
             return [dead_letter(record, err, self.cfg.deadletter_topic)]
-        self.metrics.records_in.labels(modality=str(got.item.modality)).inc()
+        self.metrics.labelled(self.metrics.records_in, got.item.modality).inc()
         self._check_partition(got.device_id, record)
         if self._already_emitted(got.device_id, got.item.ts_ms):
             self.metrics.reread_skipped.inc()
@@ -93,7 +95,7 @@ class Engine:
             return []
         result = self.windower.add(got.device_id, got.item, now)
         if result.late:
-            self.metrics.late_records.labels(modality=str(got.item.modality)).inc()
+            self.metrics.labelled(self.metrics.late_records, got.item.modality).inc()
             self._released.append(got.item.position)
         elif got.item.modality is Modality.CAMERA:
             self._records[got.item.position] = record
@@ -137,7 +139,7 @@ class Engine:
         if not batch:
             return []
         t0 = time.perf_counter()
-        prepared = [window_inputs(c.window, self.cfg.features) for c in batch]
+        prepared = self._prepare([c.window for c in batch])
         t1 = time.perf_counter()
         decisions = self.classify([p.raw for p in prepared])
         t2 = time.perf_counter()
@@ -152,6 +154,16 @@ class Engine:
         self.metrics.windows_emitted.inc(len(batch))
         return outputs
 
+    def _prepare(self, windows: list[Window]) -> list[WindowInputs]:
+        """Model inputs of each window; with feature_threads > 1 on a thread pool (OpenCV
+        decodes frames without holding the GIL). The pool lives for one batch only."""
+        threads = min(self.cfg.feature_threads, len(windows))
+        spec = self.cfg.features
+        if threads <= 1:
+            return [window_inputs(w, spec) for w in windows]
+        with ThreadPoolExecutor(threads, thread_name_prefix="iotfuse-features") as pool:
+            return list(pool.map(lambda w: window_inputs(w, spec), windows))
+
     def _window_outputs(
         self,
         closed: _Closed,
@@ -163,7 +175,7 @@ class Engine:
         outputs = []
         bad = {it.position for it, _ in rejected}
         for item, err in rejected:
-            self.metrics.dead_letters.labels(reason=str(err.reason)).inc()
+            self.metrics.labelled(self.metrics.dead_letters, str(err.reason)).inc()
             record = self._records[item.position]
             outputs.append(dead_letter(record, err, self.cfg.deadletter_topic))
         holds = tuple(p for p in window.positions if p not in bad)

@@ -113,6 +113,10 @@ class RuntimeSettings:
     device: str = _f("auto", "Torch device: auto (CUDA when present), cpu, cuda, cuda:N.")
     max_batch: int = _f(64, "Windows encoded and fused together at most.")
     batch_timeout_ms: int = _f(20, "Longest a closed window waits for others to batch with.")
+    feature_threads: int = _f(
+        0, "Threads decoding a batch's frames; 0 = one per CPU core, at most 4."
+    )
+    torch_threads: int = _f(0, "Threads torch may use on the CPU; 0 = torch's default.")
     commit_interval_ms: int = _f(1000, "How often acknowledged progress is committed.")
     metrics_port: int = _f(9108, "Prometheus metrics HTTP port; 0 = off.")
     metrics_host: str = _f("0.0.0.0", "Address the metrics endpoint binds to.")

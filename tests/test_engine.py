@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -127,8 +128,6 @@ def test_metrics_endpoint_serves_the_pipeline_counters(runner: ModelRunner) -> N
 
 def test_open_windows_and_buffered_bytes_are_capped_for_back_pressure(
         runner: ModelRunner) -> None:
-    from dataclasses import replace
-
     s = Settings()
     engine = build_engine(replace(s, windows=replace(s.windows, max_open_windows=3)), runner)
     for d in range(3):
@@ -144,3 +143,32 @@ def test_open_windows_and_buffered_bytes_are_capped_for_back_pressure(
     for r in number(device_stream("big", T0, 1, (Modality.AUDIO,))):
         engine.process(r)  # two 0.5 s chunks resampled: 2 x 32 KB of float32
     assert engine.over_capacity()
+
+
+def test_frames_decoded_on_threads_give_the_same_outputs(
+    runner: ModelRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    import pipeline.engine
+
+    records, _ = scenario()
+    threads_seen: set[str] = set()
+    original = pipeline.engine.window_inputs
+
+    def recording_thread(*args, **kwargs):
+        threads_seen.add(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.engine, "window_inputs", recording_thread)
+
+    def outputs(threads: int) -> list[Published]:
+        s = Settings()
+        s = replace(s, runtime=replace(s.runtime, feature_threads=threads))
+        return published(list(run_offline(build_engine(s, runner, clock=FakeClock()), records)))
+
+    one = outputs(1)
+    assert threads_seen == {threading.current_thread().name}
+    threads_seen.clear()
+    assert outputs(3) == one
+    assert len(threads_seen) > 1 and all(n.startswith("iotfuse-features") for n in threads_seen)
