@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -288,6 +288,11 @@ def plot_timeline(info: Inspection, out: str | os.PathLike[str]) -> None:
 
 
 def _label_colours(spans: list[LabelSpan]) -> Mapping[str, str]:
-    names = sorted({s.label for s in spans})
+    return label_colours(s.label for s in spans)
+
+
+def label_colours(labels: Iterable[str]) -> Mapping[str, str]:
+    """A colour per label name: "normal" light grey, the others in turn (sorted by name)."""
     others = itertools.cycle(_LABEL_COLOURS)
-    return {name: "lightgrey" if name == "normal" else next(others) for name in names}
+    return {name: "lightgrey" if name == "normal" else next(others)
+            for name in sorted(set(labels))}

@@ -1,8 +1,11 @@
-"""`iotfuse demo`: a local Kafka, simulated devices, the pipeline, events as they arrive.
+"""`iotfuse demo`: a local Kafka, simulated devices live, the pipeline, events as they arrive.
 
-Until a trained default model ships (the training issue), the demo builds an untrained
-model with the scenario's classes and says so: the pipeline, windows, dead letters and
-delivery are real; the labels are not yet meaningful.
+A local broker and the contract's topics; the simulated records produced at their real-time
+pace (--speed) from a thread while `iotfuse run`'s worker classifies them; every event shown
+with the simulator's ground truth until each expected (device, window) has one, or QUIET_S
+passed without a new one after the last record was sent; then the accuracy and a timeline
+PNG in --out. Without Java or Maven, or with --offline, the same records go through the
+offline pipeline (`run_offline`, as `iotfuse replay --offline`) with the same lines and report.
 """
 
 from __future__ import annotations
@@ -10,125 +13,245 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import tempfile
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from pipeline.commands.common import count, positive
+from pipeline.errors import UserError
 from pipeline.settings import Settings
 
-METRICS = ("temperature_c", "smoke_ppm", "vibration_rms", "motor_current_a", "door_open")
+if TYPE_CHECKING:
+    from pipeline.demo_report import WindowResult
+    from pipeline.kafka.broker import LocalKafka
+    from pipeline.model_runner import ModelRunner
+    from pipeline.records import Record
+    from pipeline.simulate import Episode
+
+QUIET_S = 30.0  # give up once no new event came for this long after the last record was sent
+Window = tuple[str, int]  # device id, window start (epoch ms)
 
 
 def demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--devices", type=int, default=3, help="simulated devices")
-    p.add_argument("--duration", type=float, default=20.0, help="simulated seconds")
-    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--devices", type=count, default=3, help="simulated devices (default 3)")
+    p.add_argument("--duration", type=positive, default=20.0, metavar="SECONDS",
+                   help="simulated seconds per device (default 20)")
+    p.add_argument("--seed", type=int, default=7, help="scenario seed (default 7)")
+    p.add_argument("--start-ms", type=int, metavar="EPOCH_MS",
+                   help="first simulated timestamp (default: now)")
     p.add_argument("--model", metavar="DIR", help="model directory (default: shipped model)")
+    p.add_argument("--device", help="torch device: auto (default), cpu, cuda, cuda:N")
+    pace = p.add_mutually_exclusive_group()
+    pace.add_argument("--speed", type=positive, default=1.0,
+                      help="live pace factor: 10 = ten times faster than real time (default 1)")
+    pace.add_argument("--max-speed", action="store_true", help="produce without pacing")
+    p.add_argument("--offline", action="store_true",
+                   help="no Kafka: run the scenario through the offline pipeline "
+                        "(what the demo does where Java or Maven is missing)")
+    p.add_argument("--out", type=Path, default=Path("demo-output"), metavar="DIR",
+                   help="where the timeline PNG goes (default ./demo-output)")
 
 
-def _model_dir(args: argparse.Namespace, settings: Settings, tmp: Path) -> Path:
-    from pipeline.model_runner import default_model_dir  # noqa: PLC0415
+class EventTable:
+    """Prints each event once, next to the ground truth; knows which windows are missing."""
 
-    chosen = args.model or settings.runtime.model
-    if chosen:
-        return Path(chosen)
-    if (default_model_dir() / "config.json").exists():
-        return default_model_dir()
-    from fusion.config import ModelConfig, TelemetryConfig  # noqa: PLC0415
-    from fusion.model import FusionClassifier  # noqa: PLC0415
-    from fusion.modelfile import save_model  # noqa: PLC0415
-    from pipeline.simulate import CLASSES  # noqa: PLC0415
+    def __init__(self, truth: Mapping[str, Sequence[Episode]], expected: set[Window]) -> None:
+        self.truth = truth
+        self.expected = expected
+        self.results: dict[Window, WindowResult] = {}
 
-    print("demo: no trained default model ships yet; using an UNTRAINED model "
-          "(labels are random until `iotfuse train` produces one)")
-    cfg = ModelConfig(name="untrained-demo", classes=tuple(CLASSES),
-                      telemetry=TelemetryConfig(metrics=METRICS))
-    save_model(FusionClassifier(cfg), tmp / "model")
-    return tmp / "model"
+    @property
+    def complete(self) -> bool:
+        return self.expected <= self.results.keys()
+
+    def add(self, event: Mapping[str, Any]) -> bool:
+        """Show an event; False if its window was shown already (a redelivery)."""
+        from pipeline.demo_report import WindowResult
+        from pipeline.simulate import label_at
+
+        start, end = int(event["window"]["start_ms"]), int(event["window"]["end_ms"])
+        device = str(event["device_id"])
+        if (device, start) in self.results:
+            return False
+        if not self.results:
+            print(f"{'device':<10} {'window':<8}  {'label':<14} {'conf':>5}  truth")
+        truth = label_at(self.truth, device, (start + end) // 2)
+        r = WindowResult(device, start, end, str(event["label"]), float(event["confidence"]),
+                         truth)
+        self.results[(device, start)] = r
+        mark = "  <- differs" if truth is not None and truth != r.label else ""
+        hms = datetime.fromtimestamp(start / 1000, UTC).strftime("%H:%M:%S")
+        print(f"{device:<10} {hms:<8}  {r.label:<14} {r.confidence:>5.2f}  "
+              f"{truth or '-'}{mark}", flush=True)
+        return True
 
 
 def demo(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.app import build_engine  # noqa: PLC0415
-    from pipeline.kafka.admin import TopicNames, ensure_topics  # noqa: PLC0415
-    from pipeline.kafka.broker import LocalKafka  # noqa: PLC0415
-    from pipeline.model_runner import ModelRunner  # noqa: PLC0415
-    from pipeline.simulate import ScenarioConfig, episodes_from_records, simulate  # noqa: PLC0415
-    from pipeline.worker import KafkaWorker  # noqa: PLC0415
+    from pipeline.app import window_config
+    from pipeline.model_runner import ModelRunner
+    from pipeline.simulate import episodes_from_records
 
-    with tempfile.TemporaryDirectory(prefix="iotfuse-demo-") as tmp_name:
-        tmp = Path(tmp_name)
-        runner = ModelRunner.load(_model_dir(args, settings, tmp), settings.runtime.device)
-        scenario = ScenarioConfig(seed=args.seed, devices=args.devices,
-                                  duration_s=args.duration, start_ms=_now_ms() - 60_000)
-        records = list(simulate(scenario))
-        truth = episodes_from_records(records, settings.topics.labels)
-        print(f"demo: simulated {len(records)} records from {args.devices} devices "
-              f"({args.duration:.0f} s each)")
-        with LocalKafka() as kafka:
-            print(f"demo: local Kafka at {kafka.bootstrap_servers}")
-            t = settings.topics
-            ensure_topics(kafka.bootstrap_servers, TopicNames.from_settings(t), 3, 1)
-            kafka_settings = dataclasses.replace(
-                settings.kafka, bootstrap_servers=kafka.bootstrap_servers)
-            live = dataclasses.replace(
-                settings,
-                kafka=kafka_settings,
-                windows=dataclasses.replace(settings.windows, idle_timeout_ms=2000),
-                runtime=dataclasses.replace(settings.runtime, metrics_port=0),
-            )
-            _produce(kafka.bootstrap_servers, records)
-            worker = KafkaWorker(live, build_engine(live, runner))
-            stop = threading.Event()
-            thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
-            thread.start()
-            shown = _show_events(kafka.bootstrap_servers, t.events, truth, len(records))
-            stop.set()
-            thread.join(timeout=60)
-        print(f"demo: done. {shown['events']} events, {shown['correct']} matching the "
-              f"simulator's ground truth ({shown['correct'] / max(shown['events'], 1):.0%}).")
+    runner = ModelRunner.load(settings.runtime.model or None, settings.runtime.device)
+    windows = window_config(settings, runner.features.window_ms)
+    if args.offline:
+        print("demo: --offline: the scenario runs through the offline pipeline, no Kafka")
+    kafka = None if args.offline else _local_kafka()
+    records = _scenario(args, settings)
+    inputs = {settings.topics.camera, settings.topics.audio, settings.topics.telemetry}
+    expected = {(r.key.decode(), windows.start_of(r.timestamp_ms))
+                for r in records if r.topic in inputs and r.key is not None}
+    devices = f"{args.devices} device{'s' if args.devices > 1 else ''}"
+    print(f"demo: {len(records)} records from {devices} x {args.duration:g} s; "
+          f"model {runner.model_id.name} ({runner.model_id.version[:19]}) on {runner.device}")
+    table = EventTable(episodes_from_records(records, settings.topics.labels), expected)
+    if kafka is None:
+        _run_offline(settings, runner, records, table)
+    else:
+        try:
+            _run_live(kafka, settings, runner, records, table,
+                      None if args.max_speed else args.speed)
+        finally:
+            kafka.close()
+    _report(args.out, table, runner.config.classes)
     return 0
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
+def _local_kafka() -> LocalKafka | None:
+    """A started local broker, or None (said in one line) where Java or Maven is missing."""
+    from pipeline.kafka.broker import LocalKafka
+    from pipeline.kafka.runtime import KafkaRuntimeError
+
+    print("demo: starting a local Kafka (first start takes ~10 s)", flush=True)
+    kafka = LocalKafka()
+    try:
+        kafka.start()
+    except KafkaRuntimeError as exc:
+        reason = str(exc).split(": ", 1)[0].split(". ", 1)[0]
+        print(f"demo: no local Kafka ({reason}); running the same scenario offline instead, "
+              "the pipeline without a broker as `iotfuse replay --offline` runs it")
+        return None
+    return kafka
 
 
-def _produce(bootstrap: str, records: list[Any]) -> None:
-    from kafka import KafkaProducer  # noqa: PLC0415
+def _scenario(args: argparse.Namespace, settings: Settings) -> list[Record]:
+    """The simulated records, stamped from now (or --start-ms) on, on the configured topics."""
+    from pipeline.simulate import ScenarioConfig, simulate
 
-    from pipeline.producer import BoundedProducer  # noqa: PLC0415
-
-    out: BoundedProducer[None] = BoundedProducer(
-        KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5,
-                      max_request_size=11 * 1024 * 1024), 32 * 1024 * 1024)
-    for r in records:
-        out.send(None, r.topic, r.key, r.value, r.headers, r.timestamp_ms)
-    out.flush()
-    out.close()
+    t = settings.topics
+    start = args.start_ms if args.start_ms is not None else time.time_ns() // 1_000_000
+    topics = {role: getattr(t, role) for role in ("camera", "audio", "telemetry", "labels")}
+    cfg = ScenarioConfig(seed=args.seed, devices=args.devices, duration_s=args.duration,
+                         start_ms=start, topics=topics)
+    return list(simulate(cfg))
 
 
-def _show_events(bootstrap: str, topic: str, truth: Any, n_records: int) -> dict[str, int]:
-    from kafka import KafkaConsumer  # noqa: PLC0415
+def _run_offline(settings: Settings, runner: ModelRunner, records: list[Record],
+                 table: EventTable) -> None:
+    from pipeline.app import build_engine, run_offline
 
-    from pipeline.simulate import label_at  # noqa: PLC0415
+    engine = build_engine(settings, runner)
+    for out in run_offline(engine, records):
+        if out.topic == engine.cfg.events_topic and out.value is not None:
+            table.add(json.loads(out.value))
 
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                             group_id=None)
-    counts = {"events": 0, "correct": 0}
-    quiet_since = time.monotonic()
-    print(f"{'device':<10} {'window start':>14} {'label':<14} {'conf':>5}  truth")
-    while time.monotonic() - quiet_since < 15:  # stop once no event came for 15 s
-        for msgs in consumer.poll(timeout_ms=500).values():
-            for m in msgs:
-                v = json.loads(m.value)
-                mid = (v["window"]["start_ms"] + v["window"]["end_ms"]) // 2
-                gt = label_at(truth, v["device_id"], mid)
-                counts["events"] += 1
-                counts["correct"] += int(gt == v["label"])
-                print(f"{v['device_id']:<10} {v['window']['start_ms']:>14} {v['label']:<14} "
-                      f"{v['confidence']:>5.2f}  {gt}")
-                quiet_since = time.monotonic()
-    consumer.close()
-    return counts
+
+class _Task(threading.Thread):
+    """A daemon thread that keeps the exception its function raised, for the main thread."""
+
+    def __init__(self, name: str, fn: Callable[[], object]) -> None:
+        super().__init__(name=f"demo-{name}", daemon=True)
+        self.fn = fn
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            self.fn()
+        except Exception as exc:  # handed to the main thread by `check`
+            self.error = exc
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def _run_live(kafka: LocalKafka, settings: Settings, runner: ModelRunner,
+              records: list[Record], table: EventTable, speed: float | None) -> None:
+    from pipeline.app import build_engine
+    from pipeline.commands.learn import simulate_to_kafka
+    from pipeline.kafka.admin import TopicNames, ensure_topics
+    from pipeline.worker import KafkaWorker
+
+    live = _live_settings(settings, kafka.bootstrap_servers, speed)
+    ensure_topics(kafka.bootstrap_servers, TopicNames.from_settings(live.topics),
+                  live.topics.partitions, 1)
+    pace = "as fast as possible" if speed is None else f"at {speed:g}x real time"
+    print(f"demo: local Kafka at {kafka.bootstrap_servers}; producing {pace}", flush=True)
+    stop = threading.Event()
+    worker = KafkaWorker(live, build_engine(live, runner))
+    tasks = [_Task("worker", lambda: worker.run(stop)),
+             _Task("producer", lambda: simulate_to_kafka(records, live, speed, stop,
+                                                         lambda _n, _b: None))]
+    for task in tasks:
+        task.start()
+    try:
+        _follow_events(live, table, tasks)
+    finally:
+        stop.set()
+        for task in tasks:
+            task.join(timeout=60)
+    for task in tasks:
+        task.check()
+
+
+def _live_settings(settings: Settings, bootstrap: str, speed: float | None) -> Settings:
+    """The local broker, no metrics port, and an idle timeout that suits the pace."""
+    idle = max(2000, round(2000 / speed)) if speed else 2000
+    return dataclasses.replace(
+        settings,
+        kafka=dataclasses.replace(settings.kafka, bootstrap_servers=bootstrap),
+        windows=dataclasses.replace(settings.windows, idle_timeout_ms=idle),
+        runtime=dataclasses.replace(settings.runtime, metrics_port=0),
+    )
+
+
+def _follow_events(settings: Settings, table: EventTable, tasks: list[_Task],
+                   clock: Callable[[], float] = time.monotonic) -> None:
+    """Show events until each expected window has one, or QUIET_S without a new one."""
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(settings.topics.events, group_id=None,
+                             bootstrap_servers=settings.kafka.bootstrap_servers,
+                             auto_offset_reset="earliest", enable_auto_commit=False)
+    deadline = clock() + QUIET_S
+    try:
+        while not table.complete and clock() < deadline:
+            for messages in consumer.poll(timeout_ms=200).values():
+                if any([table.add(json.loads(m.value)) for m in messages]):
+                    deadline = clock() + QUIET_S
+            for task in tasks:
+                task.check()
+            if tasks[-1].is_alive():  # still producing: silence is not the end yet
+                deadline = max(deadline, clock() + QUIET_S)
+    finally:
+        consumer.close()
+    if not table.complete:
+        print(f"demo: no new event for {QUIET_S:.0f} s; stopping with "
+              f"{len(table.results)} of {len(table.expected)} windows")
+
+
+def _report(out: Path, table: EventTable, classes: Sequence[str]) -> None:
+    from pipeline.demo_report import draw_timeline, summary_lines
+
+    results = sorted(table.results.values(), key=lambda r: (r.device, r.start_ms))
+    for line in summary_lines(results, len(table.expected)):
+        print(f"demo: {line}")
+    path = out / "timeline.png"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        draw_timeline(path, table.truth, results, classes)
+    except OSError as exc:
+        raise UserError(f"cannot write the timeline into {out}: {exc}") from exc
+    print(f"demo: timeline written to {path}")

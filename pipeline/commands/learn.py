@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline.commands.common import count, positive
 from pipeline.errors import UserError
 from pipeline.records import Record
 from pipeline.settings import Settings
@@ -29,26 +30,14 @@ if TYPE_CHECKING:
 Progress = Callable[[int, int], None]
 
 
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
 
 
 # --- simulate ----------------------------------------------------------------------------
 
 def simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, required=True, help="scenario seed (same seed, same data)")
-    p.add_argument("--devices", type=_count, required=True, help="simulated devices")
-    p.add_argument("--duration", type=_positive, required=True, metavar="SECONDS",
+    p.add_argument("--devices", type=count, required=True, help="simulated devices")
+    p.add_argument("--duration", type=positive, required=True, metavar="SECONDS",
                    help="simulated seconds per device")
     p.add_argument("--profile", choices=("train", "unseen"), default="train",
                    help="device hardware profile; 'unseen' draws setups training never sees")
@@ -56,7 +45,7 @@ def simulate_args(p: argparse.ArgumentParser) -> None:
     target.add_argument("--out", type=Path, metavar="FILE", help="write a recording file")
     target.add_argument("--bootstrap-servers", metavar="HOST:PORT",
                         help="produce to the input and labels topics of this Kafka")
-    p.add_argument("--speed", type=_positive, default=1.0,
+    p.add_argument("--speed", type=positive, default=1.0,
                    help="Kafka only: timing factor, 10 = ten times faster than real time")
     p.add_argument("--max-speed", action="store_true", help="Kafka only: no pacing at all")
     p.add_argument("--start-ms", type=int, metavar="EPOCH_MS",
@@ -195,10 +184,10 @@ def train_args(p: argparse.ArgumentParser) -> None:
                    help="model directory to write (the best epoch, rewritten as it improves)")
     p.add_argument("--modalities", default="camera,audio,telemetry",
                    help="comma-separated; one modality trains a single-modality baseline")
-    p.add_argument("--epochs", type=_count, default=30, help="passes over the training windows")
+    p.add_argument("--epochs", type=count, default=30, help="passes over the training windows")
     p.add_argument("--seed", type=int, default=0, help="weights, shuffling and dropout seed")
-    p.add_argument("--batch-size", type=_count, default=32, help="windows per training step")
-    p.add_argument("--lr", type=_positive, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--batch-size", type=count, default=32, help="windows per training step")
+    p.add_argument("--lr", type=positive, default=1e-3, help="AdamW learning rate")
     p.add_argument("--device", help="torch device: auto (CUDA when present, default), cpu, cuda")
     p.add_argument("--name", default="", help="model name (default: iotfuse-<modalities>)")
     p.add_argument("--metrics", help="telemetry metric names, comma-separated "
@@ -206,7 +195,7 @@ def train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="share of the devices held out for validation (with fewer devices "
                         "than 1/share: of each device's time blocks)")
-    p.add_argument("--val-block-s", type=_positive, default=30.0,
+    p.add_argument("--val-block-s", type=positive, default=30.0,
                    help="length of the held-out time blocks, seconds")
     p.add_argument("--modality-dropout", type=float,
                    help="chance to drop each present modality of a training window "
@@ -264,7 +253,7 @@ def evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", type=Path, nargs="+", default=[], metavar="MODEL_DIR",
                    help="other models to score on the same data, shown in the same report")
     p.add_argument("--device", help="torch device: auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--batch-size", type=_count, default=64, help="windows per forward pass")
+    p.add_argument("--batch-size", type=count, default=64, help="windows per forward pass")
 
 
 def evaluate(args: argparse.Namespace, settings: Settings) -> int:

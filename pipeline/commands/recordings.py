@@ -14,7 +14,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, TextIO
 
-from pipeline.commands.common import bootstrap_arg
+from pipeline.commands.common import bootstrap_arg, positive
 from pipeline.errors import UserError
 from pipeline.settings import Settings
 
@@ -107,12 +107,6 @@ def _user_errors(path: Path) -> Iterator[None]:
         raise UserError(f"{path}: {exc.strerror or exc}") from exc
 
 
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
 
 def record_args(p: argparse.ArgumentParser) -> None:
     bootstrap_arg(p)
@@ -120,7 +114,7 @@ def record_args(p: argparse.ArgumentParser) -> None:
                    help="topics to record (every partition)")
     p.add_argument("--out", type=Path, required=True, metavar="FILE", help="recording to write")
     until = p.add_mutually_exclusive_group()
-    until.add_argument("--duration", type=_positive, metavar="SECONDS",
+    until.add_argument("--duration", type=positive, metavar="SECONDS",
                        help="stop after this long (default: until SIGINT/SIGTERM)")
     until.add_argument("--until-end", action="store_true",
                        help="stop once every partition reached its end offset at start")
@@ -150,7 +144,7 @@ def replay_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", type=Path, help="recording to replay")
     bootstrap_arg(p)
     pace = p.add_mutually_exclusive_group()
-    pace.add_argument("--speed", type=_positive,
+    pace.add_argument("--speed", type=positive,
                       help="timing factor: 10 = ten times faster than recorded (default 1)")
     pace.add_argument("--max-speed", action="store_true", help="send as fast as possible")
     p.add_argument("--topic-map", nargs="+", action="extend", default=[], metavar="OLD=NEW",
