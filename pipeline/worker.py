@@ -327,18 +327,22 @@ class KafkaWorker:
                 )
 
     def _caught_up(self, topic: str, partition: int) -> bool:
+        """Nothing more to read now: the position is at the highwater of the last fetch.
+
+        A fetched highwater is at most one fetch old (the fetcher asks for every owned
+        partition without buffered records), which the allowed lateness absorbs. A
+        partition not fetched since it was assigned has none: then the broker is asked,
+        once per poll, for the end offsets of all such partitions."""
         tp = TopicPartition(topic, partition)
         if tp not in self._owned:
             return True
         position = self.consumer.position(tp)
-        if position < (self.consumer.highwater(tp) or 0):
-            return False
-        # The fetched highwater can be stale (records produced since the last fetch), so
-        # before letting other topics run ahead of this one, ask the broker: one request
-        # per poll for every partition with nothing buffered, made after that poll.
+        high = self.consumer.highwater(tp)
+        if high is not None:
+            return bool(position >= high)
         if self._end_offsets is None:
-            idle = [p for p in self._owned if not self.aligner.queued(p.topic, p.partition)]
-            self._end_offsets = self.consumer.end_offsets(idle) if idle else {}
+            unknown = [p for p in self._owned if self.consumer.highwater(p) is None]
+            self._end_offsets = self.consumer.end_offsets(unknown) if unknown else {}
         return bool(position >= self._end_offsets.get(tp, 0))
 
     def _backpressure(self) -> None:
