@@ -6,8 +6,8 @@
     .venv/bin/python bench/pipeline_bench.py --bootstrap-servers HOST:PORT
 
 Devices send 5 fps 640x480 JPEG (q85; 20 pre-encoded frames reused), 16 kHz mono 16-bit WAV
-in 0.5 s chunks, 10 Hz telemetry JSON: 34 records per 2 s device-window. Default model (an
-untrained one of its architecture while none ships), torch on 2 threads (`--threads`).
+in 0.5 s chunks, 10 Hz telemetry JSON: 34 records per 2 s device-window. The shipped
+default model (`--model DIR` for another), torch on 2 threads (`--threads`).
 Stages 1-4 run `--repeat` times, alternated (a shared machine is noisy); the best run of each
 is compared.
 1. model only: `runner.classify` (encoders, fusion, Shapley) in batches of 64 over the
@@ -27,10 +27,10 @@ is compared.
    time to a worker in a child process (own GIL and RSS); every window-close -> event-ack
    latency is kept.
 A worker that acknowledges nothing for 30 s is reported as STALLED and its run left out.
-Seen with kafka-python 3.0.12: (a) after the worker pauses a partition running ahead and
+Seen with kafka-python 3.0.12: after the worker pauses a partition running ahead and
 resumes it, the partition is never fetched again (its parked records are only restored
-while the fetcher's in-line slot is None, which it no longer is after the first fetch);
-(b) a member joins before it has the topics' metadata and keeps an empty assignment.
+while the fetcher's in-line slot is None, which it no longer is after the first fetch), so
+the worker no longer pauses single partitions.
 """
 
 from __future__ import annotations
@@ -42,13 +42,12 @@ import json
 import multiprocessing as mp
 import os
 import sys
-import tempfile
 import threading
 import time
 import uuid
 import wave
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack, suppress
+from contextlib import ExitStack
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -62,19 +61,17 @@ from prometheus_client import Histogram
 
 from encoders.modality import Modality
 from pipeline.app import build_engine, run_offline
-from pipeline.commands.demo import METRICS
 from pipeline.engine import EngineConfig, wall_clock_ms
 from pipeline.features import window_inputs
 from pipeline.ingest import ingest
 from pipeline.kafka.admin import TopicNames, ensure_topics
 from pipeline.kafka.broker import LocalKafka
 from pipeline.metrics import Metrics
-from pipeline.model_runner import ModelRunner, default_model_dir
+from pipeline.model_runner import ModelRunner
 from pipeline.outputs import event_output, event_value
 from pipeline.producer import BoundedProducer
 from pipeline.records import Record
 from pipeline.settings import Settings
-from pipeline.simulate import CLASSES
 from pipeline.windows import Window, Windower
 from pipeline.worker import MAX_REQUEST_BYTES, KafkaWorker, producer_config, to_record
 
@@ -164,21 +161,6 @@ def closing(devices: int, end_ms: int, media: Media) -> list[Record]:
 
 
 # -- model, settings ------------------------------------------------------------------------
-def model_dir(tmp: Path) -> Path | None:
-    """None: the shipped default model; else an untrained one of the default architecture."""
-    if (default_model_dir() / "config.json").exists():
-        return None
-    from fusion.config import ModelConfig, TelemetryConfig
-    from fusion.model import FusionClassifier
-    from fusion.modelfile import save_model
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(name="untrained-bench", classes=tuple(CLASSES),
-                      telemetry=TelemetryConfig(metrics=METRICS))
-    save_model(FusionClassifier(cfg), tmp / "model")
-    return tmp / "model"
-
-
 def settings_for(bootstrap: str, names: TopicNames | None, max_batch: int = 64) -> Settings:
     s = Settings()
     roles = ("camera", "audio", "telemetry", "labels", "events", "deadletter")
@@ -340,14 +322,8 @@ def live_worker(settings: Settings, directory: str | None, warm_up: Raw, threads
     torch.set_num_threads(threads)
     runner = ModelRunner.load(directory)
     runner.classify([warm_up])
-    for _ in range(3):  # a member may join with no partitions and stay so (see `main`)
-        run = WorkerThread(settings, runner)
-        with suppress(RuntimeError):
-            assigned = run.worker.consumer.assignment
-            wait_for(lambda: bool(assigned()), STALL_S, "partitions")  # noqa: B023
-            break
-        run.stop.set()
-        run.thread.join(timeout=60)
+    run = WorkerThread(settings, runner)
+    wait_for(lambda: bool(run.worker.consumer.assignment()), STALL_S, "partitions")
     conn.send("ready")
     ready_mib, cpu0, wall0 = memory_mib("VmRSS"), time.process_time(), time.perf_counter()
     note = ""
@@ -424,6 +400,7 @@ def main() -> int:
     p.add_argument("--skip-kafka", action="store_true", help="stages 1, 2 and 4 only")
     p.add_argument("--bootstrap-servers", help="use this broker instead of starting one")
     p.add_argument("--threads", type=int, default=2, help="torch threads (worker's too)")
+    p.add_argument("--model", type=Path, help="model directory (default: the shipped model)")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     a = p.parse_args()
     if a.quick:
@@ -441,10 +418,10 @@ def main() -> int:
     runs: dict[str, list[Rate]] = {"model": [], "b64": [], "e2e": [], "b1": []}
     splits, naive, live, stalls = {}, None, None, list[str]()
     with ExitStack() as stack:
-        directory = model_dir(Path(stack.enter_context(tempfile.TemporaryDirectory())))
+        directory = a.model
         runner = ModelRunner.load(directory)
-        lines.append(f"model {runner.model_id.name} on {runner.device}"
-                     + (" (untrained: no default model ships yet)" if directory else ""))
+        lines.append(f"model {runner.model_id.name} ({runner.model_id.version[:19]}) on "
+                     f"{runner.device}")
         cfg = build_engine(settings_for("unused:9092", None), runner).cfg
         raws = window_raws(records, cfg)
         bootstrap, names = a.bootstrap_servers, None
