@@ -373,12 +373,10 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
 
 @pytest.mark.kafka
 @pytest.mark.slow
-def test_the_compose_commands_run_the_pipeline(bootstrap: str, tmp_path: Path,
-                                               processes: Processes) -> None:
+def test_the_compose_commands_run_the_pipeline(bootstrap: str, processes: Processes) -> None:
     from kafka import KafkaAdminClient
 
     from pipeline.kafka.runtime import free_ports
-    from pipeline.model_runner import default_model_dir
     from tests.kafka_util import read_until
 
     s = compose("compose.yaml")["services"]
@@ -386,10 +384,6 @@ def test_the_compose_commands_run_the_pipeline(bootstrap: str, tmp_path: Path,
     group = f"docker-stack-{uuid.uuid4().hex[:8]}"
     extra = [a for r in ROLES for a in ("--set", f"topics.{r}={getattr(names, r)}")]
     extra += ["--set", f"kafka.group_id={group}"]
-    model: list[str] = []
-    if not (default_model_dir() / "config.json").exists():  # until the trained one ships
-        from tests.factory import make_model
-        model = ["--set", f"runtime.model={make_model(tmp_path / 'model')}"]
 
     def command(name: str) -> list[str]:
         """The service's compose command, pointed at the local broker and our topics."""
@@ -411,7 +405,7 @@ def test_the_compose_commands_run_the_pipeline(bootstrap: str, tmp_path: Path,
     simulator = processes.start("simulator", sim, _env(s["simulator"]))
     envs = [_env(s["worker"], IOTFUSE_RUNTIME__METRICS_PORT=str(port))
             for port in free_ports("127.0.0.1", 2, exclude=set())]
-    workers = [processes.start("worker", command("worker") + model, env) for env in envs]
+    workers = [processes.start("worker", command("worker"), env) for env in envs]
 
     try:
         events = read_until(bootstrap, [names.events],
