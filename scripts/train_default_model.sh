@@ -6,10 +6,12 @@
 #                                              # trained by the same recipe, reports
 #
 # Everything but the model goes to $WORK (default build/default-model, git-ignored; about
-# 3 GB of recordings). Training runs on the CPU with $THREADS threads (default 2): with the
-# same torch version and thread count the weights, and so the model's sha256 version, are
-# the same bit for bit. On 2 cores: ~2 min to simulate, ~1 min for the windows, ~5 min to
-# train; --evaluate adds ~10 min.
+# 3 GB of recordings). Training runs on the CPU with $THREADS threads (default 2), seeded:
+# the same torch version, thread count and CPU model give the same weights (and so the same
+# sha256 version); another CPU model rounds differently and gives other weights of the same
+# quality (the shipped sha256:a222f4de... came from an x86-64 2-core VM). On 2 idle cores:
+# ~2 min to simulate, ~1 min for the windows, ~5 min to train; --evaluate adds ~10 min
+# (30 min in all alongside another CPU-bound job).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
