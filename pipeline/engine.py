@@ -28,6 +28,7 @@ from pipeline.features import FeatureSpec, WindowInputs, window_inputs
 from pipeline.ingest import IngestConfig, ingest
 from pipeline.metrics import Metrics
 from pipeline.outputs import Decision, ModelId, Output, dead_letter, event_output, event_value
+from pipeline.prefetch import FramePrefetch
 from pipeline.records import Record
 from pipeline.windows import Item, Position, Window, WindowConfig, Windower
 
@@ -77,6 +78,7 @@ class Engine:
         self._device_partition: dict[str, int] = {}
         self._reported: set[str] = set()
         self._resumed: dict[str, int] = {}  # device -> windows before this were emitted
+        self.prefetch = FramePrefetch(cfg.features, cfg.feature_threads)
 
     # -- records in ---------------------------------------------------------------------
     def process(self, record: Record) -> list[Output]:
@@ -94,12 +96,15 @@ class Engine:
             self._released.append(got.item.position)
             return []
         result = self.windower.add(got.device_id, got.item, now)
+        self._enqueue(result.closed, now)  # first: a closed window tells what frames to expect
         if result.late:
             self.metrics.labelled(self.metrics.late_records, got.item.modality).inc()
             self._released.append(got.item.position)
         elif got.item.modality is Modality.CAMERA:
             self._records[got.item.position] = record
-        self._enqueue(result.closed, now)
+            if Modality.CAMERA in self.cfg.features.modalities:
+                start = self.cfg.windows.start_of(got.item.ts_ms)
+                self.prefetch.on_frame(got.device_id, start, got.item)
         return []
 
     def tick(self) -> None:
@@ -158,11 +163,15 @@ class Engine:
         """Model inputs of each window; with feature_threads > 1 on a thread pool (OpenCV
         decodes frames without holding the GIL). The pool lives for one batch only."""
         threads = min(self.cfg.feature_threads, len(windows))
-        spec = self.cfg.features
+        spec, decode = self.cfg.features, self.prefetch.decode
         if threads <= 1:
-            return [window_inputs(w, spec) for w in windows]
-        with ThreadPoolExecutor(threads, thread_name_prefix="iotfuse-features") as pool:
-            return list(pool.map(lambda w: window_inputs(w, spec), windows))
+            prepared = [window_inputs(w, spec, decode) for w in windows]
+        else:
+            with ThreadPoolExecutor(threads, thread_name_prefix="iotfuse-features") as pool:
+                prepared = list(pool.map(lambda w: window_inputs(w, spec, decode), windows))
+        for w in windows:
+            self.prefetch.done(w)
+        return prepared
 
     def _window_outputs(
         self,
@@ -230,9 +239,16 @@ class Engine:
         for d in devices:
             self._device_partition.pop(d, None)
             self._resumed.pop(d, None)
+        self.prefetch.forget(dropped, devices)
         return len(dropped)
 
+    def close(self) -> None:
+        """Stop the frame-decoding threads (the engine is not used afterwards)."""
+        self.prefetch.close()
+
     def _enqueue(self, windows: list[Window], now: int) -> None:
+        for w in windows:
+            self.prefetch.closed(w)
         self._queue += [_Closed(w, now) for w in windows]
 
     def _check_partition(self, device: str, record: Record) -> None:

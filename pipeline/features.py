@@ -14,6 +14,7 @@ training and evaluation all build their inputs here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,8 @@ from encoders.modality import Modality
 from pipeline.decode import AudioChunk, RejectedRecord, decode_image
 from pipeline.ingest import CameraFrame
 from pipeline.windows import Item, Window
+
+Decode = Callable[[Item], np.ndarray]  # a camera item -> uint8 [S, S, 3]; RejectedRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,34 +64,40 @@ class WindowInputs:
     unknown_metrics: int = 0
 
 
-def _spread(n: int, k: int) -> list[int]:
+def spread(n: int, k: int) -> list[int]:
     """k indices spread evenly over range(n) (repeats when n < k)."""
     return [int(round(i)) for i in np.linspace(0, n - 1, k)] if n else []
 
 
+def decode_frame(item: Item, size: int) -> np.ndarray:
+    """One camera item's frame as uint8 [size, size, 3]; raises RejectedRecord."""
+    frame = item.payload
+    assert isinstance(frame, CameraFrame)
+    return decode_image(frame.value, frame.info, size)
+
+
 def camera_input(
-    frames: list[Item], spec: FeatureSpec
+    frames: list[Item], spec: FeatureSpec, decode: Decode | None = None
 ) -> tuple[np.ndarray | None, list[tuple[Item, RejectedRecord]]]:
     """Decode the sampled frames; failed decodes are returned for dead-lettering."""
     ordered = sorted(frames, key=lambda it: it.ts_ms)
     rejected: list[tuple[Item, RejectedRecord]] = []
     decoded: dict[int, np.ndarray] = {}
-    wanted = _spread(len(ordered), spec.num_frames)
+    wanted = spread(len(ordered), spec.num_frames)
     tried: set[int] = set()
     for idx in wanted + list(range(len(ordered))):
         if len(decoded) >= len(set(wanted)) or idx in tried:
             continue
         tried.add(idx)
-        frame = ordered[idx].payload
-        assert isinstance(frame, CameraFrame)
         try:
-            decoded[idx] = decode_image(frame.value, frame.info, spec.image_size)
+            decoded[idx] = (decode(ordered[idx]) if decode is not None
+                            else decode_frame(ordered[idx], spec.image_size))
         except RejectedRecord as exc:
             rejected.append((ordered[idx], exc))
     if not decoded:
         return None, rejected
     good = sorted(decoded)
-    picks = [good[i] for i in _spread(len(good), spec.num_frames)]
+    picks = [good[i] for i in spread(len(good), spec.num_frames)]
     return np.stack([decoded[i] for i in picks]), rejected  # [T, S, S, 3] uint8
 
 
@@ -127,10 +136,13 @@ def telemetry_input(
     return means.astype(np.float32), unknown  # [steps, M]
 
 
-def window_inputs(window: Window, spec: FeatureSpec) -> WindowInputs:
+def window_inputs(window: Window, spec: FeatureSpec, decode: Decode | None = None
+                  ) -> WindowInputs:
+    """The model's inputs of a closed window; `decode` (default: decode now) gives a camera
+    item's frame, e.g. one decoded ahead by pipeline.prefetch."""
     out = WindowInputs(raw={})
     if Modality.CAMERA in spec.modalities and window.count(Modality.CAMERA):
-        frames, rejected = camera_input(window.items[Modality.CAMERA], spec)
+        frames, rejected = camera_input(window.items[Modality.CAMERA], spec, decode)
         out.rejected += rejected
         if frames is not None:
             out.raw[Modality.CAMERA] = frames

@@ -1,0 +1,90 @@
+"""Decode the camera frames a window will use while the window is still open.
+
+All devices' windows end on the same epoch boundaries, so they close together: decoding
+their frames only then puts every JPEG of a fleet into one burst, and the last window's
+event waits for all of them. The prefetcher spreads that work over the window's lifetime:
+as a frame arrives it predicts, from the frame count of the device's previous window,
+whether `window_inputs` will pick it (the same `spread` rule), and if so decodes it on a
+thread pool (OpenCV decodes without the GIL). At close, `decode` hands out the result or,
+for a frame it did not predict, decodes it then. The frames picked and their pixels are
+exactly those of decoding at close: only the moment of the work changes.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+from encoders.modality import Modality
+from pipeline.features import FeatureSpec, decode_frame, spread
+from pipeline.windows import Item, Position, Window
+
+
+class FramePrefetch:
+    def __init__(self, spec: FeatureSpec, threads: int) -> None:
+        self.spec = spec
+        self.threads = threads
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: dict[Position, Future[np.ndarray]] = {}
+        self._last_count: dict[str, int] = {}  # device -> frames in its last closed window
+        self._arrived: dict[tuple[str, int], int] = {}  # (device, window start) -> frames
+        self.ahead = 0  # frames handed out decoded ahead
+        self.at_close = 0  # frames decoded when asked (not predicted)
+
+    def on_frame(self, device: str, window_start: int, item: Item) -> None:
+        """A frame was added to the open window of `device` starting at `window_start`."""
+        key = (device, window_start)
+        index = self._arrived.get(key, 0)
+        self._arrived[key] = index + 1
+        # the previous window's frames, if it is still open (its end has passed: all its
+        # frames are in, bar late ones), else the count its close left
+        previous = self._arrived.get((device, window_start - self.spec.window_ms))
+        expected = previous if previous is not None else self._last_count.get(device)
+        if self.threads < 1 or expected is None:
+            return  # a device's first window: nothing to predict from
+        if index in set(spread(expected, self.spec.num_frames)):
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="iotfuse-frames")
+            self._pending[item.position] = self._pool.submit(decode_frame, item,
+                                                             self.spec.image_size)
+
+    def decode(self, item: Item) -> np.ndarray:
+        """The decoded frame (uint8 [S, S, 3]); raises RejectedRecord as decoding does."""
+        future = self._pending.pop(item.position, None)
+        if future is not None:
+            self.ahead += 1
+            return future.result()
+        self.at_close += 1
+        return decode_frame(item, self.spec.image_size)
+
+    def closed(self, window: Window) -> None:
+        """The window closed: its count predicts the next ones; its leftovers are dropped."""
+        frames = window.items.get(Modality.CAMERA, ())
+        self._arrived.pop((window.device_id, window.start_ms), None)
+        if frames:
+            self._last_count[window.device_id] = len(frames)
+
+    def done(self, window: Window) -> None:
+        """The window's inputs are built: forget frames decoded but not picked."""
+        for item in window.items.get(Modality.CAMERA, ()):
+            future = self._pending.pop(item.position, None)
+            if future is not None:
+                future.cancel()
+
+    def forget(self, windows: list[Window], devices: list[str]) -> None:
+        """Windows dropped unclassified (revoked partitions)."""
+        for window in windows:
+            self.closed(window)
+            self.done(window)
+        for device in devices:
+            self._last_count.pop(device, None)
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
