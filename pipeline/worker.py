@@ -139,6 +139,7 @@ class KafkaWorker:
         self._owned: set[TopicPartition] = set()
         self._last_status_ms = clock()
         self._end_offsets: dict[TopicPartition, int] | None = None  # fresh per poll
+        self._caught: dict[tuple[str, int], bool] = {}  # per poll: consumer.position is slow
         self._consumed = 0
         self._held_back: set[TopicPartition] = set()
         self.aligner = Aligner((settings.topics.camera, settings.topics.audio,
@@ -169,6 +170,7 @@ class KafkaWorker:
         polled = self.consumer.poll(timeout_ms=timeout if self.engine.queued() else poll_timeout_ms)
         self._follow_assignment()
         self._end_offsets = None
+        self._caught.clear()
         count = 0
         for messages in polled.values():
             for msg in messages:
@@ -216,6 +218,7 @@ class KafkaWorker:
             self.consumer.close(autocommit=False)
         finally:
             self.producer.close(timeout=10)
+            self.engine.close()
 
     # -- output -------------------------------------------------------------------------
     def _publish(self, outputs: list[Output]) -> None:
@@ -327,13 +330,20 @@ class KafkaWorker:
                 )
 
     def _caught_up(self, topic: str, partition: int) -> bool:
-        """Nothing more to read now: the position is at the highwater of the last fetch.
+        """Nothing more to read now (asked once per poll: the aligner asks per record)."""
+        key = (topic, partition)
+        caught = self._caught.get(key)
+        if caught is None:
+            caught = self._caught[key] = self._at_log_end(TopicPartition(topic, partition))
+        return caught
+
+    def _at_log_end(self, tp: TopicPartition) -> bool:
+        """The position is at the highwater of the last fetch.
 
         A fetched highwater is at most one fetch old (the fetcher asks for every owned
         partition without buffered records), which the allowed lateness absorbs. A
         partition not fetched since it was assigned has none: then the broker is asked,
         once per poll, for the end offsets of all such partitions."""
-        tp = TopicPartition(topic, partition)
         if tp not in self._owned:
             return True
         position = self.consumer.position(tp)
