@@ -116,7 +116,10 @@ class RuntimeSettings:
     feature_threads: int = _f(
         0, "Threads decoding a batch's frames; 0 = one per CPU core, at most 4."
     )
-    torch_threads: int = _f(0, "Threads torch may use on the CPU; 0 = torch's default.")
+    torch_threads: int = _f(
+        0, "Threads torch may use on the CPU; 0 = half the cores for run, replay and demo "
+        "(the rest decode and run the Kafka client), all of them for training."
+    )
     commit_interval_ms: int = _f(1000, "How often acknowledged progress is committed.")
     metrics_port: int = _f(9108, "Prometheus metrics HTTP port; 0 = off.")
     metrics_host: str = _f("0.0.0.0", "Address the metrics endpoint binds to.")

@@ -39,3 +39,16 @@ def test_run_without_a_model_says_what_to_do(capsys: pytest.CaptureFixture[str],
                                              tmp_path) -> None:
     assert main(["run", "--model", str(tmp_path), "--metrics-port", "0"]) == 1
     assert "no iotfuse model" in capsys.readouterr().err
+
+
+def test_streaming_commands_leave_cores_to_decoding_and_kafka() -> None:
+    import os
+
+    from pipeline.cli import torch_threads
+
+    cores = len(os.sched_getaffinity(0))
+    assert torch_threads(3, "run") == 3 and torch_threads(3, "train") == 3  # as set
+    assert torch_threads(0, "train") is None  # training: torch's own default, every core
+    for command in ("run", "replay", "demo"):
+        got = torch_threads(0, command)
+        assert got is not None and 1 <= got <= max(1, cores - 1 if cores > 1 else 1)
