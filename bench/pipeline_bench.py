@@ -7,7 +7,8 @@
 
 Devices send 5 fps 640x480 JPEG (q85; 20 pre-encoded frames reused), 16 kHz mono 16-bit WAV
 in 0.5 s chunks, 10 Hz telemetry JSON: 34 records per 2 s device-window. The shipped
-default model (`--model DIR` for another), torch on 2 threads (`--threads`).
+default model (`--model DIR` for another); torch threads as `iotfuse run` sets them (half the
+cores; `--threads N`).
 Stages 1-4 run `--repeat` times, alternated (a shared machine is noisy); the best run of each
 is compared.
 1. model only: `runner.classify` (encoders, fusion, Shapley) in batches of 64 over the
@@ -61,6 +62,7 @@ from prometheus_client import Histogram
 
 from encoders.modality import Modality
 from pipeline.app import build_engine, run_offline
+from pipeline.cli import torch_threads
 from pipeline.engine import EngineConfig, wall_clock_ms
 from pipeline.features import window_inputs
 from pipeline.ingest import ingest
@@ -399,7 +401,8 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=4, help="runs of stages 1-4, alternated")
     p.add_argument("--skip-kafka", action="store_true", help="stages 1, 2 and 4 only")
     p.add_argument("--bootstrap-servers", help="use this broker instead of starting one")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (worker's too)")
+    p.add_argument("--threads", type=int, default=torch_threads(0, "run"),
+                   help="torch threads, the worker's too (default: as `iotfuse run` sets them)")
     p.add_argument("--model", type=Path, help="model directory (default: the shipped model)")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     a = p.parse_args()
