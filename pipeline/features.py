@@ -14,6 +14,7 @@ training and evaluation all build their inputs here.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,9 +65,10 @@ class WindowInputs:
     unknown_metrics: int = 0
 
 
-def spread(n: int, k: int) -> list[int]:
+@functools.lru_cache(maxsize=4096)  # asked per frame and per window, for few (n, k)
+def spread(n: int, k: int) -> tuple[int, ...]:
     """k indices spread evenly over range(n) (repeats when n < k)."""
-    return [int(round(i)) for i in np.linspace(0, n - 1, k)] if n else []
+    return tuple(int(round(i)) for i in np.linspace(0, n - 1, k)) if n else ()
 
 
 def decode_frame(item: Item, size: int) -> np.ndarray:
@@ -83,7 +85,7 @@ def camera_input(
     ordered = sorted(frames, key=lambda it: it.ts_ms)
     rejected: list[tuple[Item, RejectedRecord]] = []
     decoded: dict[int, np.ndarray] = {}
-    wanted = spread(len(ordered), spec.num_frames)
+    wanted = list(spread(len(ordered), spec.num_frames))
     tried: set[int] = set()
     for idx in wanted + list(range(len(ordered))):
         if len(decoded) >= len(set(wanted)) or idx in tried:

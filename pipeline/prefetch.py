@@ -43,7 +43,7 @@ class FramePrefetch:
         expected = previous if previous is not None else self._last_count.get(device)
         if self.threads < 1 or expected is None:
             return  # a device's first window: nothing to predict from
-        if index in set(spread(expected, self.spec.num_frames)):
+        if index in spread(expected, self.spec.num_frames):
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="iotfuse-frames")
             self._pending[item.position] = self._pool.submit(decode_frame, item,
