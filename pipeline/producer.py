@@ -3,7 +3,8 @@
 kafka-python 3 no longer caps its own buffer memory, so every producer in iotfuse goes
 through this: once `max_in_flight_bytes` are sent but not acknowledged, `send` waits for
 the broker (flush) before taking more. Acknowledgements arrive on the client's I/O
-thread; they are queued and handed out by `completed()` on the caller's thread.
+thread; they are queued, with the wall-clock time they arrived, and handed out by
+`completed()` on the caller's thread.
 """
 
 from __future__ import annotations
@@ -15,16 +16,19 @@ from typing import Any, Generic, TypeVar
 
 from kafka import KafkaProducer
 
+from pipeline.engine import Clock, wall_clock_ms
 from pipeline.records import Headers
 
 T = TypeVar("T")
 
 
 class BoundedProducer(Generic[T]):
-    def __init__(self, producer: KafkaProducer, max_in_flight_bytes: int) -> None:
+    def __init__(self, producer: KafkaProducer, max_in_flight_bytes: int,
+                 clock: Clock = wall_clock_ms) -> None:
         self.producer = producer
         self.max_in_flight_bytes = max_in_flight_bytes
-        self._done: queue.SimpleQueue[tuple[T, int, BaseException | None]] = queue.SimpleQueue()
+        self.clock = clock
+        self._done: queue.SimpleQueue[tuple[T, BaseException | None, int]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._in_flight = 0
         self.peak_in_flight = 0
@@ -60,16 +64,20 @@ class BoundedProducer(Generic[T]):
     def _finish(self, token: T, size: int, exc: BaseException | None) -> None:
         with self._lock:
             self._in_flight -= size
-        self._done.put((token, size, exc))
+        self._done.put((token, exc, self.clock()))
 
     def completed(self) -> Iterator[tuple[T, BaseException | None]]:
         """Acknowledged (error None) or failed sends since the last call."""
+        for token, exc, _at_ms in self.completed_at():
+            yield token, exc
+
+    def completed_at(self) -> Iterator[tuple[T, BaseException | None, int]]:
+        """As `completed`, with the wall-clock time (ms) each acknowledgement arrived."""
         while True:
             try:
-                token, _size, exc = self._done.get_nowait()
+                yield self._done.get_nowait()
             except queue.Empty:
                 return
-            yield token, exc
 
     def flush(self, timeout_s: float | None = None) -> None:
         self.producer.flush(timeout=timeout_s)

@@ -147,7 +147,7 @@ class KafkaWorker:
         self.consumer = KafkaConsumer(**consumer_config(settings))
         self.producer = KafkaProducer(**producer_config(settings))
         self.out: BoundedProducer[Output] = BoundedProducer(
-            self.producer, settings.kafka.max_in_flight_bytes
+            self.producer, settings.kafka.max_in_flight_bytes, clock
         )
         if self.exactly_once:
             self.producer.init_transactions()
@@ -230,16 +230,15 @@ class KafkaWorker:
         self._drain_acks()
 
     def _drain_acks(self) -> None:
-        now = self.clock()
-        for out, error in self.out.completed():
+        for out, error, acked_ms in self.out.completed_at():
             if error is not None:
                 raise DeliveryError(
                     f"publishing to {out.topic} failed after retries: {error!r}; "
                     "stopping without committing (the input will be re-read on restart)"
                 )
             self.tracker.release(out.holds)
-            if out.closed_at_ms is not None:
-                self.metrics.event_latency.observe((now - out.closed_at_ms) / 1000.0)
+            if out.closed_at_ms is not None:  # close -> the broker's acknowledgement
+                self.metrics.event_latency.observe((acked_ms - out.closed_at_ms) / 1000.0)
 
     # -- offsets ------------------------------------------------------------------------
     def commit(self) -> None:

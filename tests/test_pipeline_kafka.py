@@ -121,3 +121,21 @@ def test_input_topics_of_different_partition_counts_are_refused(bootstrap, runne
     with pytest.raises(UserError, match=rf"not co-partitioned.*{names.audio}: 3"):
         KafkaWorker(settings, build_engine(settings, runner))
 
+
+
+def test_acknowledgements_carry_the_time_they_arrived_not_when_drained(
+    bootstrap, topics
+) -> None:
+    from kafka import KafkaProducer
+
+    from pipeline.producer import BoundedProducer
+
+    now = {"ms": 1_000}
+    out: BoundedProducer[int] = BoundedProducer(
+        KafkaProducer(bootstrap_servers=bootstrap, acks="all"), 1 << 20, lambda: now["ms"])
+    for i in range(3):
+        out.send(i, topics.events, b"k", b"v%d" % i)
+    out.flush()  # every acknowledgement has arrived, at 1000
+    now["ms"] = 9_000  # the worker drains them later
+    assert sorted(out.completed_at()) == [(0, None, 1_000), (1, None, 1_000), (2, None, 1_000)]
+    out.close()
