@@ -38,6 +38,9 @@ Clock = Callable[[], int]  # wall-clock milliseconds
 Classify = Callable[[Sequence[dict[Modality, np.ndarray]]], list[Decision]]
 
 
+MIN_SPLIT = 8  # windows per concurrent model call at least
+
+
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -146,7 +149,7 @@ class Engine:
         t0 = time.perf_counter()
         prepared = self._prepare([c.window for c in batch])
         t1 = time.perf_counter()
-        decisions = self.classify([p.raw for p in prepared])
+        decisions = self._classify([p.raw for p in prepared])
         t2 = time.perf_counter()
         self.metrics.stage_seconds.labels(stage="features").observe(t1 - t0)
         self.metrics.stage_seconds.labels(stage="model").observe(t2 - t1)
@@ -158,6 +161,18 @@ class Engine:
             self.metrics.unknown_metrics.inc(inputs.unknown_metrics)
         self.metrics.windows_emitted.inc(len(batch))
         return outputs
+
+    def _classify(self, raws: list[dict[Modality, np.ndarray]]) -> list[Decision]:
+        """One model call, or with feature_threads > 1 a large batch split into that many
+        concurrent calls (torch runs them without the GIL), so a burst of windows closing
+        together uses every core. Each window's decision does not depend on its batch."""
+        parts = min(self.cfg.feature_threads, len(raws) // MIN_SPLIT)
+        if parts <= 1:
+            return self.classify(raws)
+        size = -(-len(raws) // parts)  # ceil
+        chunks = [raws[i : i + size] for i in range(0, len(raws), size)]
+        with ThreadPoolExecutor(len(chunks), thread_name_prefix="iotfuse-model") as pool:
+            return [d for got in pool.map(self.classify, chunks) for d in got]
 
     def _prepare(self, windows: list[Window]) -> list[WindowInputs]:
         """Model inputs of each window; with feature_threads > 1 on a thread pool (OpenCV

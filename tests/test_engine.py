@@ -172,3 +172,28 @@ def test_frames_decoded_on_threads_give_the_same_outputs(
     threads_seen.clear()
     assert outputs(3) == one
     assert len(threads_seen) > 1 and all(n.startswith("iotfuse-features") for n in threads_seen)
+
+
+def test_a_large_batch_split_over_threads_gives_the_same_decisions(runner: ModelRunner) -> None:
+    recs = []
+    for d in range(24):
+        recs += device_stream(f"dev-{d}", T0, 2)
+    recs = number(sorted(recs, key=lambda r: r.timestamp_ms))
+
+    def events(threads: int) -> dict[str, dict]:
+        s = Settings()
+        s = replace(s, runtime=replace(s.runtime, feature_threads=threads))
+        engine = build_engine(s, runner, clock=FakeClock())
+        calls: list[int] = []
+        classify = engine.classify
+        engine.classify = lambda raws: calls.append(len(raws)) or classify(raws)
+        got = [json.loads(o.value) for o in run_offline(engine, recs)
+               if o.topic == TOPICS.events]
+        assert sum(calls) == 24 and (len(calls) > 1) == (threads > 1)  # split, or one call
+        return {e["device_id"]: e for e in got}
+
+    one, three = events(1), events(3)
+    assert one.keys() == three.keys() and len(one) == 24
+    for device, e in one.items():
+        assert e["label"] == three[device]["label"]
+        assert abs(e["confidence"] - three[device]["confidence"]) < 1e-5
