@@ -334,7 +334,10 @@ def live_worker(settings: Settings, directory: str | None, warm_up: Raw, threads
     except Stalled as exc:
         note = f"live run stalled: {exc}"
     cores = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
-    conn.send((run.latency.values, ready_mib, memory_mib(), cores, note))
+    metrics = run.worker.engine.metrics
+    late = sum(metrics.value("iotfuse_late_records_total", {"modality": m})
+               for m in ("camera", "audio", "telemetry"))
+    conn.send((run.latency.values, ready_mib, memory_mib(), cores, f"{note}|{late:.0f}"))
 
 
 def produce_live(bootstrap: str, names: TopicNames, devices: int, seconds: int,
@@ -356,9 +359,10 @@ def produce_live(bootstrap: str, names: TopicNames, devices: int, seconds: int,
 
 
 def live_latency(bootstrap: str, directory: Path | None, warm_up: Raw, devices: int,
-                 seconds: int, media: Media) -> tuple[list[float], float, float, float, str, float]:
+                 seconds: int, media: Media
+                 ) -> tuple[list[float], float, float, float, str, float, int]:
     """(latency samples s, worker RSS MiB ready and peak, its CPU cores, stall note,
-    producer lag s)."""
+    producer lag s, late records the worker dropped)."""
     names = produced(bootstrap, [])
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
@@ -374,10 +378,11 @@ def live_latency(bootstrap: str, directory: Path | None, warm_up: Raw, devices: 
         parent.send(devices * seconds // 2)
         if not parent.poll(seconds + 300):
             raise RuntimeError("the live worker did not report within 300 s of the run's end")
-        values, ready_mib, peak_mib, cores, note = parent.recv()
+        values, ready_mib, peak_mib, cores, note_late = parent.recv()
     finally:
         proc.join(timeout=60)
-    return values, ready_mib, peak_mib, cores, note, behind
+    note, late = note_late.rsplit("|", 1)
+    return values, ready_mib, peak_mib, cores, note, behind, int(late)
 
 
 # -- the run --------------------------------------------------------------------------------
@@ -463,7 +468,7 @@ def main() -> int:
             print(f"live: {devices} devices, {live_seconds} s", file=sys.stderr, flush=True)
             live = live_latency(bootstrap, directory, raws[0], devices, live_seconds, media)
             lat = np.array(live[0] or [np.nan]) * 1000  # nan: no event (stalled)
-            ready_mib, peak_mib, cores, note, behind = live[1:]
+            ready_mib, peak_mib, cores, note, behind, late = live[1:]
             stalls += [note] if note else []
             lines += [f"6 half load: {devices} devices ({devices / 2:.1f} windows/s), "
                       f"{live_seconds} s, {lat.size} events: latency p50 "
@@ -471,7 +476,8 @@ def main() -> int:
                       f"max {lat.max():.0f} ms",
                       f"    worker: RSS {ready_mib:.0f} MiB when ready, peak {peak_mib:.0f} MiB; "
                       f"{cores:.2f} cores busy; "
-                      f"producer behind schedule <= {behind * 1000:.0f} ms"]
+                      f"producer behind schedule <= {behind * 1000:.0f} ms; "
+                      f"late records dropped: {late}"]
     lines.append(f"bench process peak RSS {memory_mib():.0f} MiB; load avg "
                  f"{os.getloadavg()[0]:.1f} at end")
     best = {k: max((r.per_s for r in v), default=0.0) for k, v in runs.items()}
