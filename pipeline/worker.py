@@ -342,7 +342,7 @@ class KafkaWorker:
         The highwater of the last fetch is not enough: a partition whose records were still
         buffered from an older fetch keeps that fetch's highwater, and trusting it released
         other topics' newer records ahead of its unfetched ones, which then arrived late
-        (a third of the frames at 100 live devices). So the broker is asked, once per poll,
+        (a sixth of the frames at 100 live devices). So the broker is asked, once per poll,
         for the end offsets of every owned partition with nothing buffered here."""
         if tp not in self._owned:
             return True
