@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -153,3 +154,15 @@ def test_two_workers_share_partitions_and_hand_over(bootstrap, topics, workers) 
     dupes = [k for k, n in windows_of(events).items() if n > 1]
     assert dupes == [], f"windows emitted twice across the handover: {dupes[:5]}"
     assert b.poll() is None
+
+
+def test_a_stop_while_starting_up_exits_cleanly(workers: Workers, tmp_path: Path) -> None:
+    """docker stop / Ctrl-C while the worker still loads torch and the model: exit 0."""
+    proc = workers.start()
+    log, deadline = tmp_path / "worker-0.log", time.monotonic() + 60
+    while "starting; loading the model" not in log.read_text(errors="replace"):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.02)  # polling the log file for a condition, with a deadline
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, log.read_text()[-2000:]
+    assert "stopped cleanly" in log.read_text()

@@ -41,13 +41,14 @@ def install_stop_handlers() -> threading.Event:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    stop = install_stop_handlers()  # first: a stop while starting up still exits cleanly
+    log.info("iotfuse run: starting; loading the model")
     from pipeline.app import build_engine
     from pipeline.metrics import Metrics
     from pipeline.model_runner import ModelRunner
     from pipeline.worker import KafkaWorker
 
     runner = ModelRunner.load(settings.runtime.model or None, settings.runtime.device)
-    stop = install_stop_handlers()
     metrics = Metrics()
     if settings.runtime.metrics_port:
         metrics.serve(settings.runtime.metrics_port, settings.runtime.metrics_host)
