@@ -63,7 +63,8 @@ from prometheus_client import Histogram
 from encoders.modality import Modality
 from pipeline.app import build_engine, run_offline
 from pipeline.cli import torch_threads
-from pipeline.engine import EngineConfig, wall_clock_ms
+from pipeline.clock import wall_clock_ms
+from pipeline.engine import EngineConfig
 from pipeline.features import window_inputs
 from pipeline.ingest import ingest
 from pipeline.kafka.admin import TopicNames, ensure_topics

@@ -11,7 +11,8 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 
 from pipeline.align import Aligner
-from pipeline.engine import Clock, Engine, EngineConfig, wall_clock_ms
+from pipeline.clock import Clock, wall_clock_ms
+from pipeline.engine import Engine, EngineConfig
 from pipeline.errors import UserError
 from pipeline.ingest import IngestConfig
 from pipeline.metrics import Metrics

@@ -19,10 +19,12 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
 from encoders.modality import Modality
+from pipeline.clock import Clock, wall_clock_ms
 from pipeline.decode import RejectedRecord
 from pipeline.features import FeatureSpec, WindowInputs, window_inputs
 from pipeline.ingest import IngestConfig, ingest
@@ -33,16 +35,13 @@ from pipeline.records import Record
 from pipeline.windows import Item, Position, Window, WindowConfig, Windower
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 
-Clock = Callable[[], int]  # wall-clock milliseconds
 Classify = Callable[[Sequence[dict[Modality, np.ndarray]]], list[Decision]]
 
 
 MIN_SPLIT = 8  # windows per concurrent model call at least
-
-
-def wall_clock_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,19 +170,14 @@ class Engine:
             return self.classify(raws)
         size = -(-len(raws) // parts)  # ceil
         chunks = [raws[i : i + size] for i in range(0, len(raws), size)]
-        with ThreadPoolExecutor(len(chunks), thread_name_prefix="iotfuse-model") as pool:
-            return [d for got in pool.map(self.classify, chunks) for d in got]
+        return [d for got in _pool_map(self.classify, chunks, "model") for d in got]
 
     def _prepare(self, windows: list[Window]) -> list[WindowInputs]:
         """Model inputs of each window; with feature_threads > 1 on a thread pool (OpenCV
         decodes frames without holding the GIL). The pool lives for one batch only."""
-        threads = min(self.cfg.feature_threads, len(windows))
         spec, decode = self.cfg.features, self.prefetch.decode
-        if threads <= 1:
-            prepared = [window_inputs(w, spec, decode) for w in windows]
-        else:
-            with ThreadPoolExecutor(threads, thread_name_prefix="iotfuse-features") as pool:
-                prepared = list(pool.map(lambda w: window_inputs(w, spec, decode), windows))
+        prepared = _pool_map(lambda w: window_inputs(w, spec, decode), windows, "features",
+                             self.cfg.feature_threads)
         for w in windows:
             self.prefetch.done(w)
         return prepared
@@ -278,3 +272,14 @@ class Engine:
                 "(librdkafka: partitioner=murmur2_random) and equal partition counts.",
                 device, record.partition, record.topic, seen,
             )
+
+
+def _pool_map(fn: Callable[[T], R], items: list[T], name: str, threads: int | None = None
+              ) -> list[R]:
+    """`[fn(x) for x in items]` on a pool of `threads` (default: one per item) that lives for
+    this call only; inline when one thread would do."""
+    threads = min(threads or len(items), len(items))
+    if threads <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(threads, thread_name_prefix=f"iotfuse-{name}") as pool:
+        return list(pool.map(fn, items))

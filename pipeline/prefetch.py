@@ -59,7 +59,7 @@ class FramePrefetch:
         return decode_frame(item, self.spec.image_size)
 
     def closed(self, window: Window) -> None:
-        """The window closed: its count predicts the next ones; its leftovers are dropped."""
+        """The window closed: its frame count predicts the device's next windows."""
         frames = window.items.get(Modality.CAMERA, ())
         self._arrived.pop((window.device_id, window.start_ms), None)
         if frames:

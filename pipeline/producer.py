@@ -16,7 +16,7 @@ from typing import Any, Generic, TypeVar
 
 from kafka import KafkaProducer
 
-from pipeline.engine import Clock, wall_clock_ms
+from pipeline.clock import Clock, wall_clock_ms
 from pipeline.records import Headers
 
 T = TypeVar("T")

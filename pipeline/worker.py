@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -23,7 +24,8 @@ from kafka.errors import CommitFailedError, RebalanceInProgressError
 from kafka.structs import OffsetAndMetadata
 
 from pipeline.align import Aligner
-from pipeline.engine import Clock, Engine, wall_clock_ms
+from pipeline.clock import Clock, wall_clock_ms
+from pipeline.engine import Engine
 from pipeline.errors import UserError
 from pipeline.offsets import OffsetTracker
 from pipeline.outputs import Output
@@ -115,7 +117,7 @@ def await_input_topics(consumer: KafkaConsumer, topics: list[str], wait_ms: int,
                 "with `iotfuse topics` or check [topics] and --bootstrap-servers"
             )
         log.info("waiting for input topics to exist: %s", ", ".join(missing))
-        threading.Event().wait(0.5)
+        time.sleep(0.5)  # retry backoff while the topics are created
     if len(set(counts.values())) > 1:
         raise UserError(
             "input topics are not co-partitioned ("
