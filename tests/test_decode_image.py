@@ -172,11 +172,22 @@ def test_png_with_absurdly_many_chunks_is_rejected() -> None:
     assert rejected(lambda: probe_image(data, None)).reason == Reason.IMAGE_CORRUPT
 
 
-def test_jpeg_with_thousands_of_scans_is_rejected() -> None:
-    head = jpeg_header_only(16, 16)[:-2]
+@pytest.mark.parametrize("sof", [0xC2, 0xCA])  # progressive: each scan re-walks the image
+def test_progressive_jpeg_with_hundreds_of_scans_is_rejected(sof: int) -> None:
+    head = jpeg_header_only(16, 16, sof)[:-2]
     few, many = head + b"\xff\xda\x00\x02" * 256, head + b"\xff\xda\x00\x02" * 257
     assert probe_image(few + b"\xff\xd9", None).width == 16
     assert rejected(lambda: probe_image(many + b"\xff\xd9", None)).reason == Reason.IMAGE_CORRUPT
+
+
+def test_repeated_scans_of_a_baseline_jpeg_are_accepted_and_ignored() -> None:
+    """libjpeg stops at a sequential JPEG's first complete scan: no scan limit needed."""
+    img = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    data = bytes(cv2.imencode(".jpg", img)[1])
+    sos = data.find(b"\xff\xda")
+    bomb = data[:sos] + data[sos:-2] * 300 + b"\xff\xd9"
+    info = probe_image(bomb, "image/jpeg")
+    assert np.array_equal(decode_image(bomb, info, 64), decode_image(data, info, 64))
 
 
 def test_empty_value_is_rejected() -> None:
