@@ -54,6 +54,7 @@ def build_engine(
         max_open_windows=settings.windows.max_open_windows,
         max_buffered_bytes=settings.windows.max_buffered_bytes,
         feature_threads=feature_threads(settings.runtime.feature_threads),
+        early_inference=settings.runtime.early_inference,
     )
     return Engine(cfg, runner.classify, metrics or Metrics(), clock)
 

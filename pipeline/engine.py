@@ -7,7 +7,16 @@ replay and the tests all drive the same `Engine`:
         outputs += engine.process(record)     # dead letters now; windows queue as they close
     engine.tick()                             # idle timeouts (injected wall clock)
     if engine.batch_due(): outputs += engine.run_batch()   # encode + fuse closed windows
+    elif not engine.queued(): engine.infer_early()          # spare time: see below
     engine.take_released()                    # positions that need no output (late records)
+
+Early inference (`early_inference`, the Kafka worker's spare time only): a window is
+complete once its device sent a record past its end, but it closes only when the watermark
+passes it, `allowed_lateness_ms` later. Every device's window ends on the same epoch
+boundary, so closing is a burst. `infer_early` classifies complete windows in that gap;
+at close the result is used as it is unless a record joined the window since (then the
+window is classified again). Events carry the same content either way; only the moment of
+the work changes, and no output leaves before the window closes.
 
 Every position an output holds is released by the caller once the broker acknowledged it.
 """
@@ -57,12 +66,30 @@ class EngineConfig:
     max_open_windows: int = 10000
     max_buffered_bytes: int = 512 * 1024 * 1024
     feature_threads: int = 1  # threads preparing one batch's window inputs (frame decode)
+    early_inference: bool = False  # classify complete windows before they close
+
+
+WindowKey = tuple[str, int]  # (device id, window start)
 
 
 @dataclass(slots=True)
 class _Closed:
     window: Window
     closed_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Classified:
+    """A window's classification, and how many items the window had when classified."""
+
+    added: int
+    rejected: list[tuple[Item, RejectedRecord]]
+    unknown_metrics: int
+    decision: Decision
+
+
+def _key(window: Window) -> WindowKey:
+    return window.device_id, window.start_ms
 
 
 class Engine:
@@ -81,6 +108,8 @@ class Engine:
         self._reported: set[str] = set()
         self._resumed: dict[str, int] = {}  # device -> windows before this were emitted
         self.prefetch = FramePrefetch(cfg.features, cfg.feature_threads)
+        self._complete: dict[WindowKey, Window] = {}  # open, end passed, not classified yet
+        self._early: dict[WindowKey, _Classified] = {}
 
     # -- records in ---------------------------------------------------------------------
     def process(self, record: Record) -> list[Output]:
@@ -99,6 +128,8 @@ class Engine:
             return []
         result = self.windower.add(got.device_id, got.item, now)
         self._enqueue(result.closed, now)  # first: a closed window tells what frames to expect
+        if self.cfg.early_inference:
+            self._complete.update((_key(w), w) for w in result.completed)
         if result.late:
             self.metrics.labelled(self.metrics.late_records, got.item.modality).inc()
             self._released.append(got.item.position)
@@ -141,25 +172,63 @@ class Engine:
         )
 
     def run_batch(self) -> list[Output]:
-        """Encode and fuse up to `max_batch` closed windows as one batch."""
+        """Encode and fuse up to `max_batch` closed windows as one batch (windows classified
+        early and unchanged since are not classified again)."""
         batch, self._queue = self._queue[: self.cfg.max_batch], self._queue[self.cfg.max_batch :]
         if not batch:
             return []
+        windows = [c.window for c in batch]
+        results = self._reuse_early(windows)
+        todo = [w for w in windows if _key(w) not in results]
+        results |= self._infer(todo)
+        for w in windows:
+            self.prefetch.done(w)
+        outputs: list[Output] = []
+        now = self.clock()
+        for closed in batch:
+            result = results[_key(closed.window)]
+            outputs += self._window_outputs(closed, result, now)
+            self.metrics.unknown_metrics.inc(result.unknown_metrics)
+        self.metrics.windows_emitted.inc(len(batch))
+        return outputs
+
+    def infer_early(self) -> int:
+        """Classify up to `max_batch` complete, still open windows; returns how many."""
+        if not self._complete:
+            return 0
+        keys = list(self._complete)[: self.cfg.max_batch]
+        self._early |= self._infer([self._complete.pop(k) for k in keys])
+        self.metrics.labelled(self.metrics.early_windows, "classified").inc(len(keys))
+        return len(keys)
+
+    def _reuse_early(self, windows: list[Window]) -> dict[WindowKey, _Classified]:
+        """The early results of these closing windows that are still valid."""
+        reused: dict[WindowKey, _Classified] = {}
+        for w in windows:
+            self._complete.pop(_key(w), None)
+            early = self._early.pop(_key(w), None)
+            if early is None:
+                continue
+            valid = early.added == w.added  # no record joined the window since
+            self.metrics.labelled(self.metrics.early_windows, "used" if valid else "redone").inc()
+            if valid:
+                reused[_key(w)] = early
+        return reused
+
+    def _infer(self, windows: list[Window]) -> dict[WindowKey, _Classified]:
+        """Prepare and classify windows as one batch (the model inputs are not kept)."""
+        if not windows:
+            return {}
         t0 = time.perf_counter()
-        prepared = self._prepare([c.window for c in batch])
+        prepared = self._prepare(windows)
         t1 = time.perf_counter()
         decisions = self._classify([p.raw for p in prepared])
         t2 = time.perf_counter()
         self.metrics.stage_seconds.labels(stage="features").observe(t1 - t0)
         self.metrics.stage_seconds.labels(stage="model").observe(t2 - t1)
-        self.metrics.batch_size.observe(len(batch))
-        outputs: list[Output] = []
-        now = self.clock()
-        for closed, inputs, decision in zip(batch, prepared, decisions, strict=True):
-            outputs += self._window_outputs(closed, inputs.rejected, decision, now)
-            self.metrics.unknown_metrics.inc(inputs.unknown_metrics)
-        self.metrics.windows_emitted.inc(len(batch))
-        return outputs
+        self.metrics.batch_size.observe(len(windows))
+        return {_key(w): _Classified(w.added, p.rejected, p.unknown_metrics, d)
+                for w, p, d in zip(windows, prepared, decisions, strict=True)}
 
     def _classify(self, raws: list[dict[Modality, np.ndarray]]) -> list[Decision]:
         """One model call, or with feature_threads > 1 a large batch split into that many
@@ -176,30 +245,21 @@ class Engine:
         """Model inputs of each window; with feature_threads > 1 on a thread pool (OpenCV
         decodes frames without holding the GIL). The pool lives for one batch only."""
         spec, decode = self.cfg.features, self.prefetch.decode
-        prepared = _pool_map(lambda w: window_inputs(w, spec, decode), windows, "features",
-                             self.cfg.feature_threads)
-        for w in windows:
-            self.prefetch.done(w)
-        return prepared
+        return _pool_map(lambda w: window_inputs(w, spec, decode), windows, "features",
+                         self.cfg.feature_threads)
 
-    def _window_outputs(
-        self,
-        closed: _Closed,
-        rejected: list[tuple[Item, RejectedRecord]],
-        decision: Decision,
-        now: int,
-    ) -> list[Output]:
+    def _window_outputs(self, closed: _Closed, result: _Classified, now: int) -> list[Output]:
         window = closed.window
         outputs = []
-        bad = {it.position for it, _ in rejected}
-        for item, err in rejected:
+        bad = {it.position for it, _ in result.rejected}
+        for item, err in result.rejected:
             self.metrics.labelled(self.metrics.dead_letters, str(err.reason)).inc()
             record = self._records[item.position]
             outputs.append(dead_letter(record, err, self.cfg.deadletter_topic))
         holds = tuple(p for p in window.positions if p not in bad)
         for it in window.items.get(Modality.CAMERA, ()):
             self._records.pop(it.position, None)
-        value = event_value(window, decision, self.cfg.model, now, excluded=len(bad))
+        value = event_value(window, result.decision, self.cfg.model, now, excluded=len(bad))
         outputs.append(
             event_output(window, value, self.cfg.events_topic, holds, closed.closed_at_ms)
         )
@@ -245,6 +305,8 @@ class Engine:
         for w in dropped:
             for it in w.items.get(Modality.CAMERA, ()):
                 self._records.pop(it.position, None)
+            self._complete.pop(_key(w), None)
+            self._early.pop(_key(w), None)
         for d in devices:
             self._device_partition.pop(d, None)
             self._resumed.pop(d, None)

@@ -38,6 +38,12 @@ class Metrics:
         self.windows_emitted = Counter(
             "iotfuse_windows_emitted", "Window events published", registry=r
         )
+        self.early_windows = Counter(
+            "iotfuse_early_windows",
+            "Windows classified before they closed (classified), and at close whether that "
+            "result was used or redone because a record joined the window since",
+            ["result"], registry=r,
+        )
         self.batch_size = Histogram(
             "iotfuse_batch_windows", "Windows per inference batch",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r,

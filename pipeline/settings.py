@@ -120,6 +120,10 @@ class RuntimeSettings:
         0, "Threads torch may use on the CPU; 0 = half the cores for run, replay and demo "
         "(the rest decode and run the Kafka client), all of them for training."
     )
+    early_inference: bool = _f(
+        True, "Classify a window in spare time once its device passed its end, before it "
+        "closes; at close that result is published unless a late record changed the window."
+    )
     commit_interval_ms: int = _f(1000, "How often acknowledged progress is committed.")
     metrics_port: int = _f(9108, "Prometheus metrics HTTP port; 0 = off.")
     metrics_host: str = _f("0.0.0.0", "Address the metrics endpoint binds to.")

@@ -4,6 +4,9 @@
 - A device's watermark is the largest event time seen on any of its modalities minus
   the allowed lateness. Every window whose end is <= the watermark closes.
 - A device silent for `idle_timeout_ms` of wall-clock time has all its windows closed.
+- A window is complete once its device sent a record at or past its end, though it stays
+  open for late records until the watermark passes it; `add` reports windows as they
+  complete, so their inference can start early (pipeline/engine.py).
 - A record whose window already closed (or was passed by the watermark) is late: it is
   reported to the caller, who counts and releases it; it never reopens a window.
 
@@ -45,10 +48,12 @@ class Window:
     end_ms: int
     items: dict[Modality, list[Item]] = field(default_factory=dict)
     nbytes: int = 0
+    added: int = 0  # items added so far: tells whether a window changed since it was read
 
     def add(self, item: Item) -> None:
         self.items.setdefault(item.modality, []).append(item)
         self.nbytes += item.nbytes
+        self.added += 1
 
     def count(self, modality: Modality) -> int:
         return len(self.items.get(modality, ()))
@@ -86,6 +91,7 @@ class _Device:
 class AddResult:
     late: bool
     closed: list[Window]
+    completed: list[Window] = field(default_factory=list)  # still open, end passed
 
 
 class Windower:
@@ -105,16 +111,21 @@ class Windower:
         if dev.closed_until is not None and end <= dev.closed_until:
             return AddResult(late=True, closed=[])
         window = dev.open.get(start)
+        opened = window is None
         if window is None:
             window = dev.open[start] = Window(device_id, start, end)
             self.open_windows += 1
         window.add(item)
         self.buffered_bytes += item.nbytes
-        if dev.max_ts is None or item.ts_ms > dev.max_ts:
-            dev.max_ts = item.ts_ms
-        watermark = dev.max_ts - self.config.allowed_lateness_ms
+        before = dev.max_ts
+        max_ts = dev.max_ts = item.ts_ms if before is None else max(before, item.ts_ms)
+        watermark = max_ts - self.config.allowed_lateness_ms
         boundary = self.config.start_of(watermark)  # largest window boundary <= watermark
-        return AddResult(late=False, closed=self._close_until(dev, boundary))
+        closed = self._close_until(dev, boundary)
+        if before is not None and self.config.start_of(before) == self.config.start_of(max_ts):
+            # no window end reached; a window opened behind the device's time is complete
+            return AddResult(False, closed, [window] if opened and end <= before else [])
+        return AddResult(False, closed, self._completed(dev, before, max_ts))
 
     def expire_idle(self, now_wall_ms: int) -> list[Window]:
         """Close every window of devices silent for at least the idle timeout."""
@@ -155,6 +166,13 @@ class Windower:
         dev = self._devices.setdefault(device_id, _Device())
         if dev.closed_until is None or closed_until > dev.closed_until:
             dev.closed_until = closed_until
+
+    def _completed(self, dev: _Device, before: int | None, max_ts: int) -> list[Window]:
+        """Open windows whose end the device's latest event time has just reached."""
+        low = None if before is None else self.config.start_of(before)
+        high = self.config.start_of(max_ts)
+        return [w for w in dev.open.values()
+                if w.end_ms <= high and (low is None or w.end_ms > low)]
 
     def _close_until(self, dev: _Device, boundary: int) -> list[Window]:
         if dev.closed_until is None or boundary > dev.closed_until:

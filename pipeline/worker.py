@@ -187,6 +187,8 @@ class KafkaWorker:
             self.engine.tick()
         while self.engine.batch_due():
             self._publish(self.engine.run_batch())
+        if not self.engine.queued():  # no closed window waits: classify complete ones early
+            self.engine.infer_early()
         self.tracker.release(self.engine.take_released())
         self._drain_acks()
         if self.clock() - self._last_commit_ms >= self.settings.runtime.commit_interval_ms:

@@ -197,3 +197,56 @@ def test_a_large_batch_split_over_threads_gives_the_same_decisions(runner: Model
     for device, e in one.items():
         assert e["label"] == three[device]["label"]
         assert abs(e["confidence"] - three[device]["confidence"]) < 1e-5
+
+
+def live(runner: ModelRunner, records: list, early: bool, metrics: Metrics | None = None
+         ) -> tuple[list[dict], list[int]]:
+    """Drive the engine as the Kafka worker does, one record per poll; returns the events
+    (without processed_at_ms) and the sizes of the model calls."""
+    s = Settings()
+    engine = build_engine(replace(s, runtime=replace(s.runtime, early_inference=early)),
+                          runner, metrics, clock=FakeClock())
+    calls: list[int] = []
+    classify = engine.classify
+    engine.classify = lambda raws: calls.append(len(raws)) or classify(raws)
+    outputs = []
+    for r in records:
+        outputs += engine.process(r)
+        if engine.queued():
+            outputs += engine.run_batch()
+        else:
+            engine.infer_early()
+    outputs += engine.finish()
+    events = [json.loads(o.value) for o in outputs if o.topic == TOPICS.events]
+    for e in events:
+        e.pop("processed_at_ms")
+    return events, calls
+
+
+def test_a_window_classified_before_it_closes_publishes_that_result_at_close(
+        runner: ModelRunner) -> None:
+    recs = number(sorted(device_stream("a", T0, 3) + device_stream("b", T0, 3),
+                         key=lambda r: r.timestamp_ms))
+    metrics = Metrics()
+    early, calls = live(runner, recs, True, metrics)
+    late, late_calls = live(runner, recs, False)
+    assert early == late and len(early) == 4  # same events: [0, 2 s) and [2 s, 4 s) per device
+    # the first windows were classified as each device passed 2 s, and not again when they
+    # closed at 2.5 s; the last ones never completed (classified at the end)
+    assert calls == [1, 1, 2] and late_calls == [1, 1, 2]
+    assert metrics.value("iotfuse_early_windows_total", {"result": "used"}) == 2
+    assert metrics.value("iotfuse_early_windows_total", {"result": "redone"}) == 0
+
+
+def test_a_record_joining_after_early_inference_gets_the_window_classified_again(
+        runner: ModelRunner) -> None:
+    tel = (Modality.TELEMETRY,)
+    recs = device_stream("a", T0, 2, tel) + device_stream("a", T0 + 2000, 1, tel)[:1]
+    joining = device_stream("a", T0 + 1000, 1, tel)[-1:]  # at 1.9 s, within lateness
+    recs = number(recs + joining + device_stream("a", T0 + 2100, 1, tel)[4:5])  # 2.5 s: closes
+    metrics = Metrics()
+    events, calls = live(runner, recs, True, metrics)
+    assert events[0]["modalities"]["telemetry"]["records"] == 21  # the joining one counted
+    assert events == live(runner, recs, False)[0]
+    assert calls[:2] == [1, 1]  # early, then again at close
+    assert metrics.value("iotfuse_early_windows_total", {"result": "redone"}) == 1

@@ -20,6 +20,7 @@ class Feed:
         self.offset = 0
         self.now = 0
         self.closed: list[Window] = []
+        self.completed: list[Window] = []
         self.late: list[int] = []
 
     def add(self, ts: int, device: str = "d1", modality: Modality = TEL, nbytes: int = 10) -> None:
@@ -29,6 +30,7 @@ class Feed:
         if result.late:
             self.late.append(ts)
         self.closed += result.closed
+        self.completed += result.completed
 
 
 def spans(windows: list[Window]) -> list[tuple[str, int, int]]:
@@ -127,3 +129,35 @@ def test_buffered_bytes_and_open_windows_are_tracked() -> None:
 def test_invalid_config_is_refused() -> None:
     with pytest.raises(ValueError, match="window_ms"):
         WindowConfig(window_ms=0)
+
+
+def test_a_window_completes_once_when_its_device_reaches_its_end() -> None:
+    f = Feed()
+    for ts in (100, 900, 1999):
+        f.add(T0 + ts)
+    assert f.completed == []
+    f.add(T0 + 2000, device="d2")  # another device's time does not complete d1's window
+    assert f.completed == []
+    f.add(T0 + 2000)
+    assert spans(f.completed) == [("d1", 0, 2000)] and f.closed == []
+    f.add(T0 + 1500)  # within lateness: joins the completed window, which is not re-reported
+    f.add(T0 + 2100)
+    assert len(f.completed) == 1 and f.completed[0].added == 4
+    f.add(T0 + 2500)
+    assert spans(f.closed) == [("d1", 0, 2000)]
+    assert spans(f.completed) == [("d1", 0, 2000)]
+
+
+def test_a_jump_completes_every_open_window_it_passes_and_not_the_closed_ones() -> None:
+    f = Feed(WindowConfig(window_ms=2000, allowed_lateness_ms=5000, idle_timeout_ms=5000))
+    f.add(T0 + 100)
+    f.add(T0 + 2100)
+    f.add(T0 + 4100, modality=CAM)
+    assert spans(f.completed) == [("d1", 0, 2000), ("d1", 2000, 4000)] and f.closed == []
+    f.add(T0 + 7100)  # watermark 2100: closes [0, 2000), completes [4000, 6000)
+    assert spans(f.completed)[2:] == [("d1", 4000, 6000)]
+    f.add(T0 + 13500)  # watermark 8500: closes up to 8000, so [6000, 8000) never completes
+    assert spans(f.closed) == [("d1", s, s + 2000) for s in (0, 2000, 4000, 6000)]
+    assert len(f.completed) == 3
+    f.add(T0 + 10100)  # opens [10000, 12000) behind the device's time: complete at once
+    assert spans(f.completed)[3:] == [("d1", 10000, 12000)]
