@@ -160,10 +160,17 @@ class Engine:
         return len(self._queue)
 
     def batch_due(self) -> bool:
+        """A full batch, one that waited `batch_timeout_ms` for company, or one whose
+        windows were all classified early (nothing left to batch)."""
         if not self._queue:
             return False
         waited = self.clock() - self._queue[0].closed_at_ms
-        return len(self._queue) >= self.cfg.max_batch or waited >= self.cfg.batch_timeout_ms
+        return (len(self._queue) >= self.cfg.max_batch or waited >= self.cfg.batch_timeout_ms
+                or all(self._classified_early(c.window) for c in self._queue))
+
+    def _classified_early(self, window: Window) -> bool:
+        early = self._early.get(_key(window))
+        return early is not None and early.added == window.added
 
     def over_capacity(self) -> bool:
         return (
@@ -206,10 +213,10 @@ class Engine:
         reused: dict[WindowKey, _Classified] = {}
         for w in windows:
             self._complete.pop(_key(w), None)
+            valid = self._classified_early(w)  # and no record joined the window since
             early = self._early.pop(_key(w), None)
             if early is None:
                 continue
-            valid = early.added == w.added  # no record joined the window since
             self.metrics.labelled(self.metrics.early_windows, "used" if valid else "redone").inc()
             if valid:
                 reused[_key(w)] = early

@@ -250,3 +250,18 @@ def test_a_record_joining_after_early_inference_gets_the_window_classified_again
     assert events == live(runner, recs, False)[0]
     assert calls[:2] == [1, 1]  # early, then again at close
     assert metrics.value("iotfuse_early_windows_total", {"result": "redone"}) == 1
+
+
+def test_a_closed_window_classified_early_does_not_wait_for_company(runner: ModelRunner) -> None:
+    recs = number(device_stream("a", T0, 3, (Modality.TELEMETRY,)))  # every 100 ms
+    for early in (True, False):
+        s = Settings()
+        engine = build_engine(replace(s, runtime=replace(s.runtime, early_inference=early)),
+                              runner, clock=FakeClock())
+        for r in recs[:21]:  # up to 2.0 s: [0, 2 s) is complete
+            engine.process(r)
+        assert engine.infer_early() == (1 if early else 0)
+        for r in recs[21:26]:  # up to 2.5 s: it closes
+            engine.process(r)
+        assert engine.queued() == 1
+        assert engine.batch_due() == early  # without: waits batch_timeout_ms for others

@@ -54,11 +54,11 @@ def test_prefetched_frames_give_the_outputs_of_decoding_at_close(runner: ModelRu
     assert outputs(ahead, records) == expected
     [letter] = [dict(p.headers) for p in expected if p.topic == TOPICS.deadletter]
     assert letter["iotfuse.error.stage"] == b"decode"  # the corrupt frame, found at decode
-    # three devices x four windows x k picked frames, and one more for the corrupt one;
-    # the first window of each device has no frame count to predict from
+    # three devices x four windows x k picked frames, and one more for the corrupt one
+    # (not predicted); a device's first window has every frame decoded ahead
     k = runner.features.num_frames
     assert (at_close.prefetch.ahead, at_close.prefetch.at_close) == (0, 3 * 4 * k + 1)
-    assert (ahead.prefetch.ahead, ahead.prefetch.at_close) == (3 * 3 * k, 3 * k + 1)
+    assert (ahead.prefetch.ahead, ahead.prefetch.at_close) == (3 * 4 * k, 1)
     assert ahead.prefetch.pending == 0
 
 
@@ -67,6 +67,7 @@ def test_revoked_windows_leave_no_decoded_frames_behind(runner: ModelRunner) -> 
     records = number(device_stream("dev-0", T0, 3, (Modality.CAMERA,)))
     for r in records:
         engine.process(r)  # window 1 closed (its count is known), window 2 still open
+    engine.run_batch()  # window 1 classified: what is pending is window 2's
     assert engine.prefetch.pending > 0
     engine.revoke([(TOPICS.camera, records[0].partition)])
     assert engine.prefetch.pending == 0
