@@ -423,7 +423,8 @@ def test_the_compose_commands_run_the_pipeline(bootstrap: str, processes: Proces
     deadline = time.monotonic() + 30
     with KafkaAdminClient(bootstrap_servers=bootstrap) as admin:
         while not all(held := _assignments(admin, group)) or len(held) < 2:
-            assert time.monotonic() < deadline, f"group {group}: {held}"
+            assert time.monotonic() < deadline, (
+                f"group {group}: {held}\n" + "\n".join(processes.tail(w) for w in workers))
             time.sleep(0.2)
     for member in held:
         assert len({tuple(member.get(t, ())) for t in names.inputs}) == 1, held
