@@ -67,6 +67,21 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+def offsets_config(settings: Settings) -> dict[str, Any]:
+    """A group-less client that only asks for end offsets, on its own connection: on the
+    consumer's it would queue behind the fetch in flight (a broker answers one request per
+    connection at a time), 60 ms a call while draining a backlog."""
+    k = settings.kafka
+    return {
+        "bootstrap_servers": k.bootstrap_servers.split(","),
+        "client_id": f"{k.client_id}-offsets",
+        "enable_auto_commit": False,
+        "isolation_level": "read_committed",  # the consumer's: end offsets it can reach
+        "metadata_max_age_ms": 30_000,  # added partitions, as the consumer
+        **k.client_config(),
+    }
+
+
 def producer_config(settings: Settings) -> dict[str, Any]:
     k = settings.kafka
     cfg: dict[str, Any] = {
@@ -147,6 +162,7 @@ class KafkaWorker:
         self.aligner = Aligner((settings.topics.camera, settings.topics.audio,
                                 settings.topics.telemetry))
         self.consumer = KafkaConsumer(**consumer_config(settings))
+        self.offsets = KafkaConsumer(**offsets_config(settings))
         self.producer = KafkaProducer(**producer_config(settings))
         self.out: BoundedProducer[Output] = BoundedProducer(
             self.producer, settings.kafka.max_in_flight_bytes, clock
@@ -155,6 +171,8 @@ class KafkaWorker:
             self.producer.init_transactions()
         inputs = [settings.topics.camera, settings.topics.audio, settings.topics.telemetry]
         await_input_topics(self.consumer, inputs, settings.kafka.topic_wait_ms, clock)
+        for topic in inputs:  # the offsets client's metadata, before it is first asked
+            self.offsets.partitions_for_topic(topic)
         self.consumer.subscribe(inputs, listener=_Rebalance(self))
 
     # -- main loop ----------------------------------------------------------------------
@@ -220,6 +238,7 @@ class KafkaWorker:
     def close(self) -> None:
         try:
             self.consumer.close(autocommit=False)
+            self.offsets.close()
         finally:
             self.producer.close(timeout=10)
             self.engine.close()
@@ -355,8 +374,14 @@ class KafkaWorker:
             return False
         if self._end_offsets is None:
             idle = [p for p in self._owned if not self.aligner.queued(p.topic, p.partition)]
-            self._end_offsets = self.consumer.end_offsets(idle) if idle else {}
+            self._end_offsets = self._log_ends(idle) if idle else {}
         return bool(position >= self._end_offsets.get(tp, 0))
+
+    def _log_ends(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        try:
+            return dict(self.offsets.end_offsets(partitions))
+        except KeyError:  # kafka-python: a partition the offsets client has no metadata
+            return dict(self.consumer.end_offsets(partitions))  # for yet (it refreshes it)
 
     def _backpressure(self) -> None:
         """Pause everything while windows are over capacity.
