@@ -4,8 +4,8 @@ All devices' windows end on the same epoch boundaries, so they close together: d
 their frames only then puts every JPEG of a fleet into one burst, and the last window's
 event waits for all of them. The prefetcher spreads that work over the window's lifetime:
 as a frame arrives it predicts, from the frame count of the device's previous window,
-whether `window_inputs` will pick it (the same `spread` rule; in a device's first window
-every frame), and if so decodes it on a thread pool (OpenCV decodes without the GIL). At close, `decode` hands out the result or,
+whether `window_inputs` will pick it (the same `spread` rule), and if so decodes it on a
+thread pool (OpenCV decodes without the GIL). At close, `decode` hands out the result or,
 for a frame it did not predict, decodes it then. The frames picked and their pixels are
 exactly those of decoding at close: only the moment of the work changes.
 """
@@ -41,11 +41,9 @@ class FramePrefetch:
         # frames are in, bar late ones), else the count its close left
         previous = self._arrived.get((device, window_start - self.spec.window_ms))
         expected = previous if previous is not None else self._last_count.get(device)
-        if self.threads < 1:
-            return
-        # a device's first window has nothing to predict from: every frame is decoded (the
-        # picks are among them), or a fleet's first windows would all decode at close
-        if expected is None or index in spread(expected, self.spec.num_frames):
+        if self.threads < 1 or expected is None:
+            return  # a device's first window: nothing to predict from
+        if index in spread(expected, self.spec.num_frames):
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="iotfuse-frames")
             self._pending[item.position] = self._pool.submit(decode_frame, item,

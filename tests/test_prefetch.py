@@ -54,11 +54,11 @@ def test_prefetched_frames_give_the_outputs_of_decoding_at_close(runner: ModelRu
     assert outputs(ahead, records) == expected
     [letter] = [dict(p.headers) for p in expected if p.topic == TOPICS.deadletter]
     assert letter["iotfuse.error.stage"] == b"decode"  # the corrupt frame, found at decode
-    # three devices x four windows x k picked frames, and one more for the corrupt one
-    # (not predicted); a device's first window has every frame decoded ahead
+    # three devices x four windows x k picked frames, and one more for the corrupt one;
+    # the first window of each device has no frame count to predict from
     k = runner.features.num_frames
     assert (at_close.prefetch.ahead, at_close.prefetch.at_close) == (0, 3 * 4 * k + 1)
-    assert (ahead.prefetch.ahead, ahead.prefetch.at_close) == (3 * 4 * k, 1)
+    assert (ahead.prefetch.ahead, ahead.prefetch.at_close) == (3 * 3 * k, 3 * k + 1)
     assert ahead.prefetch.pending == 0
 
 
