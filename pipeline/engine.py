@@ -13,9 +13,9 @@ replay and the tests all drive the same `Engine`:
 Early inference (`early_inference`, the Kafka worker's spare time only): a window is
 complete once its device sent a record past its end, but it closes only when the watermark
 passes it, `allowed_lateness_ms` later. Every device's window ends on the same epoch
-boundary, so closing is a burst. `infer_early` classifies complete windows in that gap;
-at close the result is used as it is unless a record joined the window since (then the
-window is classified again). Events carry the same content either way; only the moment of
+boundary, so closing is a burst. `infer_early` classifies complete windows in that gap
+(again if a record joins one after that); at close the result is used as it is unless a
+record joined the window since (then the window is classified with its batch). Events carry the same content either way; only the moment of
 the work changes, and no output leaves before the window closes.
 
 Every position an output holds is released by the caller once the broker acknowledged it.
@@ -130,6 +130,9 @@ class Engine:
         self._enqueue(result.closed, now)  # first: a closed window tells what frames to expect
         if self.cfg.early_inference:
             self._complete.update((_key(w), w) for w in result.completed)
+            joined = result.window  # a record joining a window classified early: again
+            if joined is not None and _key(joined) in self._early:
+                self._complete[_key(joined)] = joined
         if result.late:
             self.metrics.labelled(self.metrics.late_records, got.item.modality).inc()
             self._released.append(got.item.position)

@@ -92,6 +92,7 @@ class AddResult:
     late: bool
     closed: list[Window]
     completed: list[Window] = field(default_factory=list)  # still open, end passed
+    window: Window | None = None  # the one the item joined (None: late)
 
 
 class Windower:
@@ -124,8 +125,8 @@ class Windower:
         closed = self._close_until(dev, boundary)
         if before is not None and self.config.start_of(before) == self.config.start_of(max_ts):
             # no window end reached; a window opened behind the device's time is complete
-            return AddResult(False, closed, [window] if opened and end <= before else [])
-        return AddResult(False, closed, self._completed(dev, before, max_ts))
+            return AddResult(False, closed, [window] if opened and end <= before else [], window)
+        return AddResult(False, closed, self._completed(dev, before, max_ts), window)
 
     def expire_idle(self, now_wall_ms: int) -> list[Window]:
         """Close every window of devices silent for at least the idle timeout."""

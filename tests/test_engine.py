@@ -199,19 +199,22 @@ def test_a_large_batch_split_over_threads_gives_the_same_decisions(runner: Model
         assert abs(e["confidence"] - three[device]["confidence"]) < 1e-5
 
 
-def live(runner: ModelRunner, records: list, early: bool, metrics: Metrics | None = None
-         ) -> tuple[list[dict], list[int]]:
-    """Drive the engine as the Kafka worker does, one record per poll; returns the events
-    (without processed_at_ms) and the sizes of the model calls."""
+def live(runner: ModelRunner, records: list, early: bool, metrics: Metrics | None = None,
+         polls: list[int] | None = None) -> tuple[list[dict], list[int]]:
+    """Drive the engine as the Kafka worker does, one record per poll (or `polls[i]`
+    records in poll i); returns the events (without processed_at_ms) and the sizes of the
+    model calls."""
     s = Settings()
     engine = build_engine(replace(s, runtime=replace(s.runtime, early_inference=early)),
                           runner, metrics, clock=FakeClock())
     calls: list[int] = []
     classify = engine.classify
     engine.classify = lambda raws: calls.append(len(raws)) or classify(raws)
-    outputs = []
-    for r in records:
-        outputs += engine.process(r)
+    outputs, rest = [], list(records)
+    for size in (polls or []) + [1] * len(records):
+        polled, rest = rest[:size], rest[size:]
+        for r in polled:
+            outputs += engine.process(r)
         if engine.queued():
             outputs += engine.run_batch()
         else:
@@ -244,11 +247,17 @@ def test_a_record_joining_after_early_inference_gets_the_window_classified_again
     recs = device_stream("a", T0, 2, tel) + device_stream("a", T0 + 2000, 1, tel)[:1]
     joining = device_stream("a", T0 + 1000, 1, tel)[-1:]  # at 1.9 s, within lateness
     recs = number(recs + joining + device_stream("a", T0 + 2100, 1, tel)[4:5])  # 2.5 s: closes
+    expected = live(runner, recs, False)[0]
+    assert expected[0]["modalities"]["telemetry"]["records"] == 21  # the joining one counted
+    # spare time after the joining record: classified again early, that result published
     metrics = Metrics()
     events, calls = live(runner, recs, True, metrics)
-    assert events[0]["modalities"]["telemetry"]["records"] == 21  # the joining one counted
-    assert events == live(runner, recs, False)[0]
-    assert calls[:2] == [1, 1]  # early, then again at close
+    assert events == expected and calls == [1, 1, 1]  # early, early again, the last window
+    assert metrics.value("iotfuse_early_windows_total", {"result": "used"}) == 1
+    # the joining and the closing record in one poll: classified again at close
+    metrics = Metrics()
+    events, calls = live(runner, recs, True, metrics, polls=[1] * 21 + [2])
+    assert events == expected and calls == [1, 1, 1]  # early, at close, the last window
     assert metrics.value("iotfuse_early_windows_total", {"result": "redone"}) == 1
 
 
