@@ -68,6 +68,7 @@ from prometheus_client import Histogram
 from encoders.modality import Modality
 from pipeline.app import build_engine, run_offline
 from pipeline.cli import torch_threads
+from pipeline.clients import MAX_REQUEST_BYTES, producer_config, to_record
 from pipeline.clock import wall_clock_ms
 from pipeline.engine import EngineConfig
 from pipeline.features import window_inputs
@@ -81,7 +82,7 @@ from pipeline.producer import BoundedProducer
 from pipeline.records import Record
 from pipeline.settings import Settings
 from pipeline.windows import Window, Windower
-from pipeline.worker import MAX_REQUEST_BYTES, KafkaWorker, producer_config, to_record
+from pipeline.worker import KafkaWorker
 
 PARTITIONS = 3
 TICK_MS = 100  # telemetry every tick, camera every 2nd, audio every 5th

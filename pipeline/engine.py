@@ -15,8 +15,9 @@ complete once its device sent a record past its end, but it closes only when the
 passes it, `allowed_lateness_ms` later. Every device's window ends on the same epoch
 boundary, so closing is a burst. `infer_early` classifies complete windows in that gap
 (again if a record joins one after that); at close the result is used as it is unless a
-record joined the window since (then the window is classified with its batch). Events carry the same content either way; only the moment of
-the work changes, and no output leaves before the window closes.
+record joined the window since (then the window is classified with its batch). Events
+carry the same content either way; only the moment of the work changes, and no output
+leaves before the window closes.
 
 Every position an output holds is released by the caller once the broker acknowledged it.
 """

@@ -12,18 +12,17 @@ buffered bytes by back-pressure (the consumer is paused until windows close).
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
-from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import CommitFailedError, RebalanceInProgressError
 from kafka.structs import OffsetAndMetadata
 
 from pipeline.align import Aligner
+from pipeline.clients import consumer_config, offsets_config, producer_config, to_record
 from pipeline.clock import Clock, wall_clock_ms
 from pipeline.engine import Engine
 from pipeline.errors import UserError
@@ -31,84 +30,14 @@ from pipeline.offsets import OffsetTracker
 from pipeline.outputs import Output
 from pipeline.producer import BoundedProducer
 from pipeline.progress import decode_progress, encode_progress
-from pipeline.records import Record
 from pipeline.settings import Settings
 from pipeline.windows import Position
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEST_BYTES = 10 * 1024 * 1024 + 512 * 1024  # an 8 MiB image + headers as a dead letter
-
 
 class DeliveryError(RuntimeError):
     """The broker refused an output after all retries: stop, restart re-reads the input."""
-
-
-def consumer_config(settings: Settings) -> dict[str, Any]:
-    k = settings.kafka
-    return {
-        "bootstrap_servers": k.bootstrap_servers.split(","),
-        "group_id": k.group_id,
-        "client_id": f"{k.client_id}-consumer",
-        "enable_auto_commit": False,
-        "auto_offset_reset": "earliest",
-        # co-partitioning: partition i of every input topic goes to the same member
-        "partition_assignment_strategy": (RangePartitionAssignor,),
-        "fetch_max_bytes": k.fetch_max_bytes,
-        "max_partition_fetch_bytes": MAX_REQUEST_BYTES,
-        "max_poll_records": k.max_poll_records,
-        "session_timeout_ms": k.session_timeout_ms,
-        "max_poll_interval_ms": k.max_poll_interval_ms,
-        "isolation_level": "read_committed",
-        # refresh topic metadata every 30 s (default 5 min): a member that joined the group
-        # on incomplete metadata rejoins soon, and added partitions are picked up
-        "metadata_max_age_ms": 30_000,
-        **k.client_config(),
-    }
-
-
-def offsets_config(settings: Settings) -> dict[str, Any]:
-    """A group-less client that only asks for end offsets, on its own connection: on the
-    consumer's it would queue behind the fetch in flight (a broker answers one request per
-    connection at a time), 60 ms a call while draining a backlog."""
-    k = settings.kafka
-    return {
-        "bootstrap_servers": k.bootstrap_servers.split(","),
-        "client_id": f"{k.client_id}-offsets",
-        "enable_auto_commit": False,
-        "isolation_level": "read_committed",  # the consumer's: end offsets it can reach
-        "metadata_max_age_ms": 30_000,  # added partitions, as the consumer
-        **k.client_config(),
-    }
-
-
-def producer_config(settings: Settings) -> dict[str, Any]:
-    k = settings.kafka
-    cfg: dict[str, Any] = {
-        "bootstrap_servers": k.bootstrap_servers.split(","),
-        "client_id": f"{k.client_id}-producer",
-        "acks": "all",
-        "enable_idempotence": True,
-        "linger_ms": 5,
-        "max_request_size": MAX_REQUEST_BYTES,
-        **k.client_config(),
-    }
-    if k.exactly_once:
-        cfg["transactional_id"] = k.transactional_id or f"{k.group_id}-{socket.gethostname()}"
-        cfg["transaction_timeout_ms"] = 30000
-    return cfg
-
-
-def to_record(msg: Any) -> Record:
-    return Record(
-        topic=msg.topic,
-        partition=msg.partition,
-        offset=msg.offset,
-        timestamp_ms=int(msg.timestamp),
-        key=msg.key,
-        value=msg.value,
-        headers=tuple((str(k), bytes(v) if v is not None else b"") for k, v in msg.headers or ()),
-    )
 
 
 def await_input_topics(consumer: KafkaConsumer, topics: list[str], wait_ms: int,
