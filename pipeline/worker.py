@@ -84,7 +84,7 @@ class KafkaWorker:
         self._paused = False
         self._owned: set[TopicPartition] = set()
         self._last_status_ms = clock()
-        self._end_offsets: dict[TopicPartition, int] | None = None  # fresh per poll
+        self._end_offsets: dict[TopicPartition, int] = {}  # asked this poll
         self._caught: dict[tuple[str, int], bool] = {}  # per poll: consumer.position is slow
         self._consumed = 0
         self._held_back: set[TopicPartition] = set()
@@ -118,7 +118,7 @@ class KafkaWorker:
         timeout = min(poll_timeout_ms, self.settings.runtime.batch_timeout_ms)
         polled = self.consumer.poll(timeout_ms=timeout if self.engine.queued() else poll_timeout_ms)
         self._follow_assignment()
-        self._end_offsets = None
+        self._end_offsets.clear()
         self._caught.clear()
         count = 0
         for messages in polled.values():
@@ -294,17 +294,21 @@ class KafkaWorker:
         The highwater of the last fetch is not enough: a partition whose records were still
         buffered from an older fetch keeps that fetch's highwater, and trusting it released
         other topics' newer records ahead of its unfetched ones, which then arrived late
-        (a sixth of the frames at 100 live devices). So the broker is asked, once per poll,
-        for the end offsets of every owned partition with nothing buffered here."""
+        (a sixth of the frames at 100 live devices). So the broker is asked, once per poll
+        and partition, with every owned partition with nothing buffered here at that moment;
+        a partition whose buffered records ran out later in the same poll is asked then (it
+        was once taken as caught up without asking)."""
         if tp not in self._owned:
             return True
         position = self.consumer.position(tp)
         if position < (self.consumer.highwater(tp) or 0):
             return False
-        if self._end_offsets is None:
-            idle = [p for p in self._owned if not self.aligner.queued(p.topic, p.partition)]
-            self._end_offsets = self._log_ends(idle) if idle else {}
-        return bool(position >= self._end_offsets.get(tp, 0))
+        if tp not in self._end_offsets:
+            idle = {p for p in self._owned if p not in self._end_offsets
+                    and not self.aligner.queued(p.topic, p.partition)}
+            self._end_offsets.update(self._log_ends(sorted(idle | {tp})))
+        end = self._end_offsets.get(tp)
+        return end is not None and position >= end
 
     def _log_ends(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
         try:
