@@ -19,12 +19,21 @@ from pipeline.settings import Settings
 MAX_REQUEST_BYTES = 10 * 1024 * 1024 + 512 * 1024  # an 8 MiB image + headers as a dead letter
 
 
-def consumer_config(settings: Settings) -> dict[str, Any]:
+def _client(settings: Settings, role: str) -> dict[str, Any]:
+    """What every client of the worker shares: brokers, a client id, security settings."""
     k = settings.kafka
     return {
         "bootstrap_servers": k.bootstrap_servers.split(","),
+        "client_id": f"{k.client_id}-{role}",
+        **k.client_config(),
+    }
+
+
+def consumer_config(settings: Settings) -> dict[str, Any]:
+    k = settings.kafka
+    return {
+        **_client(settings, "consumer"),
         "group_id": k.group_id,
-        "client_id": f"{k.client_id}-consumer",
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
         # co-partitioning: partition i of every input topic goes to the same member
@@ -38,7 +47,6 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
         # refresh topic metadata every 30 s (default 5 min): a member that joined the group
         # on incomplete metadata rejoins soon, and added partitions are picked up
         "metadata_max_age_ms": 30_000,
-        **k.client_config(),
     }
 
 
@@ -46,27 +54,22 @@ def offsets_config(settings: Settings) -> dict[str, Any]:
     """A group-less client that only asks for end offsets, on its own connection: on the
     consumer's it would queue behind the fetch in flight (a broker answers one request per
     connection at a time), 60 ms a call while draining a backlog."""
-    k = settings.kafka
     return {
-        "bootstrap_servers": k.bootstrap_servers.split(","),
-        "client_id": f"{k.client_id}-offsets",
+        **_client(settings, "offsets"),
         "enable_auto_commit": False,
         "isolation_level": "read_committed",  # the consumer's: end offsets it can reach
         "metadata_max_age_ms": 30_000,  # added partitions, as the consumer
-        **k.client_config(),
     }
 
 
 def producer_config(settings: Settings) -> dict[str, Any]:
     k = settings.kafka
     cfg: dict[str, Any] = {
-        "bootstrap_servers": k.bootstrap_servers.split(","),
-        "client_id": f"{k.client_id}-producer",
+        **_client(settings, "producer"),
         "acks": "all",
         "enable_idempotence": True,
         "linger_ms": 5,
         "max_request_size": MAX_REQUEST_BYTES,
-        **k.client_config(),
     }
     if k.exactly_once:
         cfg["transactional_id"] = k.transactional_id or f"{k.group_id}-{socket.gethostname()}"

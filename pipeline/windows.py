@@ -89,10 +89,13 @@ class _Device:
 
 @dataclass(frozen=True, slots=True)
 class AddResult:
-    late: bool
-    closed: list[Window]
+    window: Window | None  # the one the item joined; None: the item is late
+    closed: list[Window] = field(default_factory=list)
     completed: list[Window] = field(default_factory=list)  # still open, end passed
-    window: Window | None = None  # the one the item joined (None: late)
+
+    @property
+    def late(self) -> bool:
+        return self.window is None
 
 
 class Windower:
@@ -110,7 +113,7 @@ class Windower:
         start = self.config.start_of(item.ts_ms)
         end = start + self.config.window_ms
         if dev.closed_until is not None and end <= dev.closed_until:
-            return AddResult(late=True, closed=[])
+            return AddResult(None)
         window = dev.open.get(start)
         opened = window is None
         if window is None:
@@ -123,10 +126,9 @@ class Windower:
         watermark = max_ts - self.config.allowed_lateness_ms
         boundary = self.config.start_of(watermark)  # largest window boundary <= watermark
         closed = self._close_until(dev, boundary)
-        if before is not None and self.config.start_of(before) == self.config.start_of(max_ts):
-            # no window end reached; a window opened behind the device's time is complete
-            return AddResult(False, closed, [window] if opened and end <= before else [], window)
-        return AddResult(False, closed, self._completed(dev, before, max_ts), window)
+        if before is not None and end <= before:  # opened behind the device's time: complete
+            return AddResult(window, closed, [window] if opened else [])
+        return AddResult(window, closed, self._completed(dev, before, max_ts))
 
     def expire_idle(self, now_wall_ms: int) -> list[Window]:
         """Close every window of devices silent for at least the idle timeout."""
@@ -172,6 +174,8 @@ class Windower:
         """Open windows whose end the device's latest event time has just reached."""
         low = None if before is None else self.config.start_of(before)
         high = self.config.start_of(max_ts)
+        if low == high:
+            return []  # no window end reached (most records)
         return [w for w in dev.open.values()
                 if w.end_ms <= high and (low is None or w.end_ms > low)]
 

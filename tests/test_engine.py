@@ -199,14 +199,19 @@ def test_a_large_batch_split_over_threads_gives_the_same_decisions(runner: Model
         assert abs(e["confidence"] - three[device]["confidence"]) < 1e-5
 
 
+def engine_with_early(runner: ModelRunner, early: bool, metrics: Metrics | None = None
+                      ) -> Engine:
+    s = Settings()
+    return build_engine(replace(s, runtime=replace(s.runtime, early_inference=early)),
+                        runner, metrics, clock=FakeClock())
+
+
 def live(runner: ModelRunner, records: list, early: bool, metrics: Metrics | None = None,
          polls: list[int] | None = None) -> tuple[list[dict], list[int]]:
     """Drive the engine as the Kafka worker does, one record per poll (or `polls[i]`
     records in poll i); returns the events (without processed_at_ms) and the sizes of the
     model calls."""
-    s = Settings()
-    engine = build_engine(replace(s, runtime=replace(s.runtime, early_inference=early)),
-                          runner, metrics, clock=FakeClock())
+    engine = engine_with_early(runner, early, metrics)
     calls: list[int] = []
     classify = engine.classify
     engine.classify = lambda raws: calls.append(len(raws)) or classify(raws)
@@ -264,9 +269,7 @@ def test_a_record_joining_after_early_inference_gets_the_window_classified_again
 def test_a_closed_window_classified_early_does_not_wait_for_company(runner: ModelRunner) -> None:
     recs = number(device_stream("a", T0, 3, (Modality.TELEMETRY,)))  # every 100 ms
     for early in (True, False):
-        s = Settings()
-        engine = build_engine(replace(s, runtime=replace(s.runtime, early_inference=early)),
-                              runner, clock=FakeClock())
+        engine = engine_with_early(runner, early)
         for r in recs[:21]:  # up to 2.0 s: [0, 2 s) is complete
             engine.process(r)
         assert engine.infer_early() == (1 if early else 0)
