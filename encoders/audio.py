@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torchaudio.transforms import MelSpectrogram
+from torchaudio.transforms import MelScale, Spectrogram
 
 from encoders.base import ConvBlock, RawInfo, Trunk, check_hf_fields, check_raw, require
 
@@ -72,8 +72,11 @@ class AudioPreprocessor:
                 f"than audio.n_fft={cfg.n_fft}; use a longer window or a smaller n_fft")
         self.cfg = cfg
         self.samples = cfg.window_samples(window_ms)
-        self.mel = MelSpectrogram(sample_rate=cfg.sample_rate, n_fft=cfg.n_fft,
-                                  hop_length=cfg.hop_length, n_mels=cfg.n_mels, power=2.0)
+        # torchaudio's MelSpectrogram(power=2) squares |z| after a complex abs (a square
+        # root per bin, a third of the audio encoder's time); re^2 + im^2 is the same power
+        self.stft = Spectrogram(n_fft=cfg.n_fft, hop_length=cfg.hop_length, power=None)
+        self.mel = MelScale(n_mels=cfg.n_mels, sample_rate=cfg.sample_rate,
+                            n_stft=cfg.n_fft // 2 + 1)
 
     def __call__(self, raw: Tensor, info: RawInfo) -> Tensor:
         if info.audio_sample_rate != self.cfg.sample_rate:
@@ -85,8 +88,11 @@ class AudioPreprocessor:
         if not bool(torch.isfinite(raw).all()):
             raise ValueError("audio: the waveform contains NaN or infinity; send zeros for "
                              "missing audio")
-        self.mel.to(raw.device)  # no-op once moved; the transform holds only fixed buffers
-        mel = self.mel(raw)  # [n, samples] -> [n, n_mels, frames]
+        self.stft.to(raw.device)  # no-op once moved; the transforms hold only fixed buffers
+        self.mel.to(raw.device)
+        z = self.stft(raw)  # [n, samples] -> complex [n, n_fft/2+1, frames]
+        power = z.real.square() + z.imag.square()  # |z|^2 -> [n, n_fft/2+1, frames]
+        mel = self.mel(power)  # -> [n, n_mels, frames]
         return torch.log(mel + LOG_EPS)
 
 

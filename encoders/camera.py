@@ -54,12 +54,20 @@ class CameraPreprocessor:
         mean, std = torch.tensor(cfg.mean), torch.tensor(cfg.std)  # [3], [3]
         self.scale = 1.0 / (255.0 * std)  # [3], broadcast over the trailing RGB axis
         self.shift = mean / std  # [3]
+        # one mean and std for every channel (the default): scalar ops run ~4x faster than
+        # broadcasting [3] over the innermost axis
+        self.uniform = (float(self.scale[0]), float(self.shift[0])) if (
+            len(set(cfg.mean)) == 1 and len(set(cfg.std)) == 1) else None
 
     def __call__(self, raw: Tensor, info: RawInfo) -> Tensor:
         check_raw(raw, "camera", torch.uint8, self.shape)
-        if raw.device != self.scale.device:
-            self.scale, self.shift = self.scale.to(raw.device), self.shift.to(raw.device)
-        x = (raw * self.scale).sub_(self.shift)  # uint8 -> float (x/255 - mean) / std
+        x = raw.float()  # uint8 -> float32 [n, T, S, S, 3]
+        if self.uniform is not None:
+            x.mul_(self.uniform[0]).sub_(self.uniform[1])  # (x/255 - mean) / std
+        else:
+            if raw.device != self.scale.device:
+                self.scale, self.shift = self.scale.to(raw.device), self.shift.to(raw.device)
+            x = torch.addcmul(-self.shift, x, self.scale)  # (x/255 - mean) / std
         # a view: the memory stays channels-last, which the convolutions run ~2x faster on
         return x.permute(0, 1, 4, 2, 3)  # [n, T, S, S, 3] -> [n, T, 3, S, S]
 

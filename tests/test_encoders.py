@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchaudio.transforms import MelSpectrogram
 
 from encoders.audio import LOG_EPS, AudioConfig, AudioPreprocessor, build_audio_trunk
 from encoders.base import ModelConfigError, RawInfo
@@ -28,6 +29,16 @@ def test_camera_preprocessor_normalises_and_moves_channels_first() -> None:
     x = CameraPreprocessor(CAMERA)(raw, INFO)
     assert x.shape == (3, 2, 3, 32, 32) and x.dtype == torch.float32
     assert torch.all(x[:, :, 0] == 1.0) and torch.all(x[:, :, 1:] == -1.0)  # (v/255 - .5) / .5
+
+
+def test_camera_preprocessor_per_channel_statistics() -> None:
+    """Both paths (one mean/std for all channels, and per channel) give (x/255 - mean) / std."""
+    raw = torch.randint(0, 256, (2, 2, 32, 32, 3), dtype=torch.uint8)
+    for mean, std in (((0.5,) * 3, (0.25,) * 3), ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))):
+        cfg = CameraConfig(image_size=32, num_frames=2, mean=mean, std=std)
+        want = (raw.float() / 255 - torch.tensor(mean)) / torch.tensor(std)  # [n, T, S, S, 3]
+        got = CameraPreprocessor(cfg)(raw, INFO)
+        torch.testing.assert_close(got, want.permute(0, 1, 4, 2, 3))
 
 
 @pytest.mark.parametrize("raw, message", [
@@ -60,6 +71,14 @@ def test_audio_preprocessor_gives_log_mel() -> None:
     assert x.shape == (2, 16, AUDIO.frames(WINDOW_MS)) == (2, 16, 51)
     torch.testing.assert_close(x[0], torch.full((16, 51), math.log(LOG_EPS)))  # silence
     assert x[1].max() > 0  # a loud tone has energy well above silence
+
+
+def test_audio_preprocessor_equals_torchaudio_mel_spectrogram() -> None:
+    """The power spectrum is computed as re^2 + im^2; the result is torchaudio's."""
+    raw = 0.3 * torch.randn(3, 4000)
+    want = MelSpectrogram(sample_rate=8000, n_fft=256, hop_length=80, n_mels=16, power=2.0)(raw)
+    got = AudioPreprocessor(AUDIO, WINDOW_MS)(raw, INFO)
+    torch.testing.assert_close(got, torch.log(want + LOG_EPS), rtol=1e-5, atol=1e-5)
 
 
 def test_audio_preprocessor_refuses_wrong_sample_rate_with_advice() -> None:
