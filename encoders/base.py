@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
 class ModelConfigError(ValueError):
@@ -85,3 +86,21 @@ class ConvBlock(nn.Sequential):
         else:
             layers = [conv(c_in, c_out, 3, stride, 1, bias=False)]  # c_in -> c_out, size/stride
         super().__init__(*layers, norm(c_out), nn.GELU())
+
+
+def fold_batchnorm(module: nn.Module) -> int:
+    """Inference only: merge each ConvBlock's BatchNorm into the convolution before it.
+
+    In eval mode a BatchNorm is a fixed affine map per channel, so conv -> BN is one
+    convolution with a bias: the same outputs up to float rounding, one pass fewer over the
+    block's output. The module must be in eval mode and is not to be trained (or saved)
+    afterwards. Returns how many blocks were folded."""
+    if module.training:
+        raise ValueError("fold_batchnorm needs a module in eval mode (call .eval() first)")
+    folded = 0
+    for block in module.modules():
+        if isinstance(block, ConvBlock) and isinstance(block[-2], nn.modules.batchnorm._BatchNorm):
+            block[-3] = fuse_conv_bn_eval(block[-3], block[-2])
+            del block[-2]  # [..., conv, BN, GELU] -> [..., conv (with bias), GELU]
+            folded += 1
+    return folded

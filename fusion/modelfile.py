@@ -50,6 +50,9 @@ class LoadedModel:
 def save_model(model: FusionClassifier, directory: str | os.PathLike[str]) -> str:
     """Write model.safetensors and config.json into directory (created if needed); returns the
     version. Each file is written to a temporary name and renamed, weights first."""
+    if model.inference_only:
+        raise ValueError("this model was folded for inference and no longer has the saved "
+                         "layout; save the model you trained, before fold_for_inference")
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").clone().contiguous()

@@ -59,7 +59,7 @@ class ModelRunner:
             loaded = load_model(path, device=str(dev))
         except (ValueError, OSError) as exc:
             raise UserError(f"cannot load the model in {path}: {exc}") from exc
-        loaded.model.eval()
+        loaded.model.fold_for_inference()
         return cls(loaded.model, loaded.config, loaded.version, dev)
 
     @property

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from encoders.modality import ALL_MODALITIES, Modality
 from fusion.batch import WindowBatch
 from fusion.config import AudioConfig, CameraConfig, FusionConfig, ModelConfig, TelemetryConfig
 from fusion.model import FusionClassifier
+from fusion.modelfile import save_model
 
 RATE = 8000
 
@@ -199,3 +201,26 @@ def test_predict_restores_training_mode_and_gives_probabilities(
     torch.testing.assert_close(pred.probs.sum(dim=1), torch.ones(8))
     assert torch.equal(pred.label_idx, pred.probs.argmax(dim=1))
     assert pred.attribution.shape == (8, 3)
+
+
+def test_folding_batchnorm_keeps_outputs_and_refuses_training(
+        model: FusionClassifier, tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)):
+        bn.running_mean.uniform_(-1, 1)  # statistics a trained model would have
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.5, 0.5)
+    batch = WindowBatch.collate([random_window(rng, model.config, s) for s in all_subsets()],
+                                RATE)
+    before = model.predict(batch)
+    folded = model.fold_for_inference()
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                   for m in folded.trunks.modules())
+    after = folded.predict(batch)
+    torch.testing.assert_close(after.probs, before.probs, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(after.attribution, before.attribution, rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError, match="load it again"):
+        folded.train()
+    with pytest.raises(ValueError, match="folded for inference"):
+        save_model(folded, tmp_path / "m")
