@@ -326,15 +326,20 @@ def _to_float(data: bytes, fmt: SampleFormat) -> np.ndarray:
         ints = wide.view("<i4")[:, 0] >> 8  # (samples,), sign-extended
     else:
         dtype = {1: "u1" if fmt.is_unsigned else "i1", 2: "<i2", 4: "<i4"}[fmt.width]
-        ints = np.frombuffer(data, dtype=dtype).astype(np.int64)  # (samples,)
+        ints = np.frombuffer(data, dtype=dtype)  # (samples,)
+    # straight to float32: exact up to 24 bits; a 32-bit sample is rounded once, as it
+    # would be going through float64 (scaling by a power of two is exact)
+    samples = ints.astype(np.float32)  # (samples,)
     if fmt.is_unsigned:
-        ints = ints - 128
-    scale = float(1 << (8 * fmt.width - 1))
-    return (ints.astype(np.float64) / scale).astype(np.float32)
+        samples -= 128.0
+    samples *= np.float32(1.0 / (1 << (8 * fmt.width - 1)))
+    return samples
 
 
 def _to_mono(data: bytes, layout: Layout) -> np.ndarray:
     interleaved = _to_float(data, layout.fmt)  # (frames * channels,)
+    if layout.channels == 1:
+        return interleaved
     frames = interleaved.reshape(-1, layout.channels)  # (frames, channels)
     mono: np.ndarray = frames.mean(axis=1, dtype=np.float32)  # (frames,)
     return mono
