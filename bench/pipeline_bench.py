@@ -15,12 +15,14 @@ is compared.
    `window_inputs` of the closed windows (prepared untimed);
 2. offline: `run_offline` over the records (decode, align, window, features, model);
 3. end to end: records produced once (3 partitions); each run, a KafkaWorker of a new group
-   starts in a thread, timed from its start (group join included) to the ack of the last
-   window's event. Acknowledged = the broker acked it (acks=all) and the worker drained that
-   ack, where it releases the offsets and observes iotfuse_event_latency_seconds (recorded
-   by `LatencySamples`). A telemetry record per device 600 ms past the end closes the last
-   windows by watermark; the windows it opens are not counted (the idle timeout is set to
-   10 min so that only watermark-closed windows are counted);
+   starts in a thread; the drain is timed from the first record it takes in to the ack of
+   the last window's event (as kafka-consumer-perf-test leaves the group join out of its
+   fetch rate), and printed again from the worker's start, group join included.
+   Acknowledged = the broker acked it (acks=all) and the worker drained that ack, where it
+   releases the offsets and observes iotfuse_event_latency_seconds (`LatencySamples`).
+   A telemetry record per device 600 ms past the end closes the last windows by watermark;
+   the windows it opens are not counted (the idle timeout is set to 10 min so that only
+   watermark-closed windows are counted);
 4. offline with max_batch=1 (at most 20 s a run: the windows done by then);
 5. per-message loop via Kafka: consume a record, decode it, classify it alone (a one-record
    window), produce its event, flush(); over whole windows of a few devices;
@@ -270,6 +272,7 @@ class WorkerThread:
         self.latency = LatencySamples(metrics)
         self.worker = KafkaWorker(settings, build_engine(settings, runner, metrics))
         self.stop = threading.Event()
+        self.first_at: float | None = None  # when the worker had taken in its first record
         self.thread = threading.Thread(target=self.worker.run, args=(self.stop,), daemon=True)
         self.thread.start()
 
@@ -278,6 +281,8 @@ class WorkerThread:
         seen, since = 0, time.monotonic()
         try:
             while (count := len(self.latency.values)) < n:
+                if self.first_at is None and self.records_in() > 0:
+                    self.first_at = time.perf_counter()
                 if not self.thread.is_alive():
                     raise RuntimeError(f"the worker died after {count} of {n} events")
                 if count > seen:
@@ -290,12 +295,21 @@ class WorkerThread:
             self.thread.join(timeout=60)
 
 
-def end_to_end(bootstrap: str, runner: ModelRunner, names: TopicNames, windows: int) -> Rate:
-    """A worker of a new consumer group: it reads the topics from the beginning."""
+    def records_in(self) -> float:
+        metrics = self.worker.metrics
+        return sum(metrics.value("iotfuse_records_in_total", {"modality": m}) for m in Modality)
+
+
+def end_to_end(bootstrap: str, runner: ModelRunner, names: TopicNames, windows: int
+               ) -> tuple[Rate, Rate]:
+    """A worker of a new consumer group reads the topics from the beginning: the drain (from
+    its first record) and the whole run (from its start, group join included)."""
     start = time.perf_counter()
     run = WorkerThread(settings_for(bootstrap, names), runner)
     run.wait_acked(windows)
-    return Rate(windows, run.latency.last_at - start)
+    assert run.first_at is not None  # events were acknowledged: records came in first
+    return (Rate(windows, run.latency.last_at - run.first_at),
+            Rate(windows, run.latency.last_at - start))
 
 
 def per_message(bootstrap: str, runner: ModelRunner, records: list[Record]) -> Rate:
@@ -437,7 +451,7 @@ def main() -> int:
              f"{np.mean([len(f) for f in media[0]]) / 1e3:.0f} KB); torch threads "
              f"{torch.get_num_threads()}, {os.cpu_count()} CPUs, load avg "
              f"{os.getloadavg()[0]:.1f} at start"]
-    runs: dict[str, list[Rate]] = {"model": [], "b64": [], "e2e": [], "b1": []}
+    runs: dict[str, list[Rate]] = {"model": [], "b64": [], "e2e": [], "e2e+join": [], "b1": []}
     splits, naive, live, stalls = {}, None, None, list[str]()
     with ExitStack() as stack:
         directory = a.model
@@ -462,13 +476,16 @@ def main() -> int:
                 runs[key].append(rate)
                 if key == "b64" and bootstrap is not None and names is not None:
                     try:
-                        runs["e2e"].append(end_to_end(bootstrap, runner, names, windows))
+                        drain, whole = end_to_end(bootstrap, runner, names, windows)
+                        runs["e2e"].append(drain)
+                        runs["e2e+join"].append(whole)
                     except Stalled as exc:
                         stalls.append(f"end to end, round {n + 1}: {exc}")
         lines += [row("1 model only (classify, batches of 64)", runs["model"]),
                   row("2 offline pipeline, max_batch 64", runs["b64"]), f"    {splits['b64']}"]
         if runs["e2e"]:
-            lines.append(row("3 end to end via Kafka, max_batch 64", runs["e2e"]))
+            lines += [row("3 end to end via Kafka, max_batch 64", runs["e2e"]),
+                      row("    the same, group join included", runs["e2e+join"])]
         lines += [row("4 offline pipeline, max_batch 1", runs["b1"]), f"    {splits['b1']}"]
         if bootstrap is not None and runs["e2e"]:
             print("per-message loop ...", file=sys.stderr, flush=True)
