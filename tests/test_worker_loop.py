@@ -1,0 +1,39 @@
+"""The worker's record loop without a broker: when a closed window's event goes out."""
+
+from __future__ import annotations
+
+from encoders.modality import Modality
+from pipeline.align import Aligner
+from pipeline.model_runner import ModelRunner
+from pipeline.worker import KafkaWorker
+from tests.factory import T0, TOPICS, device_stream, number
+from tests.test_engine import engine_with_early, runner  # noqa: F401  (fixture)
+
+TEL = (TOPICS.telemetry,)
+
+
+def test_a_window_closing_with_its_early_result_is_published_before_the_rest_of_the_poll(
+        runner: ModelRunner) -> None:  # noqa: F811
+    tel = (Modality.TELEMETRY,)
+    recs = number(device_stream("a", T0, 3, tel) + device_stream("b", T0 + 2000, 1, tel))
+    a, b = recs[:30], recs[30:]  # telemetry every 100 ms
+    engine = engine_with_early(runner, True)
+    for r in a[:21]:  # up to 2.0 s: a's window [0, 2 s) is complete
+        engine.process(r)
+    assert engine.infer_early() == 1
+    # one poll: a's records up to 2.5 s (the window closes) and 10 records of device b
+    aligner = Aligner(TEL)
+    for r in a[21:26] + b:
+        aligner.push(r)
+    order: list[str] = []
+    process = engine.process
+    engine.process = lambda r: order.append(f"{r.key.decode()}@{r.timestamp_ms - T0}") or process(r)
+    worker = KafkaWorker.__new__(KafkaWorker)  # no broker: only the loop runs
+    worker.aligner, worker.engine = aligner, engine
+    worker._caught_up = lambda _topic, _partition: True
+    worker._publish = lambda outputs: order.extend(
+        "event" for o in outputs if o.topic == TOPICS.events)
+    worker._process_ready()
+    assert order.index("event") == order.index("a@2500") + 1  # not after b's records
+    assert order.count("event") == 1 and len(order) == 5 + 10 + 1
+    assert order[-1] == "b@2900"  # b's later records came after it
