@@ -170,9 +170,9 @@ class Engine:
             return False
         waited = self.clock() - self._queue[0].closed_at_ms
         return (len(self._queue) >= self.cfg.max_batch or waited >= self.cfg.batch_timeout_ms
-                or self.classified_early())
+                or self.queue_classified_early())
 
-    def classified_early(self) -> bool:
+    def queue_classified_early(self) -> bool:
         """Every queued window has its early result: nothing to compute, publish it now."""
         return bool(self._queue) and all(self._classified_early(c.window) for c in self._queue)
 
