@@ -63,6 +63,13 @@ class Metrics:
         self.paused = Gauge(
             "iotfuse_consumer_paused", "1 while back-pressure pauses consumption", registry=r
         )
+        self.pauses = Counter(
+            "iotfuse_backpressure_pauses", "Times back-pressure paused consumption", registry=r
+        )
+        self.over_capacity = Counter(
+            "iotfuse_over_capacity", "Times reading went on over the window limits: the open "
+            "windows could close only with more input", registry=r
+        )
         self.consumer_lag = Gauge(
             "iotfuse_consumer_lag", "Records behind the log end", ["topic", "partition"],
             registry=r,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +20,7 @@ from pipeline.model_runner import ModelRunner
 from pipeline.settings import Settings
 from pipeline.worker import KafkaWorker
 from tests.contract import Published, check_contract, scenario
-from tests.factory import CLASSES, make_model
+from tests.factory import CLASSES, T0, device_stream, make_model
 from tests.kafka_util import produce, read_until, settings_for, to_topics
 
 pytestmark = pytest.mark.kafka
@@ -99,6 +100,37 @@ def test_contract_through_the_broker(bootstrap, topics, runner, start_worker) ->
     bad_sent = [(next(s for s in sent if s.key == r.key and s.value == r.value), reason)
                 for r, reason in bad]
     check_contract(sent, bad_sent, got, CLASSES, runner.version, settings.topics)
+
+
+def test_back_pressure_pauses_and_reads_on_without_losing_a_record(
+    bootstrap, topics, runner, start_worker
+) -> None:
+    """12 devices need 12-24 open windows (each stays open for the allowed lateness past
+    its end), always more than the cap of 6: the worker pauses while it can close windows
+    without reading, and reads on over capacity when they close only with more input.
+    Every window gets an event with every record it was sent (waiting for the paused
+    partitions: a few of the 48 windows, then nothing; taking them as caught up: frames late)."""
+    devices = [f"dev-{i:02d}" for i in range(12)]
+    records = sorted((r for d in devices for r in device_stream(d, T0, 8)),
+                     key=lambda r: r.timestamp_ms)
+    produce(bootstrap, to_topics(records, topics))
+    settings = settings_for(bootstrap, topics)
+    settings = replace(settings, windows=replace(settings.windows, max_open_windows=6),
+                       kafka=replace(settings.kafka, max_poll_records=20))  # many steps
+    worker = start_worker(settings)
+    windows = len(devices) * 4
+    got = read_until(bootstrap, [topics.events], lambda got: len(got) >= windows,
+                     poll=worker.check)
+    worker.close()
+    counts = Counter((e["device_id"], e["window"]["start_ms"], m, d["records"])
+                     for e in map(json.loads, (p.value for p in got))
+                     for m, d in e["modalities"].items())
+    per_window = {"camera": 10, "audio": 4, "telemetry": 20}
+    assert counts == Counter((d, T0 + 2000 * k, m, n) for d in devices for k in range(4)
+                             for m, n in per_window.items())
+    metrics = worker.worker.metrics
+    assert metrics.value("iotfuse_backpressure_pauses_total") > 0
+    assert metrics.value("iotfuse_over_capacity_total") > 0
 
 
 def with_topic_wait(settings: Settings, wait_ms: int) -> Settings:
