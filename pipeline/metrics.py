@@ -66,6 +66,10 @@ class Metrics:
         self.pauses = Counter(
             "iotfuse_backpressure_pauses", "Times back-pressure paused consumption", registry=r
         )
+        self.broker_errors = Counter(
+            "iotfuse_broker_errors", "Broker calls that failed and are retried later (commit, "
+            "log_end, lag): is the broker reachable?", ["call"], registry=r
+        )
         self.over_capacity = Counter(
             "iotfuse_over_capacity", "Times reading went on over the window limits: the open "
             "windows could close only with more input", registry=r

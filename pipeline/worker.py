@@ -6,26 +6,28 @@ Delivery (see docs/contract.md):
 - exactly-once (`kafka.exactly_once`): outputs and the committable offsets go into one
   Kafka transaction, committed every `commit_interval_ms`.
 In-flight producer data is bounded by `kafka.max_in_flight_bytes`; open windows and
-buffered bytes by back-pressure (the consumer is paused until windows close).
+buffered bytes by back-pressure (`_backpressure`).
+A broker that cannot be reached for a while is waited out: commits, log-end and lag
+queries that fail with a retriable error are counted, logged and tried again later (the
+producer retries sends for `delivery.timeout.ms`, then the worker stops: DeliveryError).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
-from kafka.errors import CommitFailedError, RebalanceInProgressError
+from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError
 from kafka.structs import OffsetAndMetadata
 
 from pipeline.align import Aligner
 from pipeline.clients import consumer_config, offsets_config, producer_config, to_record
 from pipeline.clock import Clock, wall_clock_ms
 from pipeline.engine import Engine
-from pipeline.errors import UserError
+from pipeline.kafka.admin import await_input_topics
 from pipeline.offsets import OffsetTracker
 from pipeline.outputs import Output
 from pipeline.producer import BoundedProducer
@@ -35,40 +37,11 @@ from pipeline.windows import Position
 
 log = logging.getLogger(__name__)
 
+LOG_END_TIMEOUT_MS = 5000  # a log-end query waits this long for an unreachable broker
+
 
 class DeliveryError(RuntimeError):
     """The broker refused an output after all retries: stop, restart re-reads the input."""
-
-
-def await_input_topics(consumer: KafkaConsumer, topics: list[str], wait_ms: int,
-                       clock: Clock = wall_clock_ms) -> None:
-    """Wait until the broker knows every input topic, co-partitioned, before joining the group.
-
-    Joining first would let the group's range assignor see a topic without partitions and
-    leave it unassigned until the next metadata refresh; a missing topic would only show
-    as a worker that never consumes anything.
-    """
-    deadline = clock() + wait_ms
-    while True:
-        counts = {t: len(consumer.partitions_for_topic(t)) for t in topics}
-        missing = [t for t, n in counts.items() if n == 0]
-        if not missing:
-            break
-        if clock() >= deadline:
-            raise UserError(
-                f"input topics {', '.join(missing)} do not exist on "
-                f"{consumer.config['bootstrap_servers']} (waited {wait_ms} ms): create them "
-                "with `iotfuse topics` or check [topics] and --bootstrap-servers"
-            )
-        log.info("waiting for input topics to exist: %s", ", ".join(missing))
-        time.sleep(0.5)  # retry backoff while the topics are created
-    if len(set(counts.values())) > 1:
-        raise UserError(
-            "input topics are not co-partitioned ("
-            + ", ".join(f"{t}: {n}" for t, n in counts.items())
-            + "): a device's records must share a partition number; recreate them with one "
-            "partition count (`iotfuse topics --partitions N`)"
-        )
 
 
 class KafkaWorker:
@@ -82,6 +55,7 @@ class KafkaWorker:
         self._in_txn = False
         self._last_commit_ms = clock()
         self._paused = False
+        self._last_broker_warning_ms = -10_000
         self._over_capacity = False  # reading on over capacity (warned once per episode)
         self._owned: set[TopicPartition] = set()
         self._last_status_ms = clock()
@@ -222,7 +196,12 @@ class KafkaWorker:
                 self.consumer.commit(self._with_progress(offsets))
             except (CommitFailedError, RebalanceInProgressError) as exc:
                 log.info("commit skipped during a rebalance (%s); retried next interval", exc)
-        self._update_lag()
+            except KafkaError as exc:  # e.g. the broker is down: the next interval retries
+                self._broker_error("commit", exc)
+        try:
+            self._update_lag()
+        except KafkaError as exc:
+            self._broker_error("lag", exc)
 
     def _commit_transaction(self, offsets: dict[TopicPartition, int]) -> None:
         if not self._in_txn and not offsets:
@@ -323,10 +302,29 @@ class KafkaWorker:
         return end is not None and position >= end
 
     def _log_ends(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """End offsets; none while the broker cannot be reached (not caught up: the aligner
+        keeps what it holds until it can tell)."""
         try:
-            return dict(self.offsets.end_offsets(partitions))
-        except KeyError:  # kafka-python: a partition the offsets client has no metadata
-            return dict(self.consumer.end_offsets(partitions))  # for yet (it refreshes it)
+            try:
+                return dict(self.offsets.end_offsets(partitions, LOG_END_TIMEOUT_MS))
+            except KeyError:  # kafka-python: a partition the offsets client has no metadata
+                return dict(self.consumer.end_offsets(partitions, LOG_END_TIMEOUT_MS))  # yet
+        except KafkaError as exc:
+            self._broker_error("log_end", exc)
+            return {}
+
+    def _broker_error(self, call: str, exc: KafkaError) -> None:
+        """A retriable broker error where trying again later is safe: count it, and say so
+        at most every 10 s; anything else is raised."""
+        if not exc.retriable:
+            raise exc
+        self.metrics.labelled(self.metrics.broker_errors, call).inc()
+        now = self.clock()
+        if now - self._last_broker_warning_ms >= 10_000:
+            self._last_broker_warning_ms = now
+            log.warning("%s failed (%r); retrying. Is the broker reachable at %s? Nothing is "
+                        "lost: uncommitted input is read again after a restart", call, exc,
+                        self.settings.kafka.bootstrap_servers)
 
     def _backpressure(self, progressed: bool) -> None:
         """Pause everything while windows are over capacity and the worker can free some

@@ -51,6 +51,14 @@ def produce(bootstrap: str, records: Iterable[Record]) -> list[Record]:
     return out
 
 
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll `condition` until it holds; fails the test after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s}s waiting for {what}"
+        time.sleep(0.05)
+
+
 def read_until(
     bootstrap: str, topics: list[str], done: Callable[[list[Published]], bool],
     timeout_s: float = 60.0, isolation_level: str = "read_uncommitted",

@@ -21,6 +21,7 @@ from kafka.admin import ConfigResource, ConfigResourceType
 
 from pipeline.kafka.admin import TopicNames, ensure_topics
 from pipeline.kafka.broker import KafkaStartError, LocalKafka
+from tests.kafka_util import wait_until
 
 pytestmark = pytest.mark.kafka
 
@@ -50,13 +51,6 @@ def read_all(
         return records
     finally:
         consumer.close()
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout_s}s waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_round_trip_keeps_keys_headers_and_timestamps(bootstrap: str, topics: TopicNames) -> None:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,10 +16,11 @@ from pathlib import Path
 import pytest
 
 from encoders.modality import Modality
-from pipeline.kafka.admin import TopicNames
+from pipeline.kafka.admin import TopicNames, ensure_topics
+from pipeline.kafka.broker import LocalKafka
 from tests.contract import Published, expected_windows
 from tests.factory import T0, device_stream, make_model, number
-from tests.kafka_util import produce, read_until, settings_for, to_topics
+from tests.kafka_util import produce, read_until, settings_for, to_topics, wait_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -166,3 +168,40 @@ def test_a_stop_while_starting_up_exits_cleanly(workers: Workers, tmp_path: Path
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0, log.read_text()[-2000:]
     assert "stopped cleanly" in log.read_text()
+
+
+def test_a_broker_outage_is_waited_out_without_losing_a_window(
+    model_dir: Path, tmp_path: Path, show_broker_logs
+) -> None:
+    """The broker is killed mid-stream and started again on its data: the worker says the
+    broker is unreachable, keeps running, and every window gets its event, computed from all
+    of its records (before: the first commit during the outage raised KafkaConnectionError,
+    or a log-end query KafkaTimeoutError, and the worker exited)."""
+    with show_broker_logs(LocalKafka(nodes=1, log_dir=tmp_path)) as kafka:
+        bootstrap = kafka.bootstrap_servers
+        topics = TopicNames.prefixed(f"outage-{uuid.uuid4().hex[:8]}")
+        ensure_topics(bootstrap, topics, partitions=3, replication_factor=1)
+        workers = Workers(bootstrap, topics, model_dir, tmp_path)
+        try:
+            sent = produce(bootstrap, to_topics(fleet(8), topics))
+            workers.start()
+            read_until(bootstrap, [topics.events], lambda got: len(got) >= 6, timeout_s=90,
+                       poll=workers.check_alive)
+            kafka.stop_node(0, kill=True)
+            log = tmp_path / "worker-0.log"
+
+            def noticed() -> bool:
+                workers.check_alive()
+                return "Is the broker reachable" in log.read_text(errors="replace")
+
+            wait_until(noticed, 60, "the worker to report the unreachable broker")
+            kafka.start_node(0)
+            sent += produce(bootstrap, to_topics(fleet(6, start=T0 + 10000), topics))
+            expected = {(d, s) for d, s, _ in
+                        expected_windows(sent, [], settings_for("x", topics).topics)}
+            events = read_until(bootstrap, [topics.events],
+                                lambda got: expected <= set(windows_of(got)), timeout_s=120,
+                                poll=workers.check_alive)
+        finally:
+            workers.stop_all()
+    assert_whole_windows(events, sent, topics)

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,6 +41,7 @@ from pipeline.replayer import (
 )
 from pipeline.settings import KafkaSettings
 from tests.factory import FakeClock
+from tests.kafka_util import wait_until
 
 # Recent timestamps: the broker's time retention (7 days, checked 30 s after start and every
 # 5 minutes) deletes records stamped further back, even in the active segment.
@@ -291,13 +292,6 @@ def rewrite_topics(src: Path, dst: Path, rename: dict[str, str]) -> None:
     with RecordingWriter(dst) as writer:
         for r in read_file(src):
             writer.write(replace(r, topic=rename.get(r.topic, r.topic)))
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout_s}s waiting for {what}"
-        time.sleep(0.05)
 
 
 def recorded_count(path: Path) -> int:

@@ -8,14 +8,20 @@ leave them otherwise. The camera and dead-letter topics accept records of up to 
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import kafka.errors as errors
-from kafka import KafkaAdminClient
+from kafka import KafkaAdminClient, KafkaConsumer
 
+from pipeline.clock import Clock, wall_clock_ms
+from pipeline.errors import UserError
 from pipeline.settings import TopicSettings
+
+log = logging.getLogger(__name__)
 
 LARGE_RECORD_BYTES = 10_485_760  # max.message.bytes of the camera and dead-letter topics
 
@@ -204,3 +210,34 @@ def unfenced_brokers(admin: KafkaAdminClient) -> set[int]:
     except Exception:  # not answering (yet): callers poll
         return set()
     return {int(b["broker_id"]) for b in cluster["brokers"] if not b.get("is_fenced", False)}
+
+
+def await_input_topics(consumer: KafkaConsumer, topics: list[str], wait_ms: int,
+                       clock: Clock = wall_clock_ms) -> None:
+    """Wait until the broker knows every input topic, co-partitioned, before joining the group.
+
+    Joining first would let the group's range assignor see a topic without partitions and
+    leave it unassigned until the next metadata refresh; a missing topic would only show
+    as a worker that never consumes anything.
+    """
+    deadline = clock() + wait_ms
+    while True:
+        counts = {t: len(consumer.partitions_for_topic(t)) for t in topics}
+        missing = [t for t, n in counts.items() if n == 0]
+        if not missing:
+            break
+        if clock() >= deadline:
+            raise UserError(
+                f"input topics {', '.join(missing)} do not exist on "
+                f"{consumer.config['bootstrap_servers']} (waited {wait_ms} ms): create them "
+                "with `iotfuse topics` or check [topics] and --bootstrap-servers"
+            )
+        log.info("waiting for input topics to exist: %s", ", ".join(missing))
+        time.sleep(0.5)  # retry backoff while the topics are created
+    if len(set(counts.values())) > 1:
+        raise UserError(
+            "input topics are not co-partitioned ("
+            + ", ".join(f"{t}: {n}" for t, n in counts.items())
+            + "): a device's records must share a partition number; recreate them with one "
+            "partition count (`iotfuse topics --partitions N`)"
+        )
