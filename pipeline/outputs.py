@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from encoders.modality import ALL_MODALITIES, Modality
@@ -63,6 +63,24 @@ def dead_letter(record: Record, error: RejectedRecord, topic: str) -> Output:
         timestamp_ms=max(record.timestamp_ms, 0),
         holds=(Position(record.topic, record.partition, record.offset),),
     )
+
+
+# what a one-record batch adds to key, value and headers on the broker (batch header 61
+# bytes, record and header lengths as varints), with room to spare
+RECORD_OVERHEAD_BYTES = 512
+
+
+def fit_dead_letter(out: Output, max_message_bytes: int) -> Output:
+    """A dead letter larger than its topic takes (`max.message.bytes`), without its value:
+    the header `iotfuse.error.value_omitted` gives the value's size in bytes. Sent whole, the
+    broker would refuse it and the worker stop, then re-read and refuse it again."""
+    value = out.value or b""
+    size = (len(out.key or b"") + len(value) + sum(len(k) + len(v) for k, v in out.headers)
+            + RECORD_OVERHEAD_BYTES)
+    if size <= max_message_bytes:
+        return out
+    omitted = (("iotfuse.error.value_omitted", str(len(value)).encode()),)
+    return replace(out, value=b"", headers=out.headers + omitted)
 
 
 def _audio_seconds(window: Window) -> float:

@@ -27,9 +27,9 @@ from pipeline.align import Aligner
 from pipeline.clients import consumer_config, offsets_config, producer_config, to_record
 from pipeline.clock import Clock, wall_clock_ms
 from pipeline.engine import Engine
-from pipeline.kafka.admin import await_input_topics
+from pipeline.kafka.admin import await_input_topics, dead_letter_limit
 from pipeline.offsets import OffsetTracker
-from pipeline.outputs import Output
+from pipeline.outputs import Output, fit_dead_letter
 from pipeline.producer import BoundedProducer
 from pipeline.progress import decode_progress, encode_progress
 from pipeline.settings import Settings
@@ -75,6 +75,7 @@ class KafkaWorker:
             self.producer.init_transactions()
         inputs = [settings.topics.camera, settings.topics.audio, settings.topics.telemetry]
         await_input_topics(self.consumer, inputs, settings.kafka.topic_wait_ms, clock)
+        self._deadletter_max = dead_letter_limit(settings)
         for topic in inputs:  # the offsets client's metadata, before it is first asked
             self.offsets.partitions_for_topic(topic)
         self.consumer.subscribe(inputs, listener=_Rebalance(self))
@@ -164,8 +165,21 @@ class KafkaWorker:
             if self.exactly_once and not self._in_txn:
                 self.producer.begin_transaction()
                 self._in_txn = True
-            self.out.send(out, out.topic, out.key, out.value, out.headers, out.timestamp_ms)
+            sent = self._fitted(out)
+            self.out.send(out, sent.topic, sent.key, sent.value, sent.headers, sent.timestamp_ms)
         self._drain_acks()
+
+    def _fitted(self, out: Output) -> Output:
+        """A dead letter the dead-letter topic can take (`fit_dead_letter`)."""
+        if out.topic != self.settings.topics.deadletter or self._deadletter_max is None:
+            return out
+        fitted = fit_dead_letter(out, self._deadletter_max)
+        if fitted is not out:
+            log.warning("a dead letter of %d bytes is larger than %s takes (max.message.bytes "
+                        "%d): sent without its value. Raise the topic's max.message.bytes "
+                        "to keep values (`iotfuse topics` creates it with 10 MiB)",
+                        len(out.value or b""), out.topic, self._deadletter_max)
+        return fitted
 
     def _drain_acks(self) -> None:
         for out, error, acked_ms in self.out.completed_at():

@@ -15,12 +15,12 @@ from kafka.admin import KafkaAdminClient, NewTopic
 
 from pipeline.app import build_engine
 from pipeline.errors import UserError
-from pipeline.kafka.admin import TopicNames
+from pipeline.kafka.admin import TopicNames, ensure_topics
 from pipeline.model_runner import ModelRunner
 from pipeline.settings import Settings
 from pipeline.worker import KafkaWorker
 from tests.contract import Published, check_contract, scenario
-from tests.factory import CLASSES, T0, device_stream, make_model
+from tests.factory import CLASSES, T0, TOPICS, device_stream, make_model, record
 from tests.kafka_util import produce, read_until, settings_for, to_topics
 
 pytestmark = pytest.mark.kafka
@@ -131,6 +131,30 @@ def test_back_pressure_pauses_and_reads_on_without_losing_a_record(
     metrics = worker.worker.metrics
     assert metrics.value("iotfuse_backpressure_pauses_total") > 0
     assert metrics.value("iotfuse_over_capacity_total") > 0
+
+
+def test_a_dead_letter_too_large_for_its_topic_is_sent_without_its_value(
+    bootstrap, runner, start_worker
+) -> None:
+    """A dead-letter topic made elsewhere with a 1 MiB limit, and a 2 MiB non-image: sent
+    whole, the broker refused it, the worker stopped, and after a restart it read the same
+    record and stopped again. Now it goes without its value and the stream goes on."""
+    names = TopicNames.prefixed(f"small-dlq-{uuid.uuid4().hex[:8]}")
+    with KafkaAdminClient(bootstrap_servers=bootstrap) as admin:
+        admin.create_topics([NewTopic(names.deadletter, 1, 1,
+                                      topic_configs={"max.message.bytes": str(1 << 20)})])
+    ensure_topics(bootstrap, names, partitions=3, replication_factor=1)  # keeps that one
+    huge = record(TOPICS.camera, "cam-9", T0 + 500, b"\x00" * (2 << 20))
+    produce(bootstrap, to_topics([*device_stream("cam-9", T0, 4), huge], names))
+    worker = start_worker(settings_for(bootstrap, names))
+    got = read_until(bootstrap, [names.events, names.deadletter],
+                     lambda got: len(got) >= 3, poll=worker.check)  # 2 windows, 1 dead letter
+    worker.close()
+    [letter] = [p for p in got if p.topic == names.deadletter]
+    assert letter.key == b"cam-9" and letter.value == b""
+    assert letter.header("iotfuse.error.reason") == "unsupported_format"
+    assert letter.header("iotfuse.error.value_omitted") == str(2 << 20)
+    assert len(event_windows(got, names.events)) == 2
 
 
 def with_topic_wait(settings: Settings, wait_ms: int) -> Settings:

@@ -16,10 +16,11 @@ from typing import Any
 
 import kafka.errors as errors
 from kafka import KafkaAdminClient, KafkaConsumer
+from kafka.admin import ConfigResource, ConfigResourceType
 
 from pipeline.clock import Clock, wall_clock_ms
 from pipeline.errors import UserError
-from pipeline.settings import TopicSettings
+from pipeline.settings import Settings, TopicSettings
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +211,32 @@ def unfenced_brokers(admin: KafkaAdminClient) -> set[int]:
     except Exception:  # not answering (yet): callers poll
         return set()
     return {int(b["broker_id"]) for b in cluster["brokers"] if not b.get("is_fenced", False)}
+
+
+def max_message_bytes(bootstrap_servers: str, client_config: Mapping[str, Any] | None,
+                      topic: str) -> int:
+    """The largest record batch `topic` accepts (its `max.message.bytes`, or the broker's
+    default when the topic sets none). Raises KafkaError when it cannot be read (no
+    DescribeConfigs permission, no such topic, no broker)."""
+    resource = ConfigResource(ConfigResourceType.TOPIC, topic, ["max.message.bytes"])
+    with _admin(bootstrap_servers, client_config) as admin:
+        described = admin.describe_configs([resource], config_filter="all")
+    try:
+        return int(described["topic"][topic]["max.message.bytes"]["value"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise errors.KafkaError(f"no max.message.bytes in {described!r}") from exc
+
+
+def dead_letter_limit(settings: Settings) -> int | None:
+    """`max_message_bytes` of the dead-letter topic; None, with a warning, when unknown."""
+    k, topic = settings.kafka, settings.topics.deadletter
+    try:
+        return max_message_bytes(k.bootstrap_servers, k.client_config(), topic)
+    except errors.KafkaError as exc:
+        log.warning("cannot read max.message.bytes of %s (%r): a dead letter larger than the "
+                    "topic takes would stop the worker. Allow DescribeConfigs on it, or create "
+                    "it with `iotfuse topics`", topic, exc)
+        return None
 
 
 def await_input_topics(consumer: KafkaConsumer, topics: list[str], wait_ms: int,
