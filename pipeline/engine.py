@@ -52,6 +52,7 @@ Classify = Callable[[Sequence[dict[Modality, np.ndarray]]], list[Decision]]
 
 
 MIN_SPLIT = 8  # windows per concurrent model call at least
+FUTURE_WARN_MS = 60_000  # event time this far past the wall clock: the device clock is off
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +108,7 @@ class Engine:
         self._records: dict[Position, Record] = {}  # camera records, for decode-time rejects
         self._device_partition: dict[str, int] = {}
         self._reported: set[str] = set()
+        self._clock_reported: set[str] = set()
         self._resumed: dict[str, int] = {}  # device -> windows before this were emitted
         self.prefetch = FramePrefetch(cfg.features, cfg.feature_threads)
         self._complete: dict[WindowKey, Window] = {}  # open, end passed, not classified yet
@@ -123,6 +125,8 @@ class Engine:
             return [dead_letter(record, err, self.cfg.deadletter_topic)]
         self.metrics.labelled(self.metrics.records_in, got.item.modality).inc()
         self._check_partition(got.device_id, record)
+        if got.item.ts_ms - now > FUTURE_WARN_MS:
+            self._report_future(got.device_id, got.item.ts_ms, now)
         if self._already_emitted(got.device_id, got.item.ts_ms):
             self.metrics.reread_skipped.inc()
             self._released.append(got.item.position)
@@ -336,6 +340,20 @@ class Engine:
         for w in windows:
             self.prefetch.closed(w)
         self._queue += [_Closed(w, now) for w in windows]
+
+    def _report_future(self, device: str, ts_ms: int, now: int) -> None:
+        """Processed as the contract says (event time is the record's timestamp), but its
+        watermark then makes the device's records late until real time catches up: count
+        it, and say so once per device."""
+        self.metrics.future_records.inc()
+        if device not in self._clock_reported:
+            self._clock_reported.add(device)
+            log.warning(
+                "device %s sent a record stamped %.0f s ahead of this worker's clock; windows "
+                "close by event time, so its records will be late (dropped) until real time "
+                "catches up. Check the device's clock, or a producer stamping microseconds",
+                device, (ts_ms - now) / 1000,
+            )
 
     def _check_partition(self, device: str, record: Record) -> None:
         seen = self._device_partition.setdefault(device, record.partition)

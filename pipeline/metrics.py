@@ -22,6 +22,10 @@ class Metrics:
             "iotfuse_late_records", "Records for already closed windows (dropped)", ["modality"],
             registry=r,
         )
+        self.future_records = Counter(
+            "iotfuse_future_records", "Records stamped over a minute past the wall clock "
+            "(their device's later records turn late)", registry=r,
+        )
         self.reread_skipped = Counter(
             "iotfuse_reread_skipped",
             "Re-read records of windows emitted before a restart or rebalance (skipped)",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -291,3 +292,25 @@ def test_a_dead_letter_too_large_for_its_topic_goes_without_its_value() -> None:
     slim = fit_dead_letter(out, size - 1)
     assert slim.value == b"" and slim.key == b"cam-1" and slim.holds == out.holds
     assert slim.headers == (*out.headers, ("iotfuse.error.value_omitted", b"5000"))
+
+
+def test_a_record_stamped_far_ahead_is_counted_and_reported_once_per_device(
+    runner: ModelRunner, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A device clock an hour ahead (or a producer stamping microseconds) makes the device's
+    later records late until real time catches up: the contract keeps it so, and the
+    operator is told which device, once."""
+    clock, metrics = FakeClock(), Metrics()
+    clock.now = T0
+    engine = build_engine(Settings(), runner, metrics, clock=clock)
+    tel = (Modality.TELEMETRY,)
+    ahead = number(device_stream("skewed", T0 + 3_600_000, 1, tel))[:2]
+    on_time = [replace(r, offset=100) for r in number(device_stream("skewed", T0, 1, tel))[:1]]
+    slightly = number(device_stream("fine", T0 + 30_000, 1, tel))[:1]  # within a minute
+    with caplog.at_level(logging.WARNING, logger="pipeline.engine"):
+        for r in ahead + on_time + slightly:
+            engine.process(r)
+    assert metrics.value("iotfuse_future_records_total") == 2
+    assert metrics.value("iotfuse_late_records_total", {"modality": "telemetry"}) == 1
+    [warning] = [r.getMessage() for r in caplog.records if "ahead of" in r.getMessage()]
+    assert "device skewed" in warning and "3600 s ahead" in warning
