@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.metrics import Metrics
 from pipeline.settings import SettingsError, load_settings, settings_markdown
 
 
@@ -51,4 +52,11 @@ def test_configuration_reference_is_up_to_date() -> None:
     doc = Path(__file__).parent.parent / "docs" / "configuration.md"
     assert doc.read_text() == settings_markdown() + "\n", (
         "docs/configuration.md is stale: run `iotfuse config --markdown > docs/configuration.md`"
+    )
+
+
+def test_metrics_reference_is_up_to_date() -> None:
+    doc = Path(__file__).parent.parent / "docs" / "metrics.md"
+    assert doc.read_text() == Metrics().markdown() + "\n", (
+        "docs/metrics.md is stale: run `iotfuse config --metrics > docs/metrics.md`"
     )

@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 from pipeline.commands.common import bootstrap_arg
+from pipeline.metrics import Metrics
 from pipeline.settings import Settings, settings_markdown
 
 
@@ -44,10 +45,13 @@ def topics(args: argparse.Namespace, settings: Settings) -> int:
 
 def config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--markdown", action="store_true", help="print the settings reference")
+    p.add_argument("--metrics", action="store_true", help="print the metrics reference")
 
 
 def config(args: argparse.Namespace, settings: Settings) -> int:
-    if args.markdown:
+    if args.metrics:
+        print(Metrics().markdown())
+    elif args.markdown:
         print(settings_markdown())
     else:
         print(json.dumps(dataclasses.asdict(settings), indent=2))
