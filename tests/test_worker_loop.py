@@ -1,9 +1,15 @@
-"""The worker's record loop without a broker: when a closed window's event goes out."""
+"""The worker's record loop without a broker: when a closed window's event goes out, when
+back-pressure pauses."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from kafka import TopicPartition
+
 from encoders.modality import Modality
 from pipeline.align import Aligner
+from pipeline.metrics import Metrics
 from pipeline.model_runner import ModelRunner
 from pipeline.worker import KafkaWorker
 from tests.factory import T0, TOPICS, device_stream, number
@@ -37,3 +43,39 @@ def test_a_window_closing_with_its_early_result_is_published_before_the_rest_of_
     assert order.index("event") == order.index("a@2500") + 1  # not after b's records
     assert order.count("event") == 1 and len(order) == 5 + 10 + 1
     assert order[-1] == "b@2900"  # b's later records came after it
+
+
+class PauseLog:
+    """The consumer's pause and resume calls, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def pause(self, *partitions: object) -> None:
+        self.calls.append("pause")
+
+    def resume(self, *partitions: object) -> None:
+        self.calls.append("resume")
+
+
+def test_over_capacity_pauses_while_windows_can_close_then_reads_on_until_under_it(
+        runner: ModelRunner) -> None:  # noqa: F811
+    engine = engine_with_early(runner, False)
+    engine.cfg = replace(engine.cfg, max_open_windows=2)
+    for device in ("a", "b", "c"):  # three open windows: over the cap of 2
+        engine.process(number(device_stream(device, T0, 1, (Modality.TELEMETRY,)))[0])
+    worker = KafkaWorker.__new__(KafkaWorker)  # no broker: only the decision runs
+    worker.engine, worker.metrics, worker.consumer = engine, Metrics(), PauseLog()
+    worker._owned, worker._held_back = {TopicPartition(TOPICS.telemetry, 0)}, set()
+    worker._paused = worker._over_capacity = False
+    for progressed in (True, True, False, True, False, True):
+        worker._backpressure(progressed)
+    # paused while the aligner released records; read on once it released none (the open
+    # windows close only with more input), and not paused again while still over the cap
+    assert worker.consumer.calls == ["pause", "resume"]
+    assert worker.metrics.value("iotfuse_over_capacity_total") == 1
+    engine.cfg = replace(engine.cfg, max_open_windows=10)  # under the limit again
+    worker._backpressure(False)
+    engine.cfg = replace(engine.cfg, max_open_windows=2)
+    worker._backpressure(True)  # a new episode pauses again
+    assert worker.consumer.calls == ["pause", "resume", "pause"]
