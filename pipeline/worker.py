@@ -24,7 +24,13 @@ from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError
 from kafka.structs import OffsetAndMetadata
 
 from pipeline.align import Aligner
-from pipeline.clients import consumer_config, offsets_config, producer_config, to_record
+from pipeline.clients import (
+    MAX_REQUEST_BYTES,
+    consumer_config,
+    offsets_config,
+    producer_config,
+    to_record,
+)
 from pipeline.clock import Clock, wall_clock_ms
 from pipeline.engine import Engine
 from pipeline.kafka.admin import await_input_topics, dead_letter_limit
@@ -75,7 +81,8 @@ class KafkaWorker:
             self.producer.init_transactions()
         inputs = [settings.topics.camera, settings.topics.audio, settings.topics.telemetry]
         await_input_topics(self.consumer, inputs, settings.kafka.topic_wait_ms, clock)
-        self._deadletter_max = dead_letter_limit(settings)
+        limit = dead_letter_limit(settings)  # and never more than this producer sends:
+        self._deadletter_max = min(limit or MAX_REQUEST_BYTES, MAX_REQUEST_BYTES)
         for topic in inputs:  # the offsets client's metadata, before it is first asked
             self.offsets.partitions_for_topic(topic)
         self.consumer.subscribe(inputs, listener=_Rebalance(self))
@@ -171,14 +178,15 @@ class KafkaWorker:
 
     def _fitted(self, out: Output) -> Output:
         """A dead letter the dead-letter topic can take (`fit_dead_letter`)."""
-        if out.topic != self.settings.topics.deadletter or self._deadletter_max is None:
+        if out.topic != self.settings.topics.deadletter:
             return out
         fitted = fit_dead_letter(out, self._deadletter_max)
         if fitted is not out:
-            log.warning("a dead letter of %d bytes is larger than %s takes (max.message.bytes "
-                        "%d): sent without its value. Raise the topic's max.message.bytes "
-                        "to keep values (`iotfuse topics` creates it with 10 MiB)",
-                        len(out.value or b""), out.topic, self._deadletter_max)
+            log.warning("a dead letter of %d bytes is over the %d bytes %s takes (its "
+                        "max.message.bytes, and at most what this worker's producer sends): "
+                        "sent without its value. `iotfuse topics` creates the topic with 10 "
+                        "MiB, enough for every image the camera limits admit",
+                        len(out.value or b""), self._deadletter_max, out.topic)
         return fitted
 
     def _drain_acks(self) -> None:

@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
 from pipeline.app import build_engine
@@ -20,7 +21,7 @@ from pipeline.model_runner import ModelRunner
 from pipeline.settings import Settings
 from pipeline.worker import KafkaWorker
 from tests.contract import Published, check_contract, scenario
-from tests.factory import CLASSES, T0, TOPICS, device_stream, make_model, record
+from tests.factory import CLASSES, T0, device_stream, make_model
 from tests.kafka_util import produce, read_until, settings_for, to_topics
 
 pytestmark = pytest.mark.kafka
@@ -133,27 +134,36 @@ def test_back_pressure_pauses_and_reads_on_without_losing_a_record(
     assert metrics.value("iotfuse_over_capacity_total") > 0
 
 
-def test_a_dead_letter_too_large_for_its_topic_is_sent_without_its_value(
-    bootstrap, runner, start_worker
+@pytest.mark.parametrize(("topic_mib", "value_mib"), [(1, 2), (20, 12)])
+def test_a_dead_letter_too_large_to_send_goes_without_its_value(
+    bootstrap, runner, start_worker, topic_mib, value_mib
 ) -> None:
-    """A dead-letter topic made elsewhere with a 1 MiB limit, and a 2 MiB non-image: sent
-    whole, the broker refused it, the worker stopped, and after a restart it read the same
-    record and stopped again. Now it goes without its value and the stream goes on."""
-    names = TopicNames.prefixed(f"small-dlq-{uuid.uuid4().hex[:8]}")
+    """A dead-letter topic made elsewhere with the broker's 1 MiB limit and a 2 MiB
+    non-image; or topics that take 20 MiB and a 12 MiB one, more than the worker's producer
+    sends (10.5 MiB). Sent whole, the broker (or the producer) refused it, the worker
+    stopped, and after a restart it read the same record and stopped again. Now it goes
+    without its value and the stream goes on."""
+    names = TopicNames.prefixed(f"big-dlq-{uuid.uuid4().hex[:8]}")
     with KafkaAdminClient(bootstrap_servers=bootstrap) as admin:
-        admin.create_topics([NewTopic(names.deadletter, 1, 1,
-                                      topic_configs={"max.message.bytes": str(1 << 20)})])
-    ensure_topics(bootstrap, names, partitions=3, replication_factor=1)  # keeps that one
-    huge = record(TOPICS.camera, "cam-9", T0 + 500, b"\x00" * (2 << 20))
-    produce(bootstrap, to_topics([*device_stream("cam-9", T0, 4), huge], names))
+        admin.create_topics([NewTopic(t, 3, 1, topic_configs={"max.message.bytes": str(mib << 20)})
+                             for t, mib in ((names.camera, 20), (names.deadletter, topic_mib))])
+    ensure_topics(bootstrap, names, partitions=3, replication_factor=1)  # keeps those
+    producer = KafkaProducer(bootstrap_servers=bootstrap, max_request_size=21 << 20)
+    producer.send(names.camera, key=b"cam-9", value=b"\x00" * (value_mib << 20),
+                  partition=0, timestamp_ms=T0 + 500).get(timeout=30)
+    producer.close()
+    stream = [replace(r, partition=0) for r in to_topics(device_stream("cam-9", T0, 4), names)]
+    produce(bootstrap, stream)
     worker = start_worker(settings_for(bootstrap, names))
     got = read_until(bootstrap, [names.events, names.deadletter],
                      lambda got: len(got) >= 3, poll=worker.check)  # 2 windows, 1 dead letter
     worker.close()
     [letter] = [p for p in got if p.topic == names.deadletter]
     assert letter.key == b"cam-9" and letter.value == b""
-    assert letter.header("iotfuse.error.reason") == "unsupported_format"
-    assert letter.header("iotfuse.error.value_omitted") == str(2 << 20)
+    too_large = value_mib > 8  # the camera limit: refused on its size before its format
+    assert letter.header("iotfuse.error.reason") == (
+        "image_too_large_bytes" if too_large else "unsupported_format")
+    assert letter.header("iotfuse.error.value_omitted") == str(value_mib << 20)
     assert len(event_windows(got, names.events)) == 2
 
 
