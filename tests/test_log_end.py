@@ -1,4 +1,4 @@
-"""The worker's "read to the log end?" answer, which the aligner asks per topic-partition.
+"""The "read to the log end?" answer (pipeline/log_end.py) the aligner asks per partition.
 
 Pure logic: the consumer's position and highwater and the broker's end offsets are given
 as the clients would report them (the path through a real broker is in
@@ -10,7 +10,7 @@ from __future__ import annotations
 from kafka import TopicPartition
 
 from pipeline.align import Aligner
-from pipeline.worker import KafkaWorker
+from pipeline.log_end import LogEnd
 from tests.factory import T0, record
 
 CAM, TEL = TopicPartition("cam", 0), TopicPartition("tel", 0)
@@ -35,11 +35,13 @@ class Clients:
         return {tp: self.log_end[tp] for tp in partitions}
 
 
-def worker_with(clients: Clients, aligner: Aligner) -> KafkaWorker:
-    worker = KafkaWorker.__new__(KafkaWorker)  # no broker: only the answer's logic runs
-    worker.consumer = worker.offsets = clients
-    worker.aligner, worker._owned, worker._end_offsets = aligner, {CAM, TEL}, {}
-    return worker
+def log_end_with(clients: Clients, aligner: Aligner) -> LogEnd:
+    def no_broker_errors(call: str, exc: Exception) -> None:
+        raise AssertionError(f"{call}: {exc!r}")
+
+    log_end = LogEnd(clients, clients, aligner, no_broker_errors)
+    log_end.new_poll({CAM, TEL})
+    return log_end
 
 
 def test_a_partition_drained_later_in_a_poll_is_checked_against_the_log_end() -> None:
@@ -48,18 +50,18 @@ def test_a_partition_drained_later_in_a_poll_is_checked_against_the_log_end() ->
     clients = Clients({CAM: 10, TEL: 20}, {CAM: 10, TEL: 20}, {CAM: 10, TEL: 25})
     aligner = Aligner(("cam", "tel"))
     aligner.push(record("tel", "d", T0, b"{}"))
-    worker = worker_with(clients, aligner)
-    assert worker._at_log_end(CAM)
+    log_end = log_end_with(clients, aligner)
+    assert log_end.at_log_end(CAM)
     assert clients.asked == [[CAM]]  # telemetry had records buffered: not asked then
     aligner.pop_ready(lambda _t, _p: True)  # its buffer runs out within the same poll
-    assert not worker._at_log_end(TEL)  # 5 records still to fetch: not caught up
+    assert not log_end.at_log_end(TEL)  # 5 records still to fetch: not caught up
     assert clients.asked == [[CAM], [TEL]]
-    assert worker._at_log_end(CAM)  # asked once per poll and partition
+    assert log_end.at_log_end(CAM)  # asked once per poll and partition
     assert len(clients.asked) == 2
 
 
 def test_the_fetched_highwater_alone_decides_when_records_are_still_unread() -> None:
     clients = Clients({CAM: 4, TEL: 20}, {CAM: 10, TEL: 20}, {CAM: 10, TEL: 20})
-    worker = worker_with(clients, Aligner(("cam", "tel")))
-    assert not worker._at_log_end(CAM) and clients.asked == []
-    assert worker._at_log_end(TEL) and clients.asked == [[CAM, TEL]]  # every idle one
+    log_end = log_end_with(clients, Aligner(("cam", "tel")))
+    assert not log_end.at_log_end(CAM) and clients.asked == []
+    assert log_end.at_log_end(TEL) and clients.asked == [[CAM, TEL]]  # every idle one

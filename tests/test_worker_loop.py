@@ -18,6 +18,13 @@ from tests.test_engine import engine_with_early, runner  # noqa: F401  (fixture)
 TEL = (TOPICS.telemetry,)
 
 
+class AllCaughtUp:
+    """Every partition read to its end: the aligner releases what it holds."""
+
+    def caught_up(self, _topic: str, _partition: int) -> bool:
+        return True
+
+
 def test_a_window_closing_with_its_early_result_is_published_before_the_rest_of_the_poll(
         runner: ModelRunner) -> None:  # noqa: F811
     tel = (Modality.TELEMETRY,)
@@ -36,7 +43,7 @@ def test_a_window_closing_with_its_early_result_is_published_before_the_rest_of_
     engine.process = lambda r: order.append(f"{r.key.decode()}@{r.timestamp_ms - T0}") or process(r)
     worker = KafkaWorker.__new__(KafkaWorker)  # no broker: only the loop runs
     worker.aligner, worker.engine = aligner, engine
-    worker._caught_up = lambda _topic, _partition: True
+    worker.log_end = AllCaughtUp()
     worker._publish = lambda outputs: order.extend(
         "event" for o in outputs if o.topic == TOPICS.events)
     worker._process_ready()
