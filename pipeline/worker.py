@@ -20,7 +20,12 @@ from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
-from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError
+from kafka.errors import (
+    CommitFailedError,
+    CorruptRecordError,
+    KafkaError,
+    RebalanceInProgressError,
+)
 from kafka.structs import OffsetAndMetadata
 
 from pipeline.align import Aligner
@@ -40,6 +45,7 @@ from pipeline.outputs import Output, fit_dead_letter
 from pipeline.producer import BoundedProducer
 from pipeline.progress import decode_progress, encode_progress
 from pipeline.settings import Settings
+from pipeline.unreadable import find_unreadable, unreadable_dead_letter
 from pipeline.windows import Position
 
 log = logging.getLogger(__name__)
@@ -98,7 +104,7 @@ class KafkaWorker:
     def step(self, poll_timeout_ms: int = 100) -> int:
         """One poll -> process -> batch -> publish -> commit round; returns records polled."""
         timeout = min(poll_timeout_ms, self.settings.runtime.batch_timeout_ms)
-        polled = self.consumer.poll(timeout_ms=timeout if self.engine.queued() else poll_timeout_ms)
+        polled = self._poll(timeout if self.engine.queued() else poll_timeout_ms)
         self._follow_assignment()
         self.log_end.new_poll(self._owned)
         count = 0
@@ -124,6 +130,26 @@ class KafkaWorker:
         self._consumed += count
         self._status()
         return count
+
+    def _poll(self, timeout_ms: int) -> dict[TopicPartition, list[Any]]:
+        """consumer.poll; a record the client cannot parse is dead-lettered and skipped."""
+        try:
+            return dict(self.consumer.poll(timeout_ms=timeout_ms))
+        except CorruptRecordError as exc:
+            positions = {tp: self.consumer.position(tp) for tp in self._owned - self._held_back}
+            found = find_unreadable(self.offsets, positions)
+            if not found:
+                raise  # not a record this worker can point at
+            for tp, offset in found:
+                log.warning("record %s[%d]@%d cannot be parsed (%s): dead-lettered, skipped",
+                            tp.topic, tp.partition, offset, exc)
+                self.tracker.track(Position(tp.topic, tp.partition, offset))
+                self.metrics.labelled(self.metrics.dead_letters, "unreadable_record").inc()
+                self._publish([unreadable_dead_letter(tp, offset, exc,
+                                                      self.settings.topics.deadletter,
+                                                      self.clock())])
+                self.consumer.seek(tp, offset + 1)
+            return {}
 
     def _process_ready(self) -> int:
         """The records the aligner releases, in event-time order; returns how many. A window

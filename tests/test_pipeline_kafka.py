@@ -167,6 +167,41 @@ def test_a_dead_letter_too_large_to_send_goes_without_its_value(
     assert len(event_windows(got, names.events)) == 2
 
 
+class RawHeaderKey(str):
+    """A header key kafka-python sends as these bytes: not UTF-8 (as a C producer may)."""
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return b"\xff\xfe"
+
+
+def test_a_record_the_client_cannot_parse_is_dead_lettered_and_skipped(
+    bootstrap, topics, runner, start_worker
+) -> None:
+    """kafka-python cannot parse a header key that is not UTF-8 and raised from poll(): the
+    worker stopped, and stopped again after every restart. Now the record is found, its
+    position dead-lettered, and the stream goes on."""
+    stream = to_topics(device_stream("dev-1", T0, 4), topics)
+    first = produce(bootstrap, [r for r in stream if r.timestamp_ms < T0 + 2000])
+    producer = KafkaProducer(bootstrap_servers=bootstrap)
+    bad = producer.send(topics.telemetry, key=b"dev-1", value=b"{}", timestamp_ms=T0 + 2050,
+                        headers=[(RawHeaderKey("x"), b"v")],
+                        partition=first[0].partition).get(timeout=30)
+    producer.close()
+    produce(bootstrap, [r for r in stream if r.timestamp_ms >= T0 + 2000])  # read after it
+    worker = start_worker(settings_for(bootstrap, topics))
+    got = read_until(bootstrap, [topics.events, topics.deadletter],
+                     lambda got: len(got) >= 3, poll=worker.check)  # 2 windows, 1 dead letter
+    worker.close()
+    [letter] = [p for p in got if p.topic == topics.deadletter]
+    assert letter.header("iotfuse.error.reason") == "unreadable_record"
+    assert (letter.header("iotfuse.error.topic"), letter.header("iotfuse.error.partition"),
+            letter.header("iotfuse.error.offset")) == (topics.telemetry, str(bad.partition),
+                                                        str(bad.offset))
+    telemetry = sorted(json.loads(p.value)["modalities"]["telemetry"]["records"]
+                       for p in got if p.topic == topics.events)
+    assert telemetry == [20, 20]  # every record after the skipped one was read
+
+
 def with_topic_wait(settings: Settings, wait_ms: int) -> Settings:
     return replace(settings, kafka=replace(settings.kafka, topic_wait_ms=wait_ms))
 

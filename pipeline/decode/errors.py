@@ -32,6 +32,7 @@ class Reason(StrEnum):
     INVALID_CONTENT_TYPE = "invalid_content_type"
     CONTENT_TYPE_MISMATCH = "content_type_mismatch"
     INTERNAL_DECODE_ERROR = "internal_decode_error"  # a bug: a decoder raised something else
+    UNREADABLE_RECORD = "unreadable_record"  # the Kafka client could not parse it at all
     # camera
     IMAGE_TOO_LARGE_BYTES = "image_too_large_bytes"
     IMAGE_TOO_LARGE_PIXELS = "image_too_large_pixels"
