@@ -76,7 +76,7 @@ class Metrics:
         )
         self.broker_errors = Counter(
             "iotfuse_broker_errors", "Broker calls that failed and are retried later (commit, "
-            "log_end, lag): is the broker reachable?", ["call"], registry=r
+            "flush, log_end, lag): is the broker reachable?", ["call"], registry=r
         )
         self.over_capacity = Counter(
             "iotfuse_over_capacity", "Times reading went on over the window limits: the open "

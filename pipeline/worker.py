@@ -7,9 +7,10 @@ Delivery (see docs/contract.md):
   Kafka transaction, committed every `commit_interval_ms`.
 In-flight producer data is bounded by `kafka.max_in_flight_bytes`; open windows and
 buffered bytes by back-pressure (`_backpressure`).
-A broker that cannot be reached for a while is waited out: commits, log-end and lag
-queries that fail with a retriable error are counted, logged and tried again later (the
-producer retries sends for `delivery.timeout.ms`, then the worker stops: DeliveryError).
+A broker that cannot be reached for a while is waited out: commits (and the flush before
+them), log-end and lag queries that fail with a retriable error are counted, logged and
+tried again later (the producer retries sends for `delivery.timeout.ms`, then the worker
+stops: DeliveryError).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from kafka.errors import (
     CommitFailedError,
     CorruptRecordError,
     KafkaError,
+    KafkaTimeoutError,
     RebalanceInProgressError,
 )
 from kafka.structs import OffsetAndMetadata
@@ -49,6 +51,10 @@ from pipeline.unreadable import find_unreadable, unreadable_dead_letter
 from pipeline.windows import Position
 
 log = logging.getLogger(__name__)
+
+# a commit waits this long for outputs in flight: without it, a broker away held the loop
+# (no polling, no word of it) for the producer's whole 120 s delivery timeout
+COMMIT_FLUSH_TIMEOUT_S = 5.0
 
 
 
@@ -232,7 +238,11 @@ class KafkaWorker:
         while self.engine.queued():
             self._publish(self.engine.run_batch())
         self.tracker.release(self.engine.take_released())
-        self.producer.flush()
+        try:
+            self.producer.flush(timeout=COMMIT_FLUSH_TIMEOUT_S)
+        except KafkaTimeoutError as exc:  # the broker is away: the next interval tries again
+            self._broker_error("flush", exc)
+            return
         self._drain_acks()  # raises if anything failed: nothing gets committed then
         offsets = self._assigned_offsets()  # all of them: the progress changes too
         if self.exactly_once:
