@@ -9,7 +9,7 @@ from typing import Any
 
 from encoders.modality import ALL_MODALITIES, Modality
 from pipeline.decode import AudioChunk, RejectedRecord
-from pipeline.records import Headers, Record
+from pipeline.records import Headers, Record, payload_bytes
 from pipeline.windows import Position, Window
 
 EVENT_SCHEMA = "iotfuse.event/v1"
@@ -74,11 +74,9 @@ def fit_dead_letter(out: Output, max_message_bytes: int) -> Output:
     """A dead letter larger than its topic takes (`max.message.bytes`), without its value:
     the header `iotfuse.error.value_omitted` gives the value's size in bytes. Sent whole, the
     broker would refuse it and the worker stop, then re-read and refuse it again."""
-    value = out.value or b""
-    size = (len(out.key or b"") + len(value) + sum(len(k) + len(v) for k, v in out.headers)
-            + RECORD_OVERHEAD_BYTES)
-    if size <= max_message_bytes:
+    if payload_bytes(out.key, out.value, out.headers) + RECORD_OVERHEAD_BYTES <= max_message_bytes:
         return out
+    value = out.value or b""
     omitted = (("iotfuse.error.value_omitted", str(len(value)).encode()),)
     return replace(out, value=b"", headers=out.headers + omitted)
 

@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar
 from kafka import KafkaProducer
 
 from pipeline.clock import Clock, wall_clock_ms
-from pipeline.records import Headers
+from pipeline.records import Headers, payload_bytes
 
 T = TypeVar("T")
 
@@ -42,7 +42,7 @@ class BoundedProducer(Generic[T]):
         self, token: T, topic: str, key: bytes | None, value: bytes | None,
         headers: Headers = (), timestamp_ms: int | None = None, partition: int | None = None,
     ) -> None:
-        size = len(value or b"") + len(key or b"") + sum(len(k) + len(v) for k, v in headers)
+        size = payload_bytes(key, value, headers)
         if self.in_flight_bytes + size > self.max_in_flight_bytes and self.in_flight_bytes:
             self.producer.flush()  # wait for the broker instead of buffering without bound
         with self._lock:

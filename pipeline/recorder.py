@@ -25,7 +25,7 @@ from kafka.errors import KafkaTimeoutError
 
 from pipeline.errors import UserError
 from pipeline.recording import RecordingWriter
-from pipeline.records import Record
+from pipeline.records import Record, payload_bytes
 from pipeline.settings import KafkaSettings
 
 StartAt = Literal["earliest", "latest"] | int  # int: a timestamp, epoch milliseconds
@@ -143,8 +143,7 @@ def to_record(msg: Any) -> Record:
 
 def record_size(record: Record) -> int:
     """Key, value and header bytes: what the progress display and benches count."""
-    size = len(record.key or b"") + len(record.value or b"")
-    return size + sum(len(k) + len(v) for k, v in record.headers)
+    return payload_bytes(record.key, record.value, record.headers)
 
 
 def _unfinished(

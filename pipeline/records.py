@@ -32,6 +32,11 @@ class Record:
         return found
 
 
+def payload_bytes(key: bytes | None, value: bytes | None, headers: Headers) -> int:
+    """Key, value and header bytes of a record (header names counted in characters)."""
+    return len(key or b"") + len(value or b"") + sum(len(k) + len(v) for k, v in headers)
+
+
 def number_unset_offsets(records: Iterable[Record]) -> Iterator[Record]:
     """Give records recorded without an offset (-1, e.g. simulated) the offsets a broker
     would: 0, 1, ... per (topic, partition) in stream order. Positions must be unique."""

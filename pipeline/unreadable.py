@@ -11,6 +11,7 @@ record at each position; the ones it cannot parse are the culprits.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 from kafka import TopicPartition
@@ -58,5 +59,4 @@ def unreadable_dead_letter(tp: TopicPartition, offset: int, error: Exception, to
         f"the Kafka client cannot parse this record ({error}); it was skipped. Check the "
         "producer: header keys must be UTF-8",
     )
-    out = dead_letter(record, rejected, topic)
-    return Output(out.topic, out.key, out.value, out.headers, now_ms, out.holds)
+    return replace(dead_letter(record, rejected, topic), timestamp_ms=now_ms)

@@ -57,7 +57,6 @@ log = logging.getLogger(__name__)
 COMMIT_FLUSH_TIMEOUT_S = 5.0
 
 
-
 class DeliveryError(RuntimeError):
     """The broker refused an output after all retries: stop, restart re-reads the input."""
 
@@ -82,7 +81,7 @@ class KafkaWorker:
         self.aligner = Aligner((settings.topics.camera, settings.topics.audio,
                                 settings.topics.telemetry))
         # before the other clients: with the admin client closed while they ran, an
-        # exactly-once worker fetched nothing at all in 3 of 8 runs
+        # exactly-once worker fetched nothing at all in 4 of 8 runs
         limit = dead_letter_limit(settings)  # and never more than this producer sends:
         self._deadletter_max = min(limit or MAX_REQUEST_BYTES, MAX_REQUEST_BYTES)
         self.consumer = KafkaConsumer(**consumer_config(settings))

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.commands.common import count, positive
 from pipeline.errors import UserError
-from pipeline.records import Record
+from pipeline.records import Record, payload_bytes
 from pipeline.settings import Settings
 
 if TYPE_CHECKING:
@@ -88,8 +88,7 @@ def simulate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _size(record: Record) -> int:
-    return (len(record.key or b"") + len(record.value or b"")
-            + sum(len(k) + len(v) for k, v in record.headers))
+    return payload_bytes(record.key, record.value, record.headers)
 
 
 def simulate_to_file(records: Iterable[Record], out: Path, overwrite: bool,

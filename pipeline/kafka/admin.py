@@ -233,9 +233,10 @@ def dead_letter_limit(settings: Settings) -> int | None:
     try:
         return max_message_bytes(k.bootstrap_servers, k.client_config(), topic)
     except errors.KafkaError as exc:
-        log.warning("cannot read max.message.bytes of %s (%r): a dead letter larger than the "
-                    "topic takes would stop the worker. Allow DescribeConfigs on it, or create "
-                    "it with `iotfuse topics`", topic, exc)
+        log.warning("cannot read max.message.bytes of %s (%r): dead letters are cut to what "
+                    "the producer sends, and one the topic refuses below that would stop the "
+                    "worker. Allow DescribeConfigs on it, or create it with `iotfuse topics`",
+                    topic, exc)
         return None
 
 
