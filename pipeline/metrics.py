@@ -68,6 +68,10 @@ class Metrics:
         self.buffered_bytes = Gauge(
             "iotfuse_buffered_bytes", "Bytes held in open windows", registry=r
         )
+        self.aligning_bytes = Gauge(
+            "iotfuse_aligning_bytes", "Bytes of input records held back to merge the topics "
+            "in event time (windows.max_aligning_bytes)", registry=r
+        )
         self.paused = Gauge(
             "iotfuse_consumer_paused", "1 while back-pressure pauses consumption", registry=r
         )

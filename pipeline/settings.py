@@ -98,6 +98,10 @@ class WindowSettings:
     max_buffered_bytes: int = _f(
         512 * 1024 * 1024, "Bytes buffered in open windows before back-pressure."
     )
+    max_aligning_bytes: int = _f(
+        128 * 1024 * 1024, "Bytes of input records held back to merge the topics in event "
+        "time (a backlog); past it the oldest go on without waiting and may arrive late."
+    )
 
 
 @dataclass(frozen=True)

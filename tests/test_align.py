@@ -43,3 +43,40 @@ def test_partitions_are_aligned_independently_and_memory_is_bounded() -> None:
     a.drop([("tel", 0)])
     assert a.buffered == 1
     assert [r.timestamp_ms for r in a.flush()] == [5]
+
+
+def big(topic: str, ts: int, partition: int, nbytes: int) -> Record:
+    return Record(topic, partition, ts, ts, None, b"x" * nbytes)
+
+
+def test_a_backlog_of_large_records_is_bounded_in_bytes_largest_partition_first() -> None:
+    # far under the record limit, over the byte budget: 100-byte values, budget 1,000 bytes
+    a = Aligner(("cam", "tel"), max_bytes=1000)
+    for ts in range(6):
+        a.push(big("cam", ts, partition=0, nbytes=100))
+    for ts in range(8):
+        a.push(big("cam", ts, partition=1, nbytes=100))
+    assert (a.buffered, a.buffered_bytes) == (14, 1400)
+    out = a.pop_ready(lambda t, p: False)  # tel never read yet: only the budget releases
+    # partition 1 holds more: its oldest records go until the whole is back within budget
+    assert [(r.partition, r.timestamp_ms) for r in out] == [(1, 0), (1, 1), (1, 2), (1, 3)]
+    assert (a.buffered, a.buffered_bytes) == (10, 1000)
+    assert a.pop_ready(lambda t, p: False) == []  # within budget: waits for tel again
+    a.push(big("cam", 6, partition=0, nbytes=100))
+    # over again: partition 0, now the larger (700 bytes against 400), gives its oldest
+    assert [(r.partition, r.timestamp_ms) for r in a.pop_ready(lambda t, p: False)] == [(0, 0)]
+    a.push(big("tel", 3, partition=0, nbytes=50))
+    # over by 50 bytes; partition 0 has both topics now and merges them in event time
+    out = a.pop_ready(lambda t, p: False)
+    assert [(r.topic, r.timestamp_ms) for r in out] == [
+        ("cam", 1), ("cam", 2), ("cam", 3), ("tel", 3)]
+    assert (a.buffered, a.buffered_bytes) == (7, 700)
+
+
+def test_dropped_partitions_give_their_bytes_back() -> None:
+    a = Aligner(("cam", "tel"), max_bytes=1000)
+    for ts in range(3):
+        a.push(big("cam", ts, partition=0, nbytes=100))
+    a.push(big("tel", 0, partition=1, nbytes=10))
+    a.drop([("cam", 0)])
+    assert (a.buffered, a.buffered_bytes) == (1, 10)
