@@ -107,6 +107,7 @@ class Engine:
         self._released: list[Position] = []
         self._records: dict[Position, Record] = {}  # camera records, for decode-time rejects
         self._device_partition: dict[str, int] = {}
+        self._partition_devices: dict[int, set[str]] = {}  # the same, inverted
         self._reported: set[str] = set()
         self._clock_reported: set[str] = set()
         self._resumed: dict[str, int] = {}  # device -> windows before this were emitted
@@ -294,9 +295,9 @@ class Engine:
         """
         assert not self._queue, "progress() needs the queue drained first"
         out: dict[str, int] = {}
-        for device, part in self._device_partition.items():
+        for device in self._partition_devices.get(partition, ()):
             until = self.windower.closed_until(device)
-            if part == partition and until is not None:
+            if until is not None:
                 out[device] = until
         return out
 
@@ -319,7 +320,7 @@ class Engine:
     def revoke(self, partitions: Iterable[tuple[str, int]]) -> int:
         """Drop the open windows of devices on revoked partitions (re-read by the new owner)."""
         numbers = {p for _, p in partitions}
-        devices = [d for d, p in self._device_partition.items() if p in numbers]
+        devices = [d for n in numbers for d in self._partition_devices.pop(n, ())]
         dropped = self.windower.drop_devices(devices)
         for w in dropped:
             for it in w.items.get(Modality.CAMERA, ()):
@@ -356,7 +357,10 @@ class Engine:
             )
 
     def _check_partition(self, device: str, record: Record) -> None:
-        seen = self._device_partition.setdefault(device, record.partition)
+        seen = self._device_partition.get(device)
+        if seen is None:
+            seen = self._device_partition[device] = record.partition
+            self._partition_devices.setdefault(seen, set()).add(device)
         if seen != record.partition and device not in self._reported:
             self._reported.add(device)
             self.metrics.copartition_violations.inc()

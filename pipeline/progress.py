@@ -7,36 +7,56 @@ at or before it were emitted and acknowledged. Encoded as
 `iotfuse/1:` + base64(zlib(JSON {device: boundary_ms})), within the broker's default
 `offset.metadata.max.bytes` (4096): when a partition has too many devices to fit, the
 devices with the oldest boundaries are left out (their re-read records are then
-re-emitted: at-least-once, never lost) and a warning is logged.
+re-emitted: at-least-once, never lost) and the worker warns once.
 """
 
 from __future__ import annotations
 
 import base64
+import heapq
 import json
 import logging
 import zlib
+from collections.abc import Mapping
+from operator import itemgetter
 
 log = logging.getLogger(__name__)
 
 PREFIX = "iotfuse/1:"
 MAX_METADATA_BYTES = 4000
+MAX_PROGRESS_DEVICES = 4096  # more never fit: of ids like "dev-0000001", ~1,100 do
 
 
-def encode_progress(progress: dict[str, int], limit: int = MAX_METADATA_BYTES) -> str:
-    items = sorted(progress.items(), key=lambda kv: kv[1], reverse=True)  # newest first
+def encode_progress(progress: Mapping[str, int], limit: int = MAX_METADATA_BYTES
+                    ) -> tuple[str, int]:
+    """The metadata text and how many devices it names: the newest boundaries first, as
+    many as fit in `limit` characters. Only the newest MAX_PROGRESS_DEVICES are tried: a
+    commit a second must not sort and serialise a whole fleet (100,000 devices: 1.9 s)."""
+    items = heapq.nlargest(MAX_PROGRESS_DEVICES, progress.items(), key=itemgetter(1))
     keep = len(items)
     while True:
         body = json.dumps(dict(items[:keep]), separators=(",", ":")).encode()
         text = PREFIX + base64.b64encode(zlib.compress(body, 9)).decode()
         if len(text) <= limit or keep == 0:
-            break
-        keep = keep * 3 // 4
-    if keep < len(items):
-        log.warning("window progress of %d devices does not fit the offset metadata; "
-                    "%d oldest left out (their re-read records may be re-emitted)",
-                    len(items), len(items) - keep)
-    return text
+            return text, keep
+        keep = min(keep - 1, keep * limit * 9 // (len(text) * 10))  # size ~ devices
+
+
+class ProgressMetadata:
+    """A partition's progress -> its commit metadata; warns once when devices are left out."""
+
+    def __init__(self) -> None:
+        self._warned = False
+
+    def __call__(self, partition: int, progress: Mapping[str, int]) -> str:
+        text, kept = encode_progress(progress)
+        if kept < len(progress) and not self._warned:
+            self._warned = True
+            log.warning("window progress of %d devices of partition %d does not fit the "
+                        "offset metadata: the %d oldest are left out (their re-read records "
+                        "may be re-emitted after a restart or rebalance)",
+                        len(progress), partition, len(progress) - kept)
+        return text
 
 
 def decode_progress(metadata: str | None) -> dict[str, int]:

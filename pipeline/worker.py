@@ -45,7 +45,7 @@ from pipeline.log_end import LogEnd
 from pipeline.offsets import OffsetTracker
 from pipeline.outputs import Output, fit_dead_letter
 from pipeline.producer import BoundedProducer
-from pipeline.progress import decode_progress, encode_progress
+from pipeline.progress import ProgressMetadata, decode_progress
 from pipeline.settings import Settings
 from pipeline.unreadable import find_unreadable, unreadable_dead_letter
 from pipeline.windows import Position
@@ -74,6 +74,7 @@ class KafkaWorker:
         self._paused = False
         self._last_broker_warning_ms = -10_000
         self._over_capacity = False  # reading on over capacity (warned once per episode)
+        self._progress_metadata = ProgressMetadata()
         self._owned: set[TopicPartition] = set()
         self._last_status_ms = clock()
         self._consumed = 0
@@ -276,7 +277,7 @@ class KafkaWorker:
 
     def _with_progress(self, offsets: dict[TopicPartition, int]) -> dict[Any, Any]:
         parts = {tp.partition for tp in offsets}
-        meta = {p: encode_progress(self.engine.progress(p)) for p in parts}
+        meta = {p: self._progress_metadata(p, self.engine.progress(p)) for p in parts}
         return {tp: OffsetAndMetadata(o, meta[tp.partition], -1) for tp, o in offsets.items()}
 
     def _follow_assignment(self) -> None:

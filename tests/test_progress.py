@@ -1,0 +1,73 @@
+"""Window progress in the committed offsets' metadata: what fits, which devices, how fast."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from pipeline.app import build_engine
+from pipeline.model_runner import ModelRunner
+from pipeline.progress import (
+    MAX_METADATA_BYTES,
+    MAX_PROGRESS_DEVICES,
+    ProgressMetadata,
+    decode_progress,
+    encode_progress,
+)
+from pipeline.settings import Settings
+from tests.factory import T0, TOPICS, make_model, number, record, telemetry
+
+
+def test_a_few_devices_round_trip_exactly() -> None:
+    progress = {"dev-1": T0 + 2000, "dev-2": T0 + 4000, "ünïcode/dev": T0}
+    text, kept = encode_progress(progress)
+    assert kept == 3
+    assert decode_progress(text) == progress
+
+
+def test_a_large_fleet_keeps_the_newest_boundaries_within_the_limit() -> None:
+    """100,000 devices: far more than fit; the newest are kept, the oldest left out."""
+    progress = {f"dev-{i:07d}": T0 + 2000 * (i % 500) for i in range(100_000)}
+    text, kept = encode_progress(progress)
+    decoded = decode_progress(text)
+    assert len(text) <= MAX_METADATA_BYTES
+    assert len(decoded) == kept and 500 < kept < MAX_PROGRESS_DEVICES
+    left_out = progress.keys() - decoded.keys()
+    assert min(decoded.values()) >= max(progress[d] for d in left_out)
+    assert all(progress[d] == until for d, until in decoded.items())
+
+
+def test_devices_left_out_are_warned_about_once(caplog: pytest.LogCaptureFixture) -> None:
+    metadata = ProgressMetadata()
+    fleet = {f"dev-{i:05d}": T0 for i in range(20_000)}
+    with caplog.at_level(logging.WARNING, logger="pipeline.progress"):
+        for partition in (0, 1, 0):
+            decode_progress(metadata(partition, fleet))
+        metadata(2, {"dev-1": T0})
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "20000 devices of partition 0" in warnings[0]
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory: pytest.TempPathFactory) -> ModelRunner:
+    return ModelRunner.load(make_model(tmp_path_factory.mktemp("model")), "cpu")
+
+
+def test_progress_names_the_partitions_devices_and_forgets_revoked_ones(
+    runner: ModelRunner,
+) -> None:
+    engine = build_engine(Settings(), runner)
+    records = number([record(TOPICS.telemetry, f"dev-{d}", T0 + ts, telemetry(temperature_c=20),
+                             partition=d % 2)
+                      for ts in (0, 500, 2600) for d in range(4)])
+    for r in records:
+        engine.process(r)
+    while engine.queued():
+        engine.run_batch()
+    # each device's window [T0, T0+2000) closed when its record at T0+2600 passed lateness
+    assert engine.progress(0) == {"dev-0": T0 + 2000, "dev-2": T0 + 2000}
+    assert engine.progress(1) == {"dev-1": T0 + 2000, "dev-3": T0 + 2000}
+    engine.revoke([(TOPICS.telemetry, 1)])
+    assert engine.progress(1) == {}
+    assert engine.progress(0) == {"dev-0": T0 + 2000, "dev-2": T0 + 2000}
