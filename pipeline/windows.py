@@ -15,6 +15,7 @@ Pure logic: no Kafka, no decoding, no clock of its own (wall time is passed in).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -104,12 +105,17 @@ class Windower:
     def __init__(self, config: WindowConfig) -> None:
         self.config = config
         self._devices: dict[str, _Device] = {}
+        # devices that may have open windows, least recently seen first: expire_idle looks
+        # only at those it closes (scanning every device cost 22-42 ms a step at 100,000)
+        self._seen: OrderedDict[str, None] = OrderedDict()
         self.open_windows = 0
         self.buffered_bytes = 0
 
     def add(self, device_id: str, item: Item, now_wall_ms: int) -> AddResult:
         dev = self._devices.setdefault(device_id, _Device())
         dev.last_seen_wall_ms = now_wall_ms
+        self._seen[device_id] = None
+        self._seen.move_to_end(device_id)
         start = self.config.start_of(item.ts_ms)
         end = start + self.config.window_ms
         if dev.closed_until is not None and end <= dev.closed_until:
@@ -133,8 +139,13 @@ class Windower:
     def expire_idle(self, now_wall_ms: int) -> list[Window]:
         """Close every window of devices silent for at least the idle timeout."""
         closed: list[Window] = []
-        for dev in self._devices.values():
-            if dev.open and now_wall_ms - dev.last_seen_wall_ms >= self.config.idle_timeout_ms:
+        while self._seen:
+            device_id = next(iter(self._seen))
+            dev = self._devices[device_id]
+            if now_wall_ms - dev.last_seen_wall_ms < self.config.idle_timeout_ms:
+                break  # nor any seen after it (a clock stepping back only delays expiry)
+            del self._seen[device_id]
+            if dev.open:
                 closed += self._close_until(dev, max(dev.open) + self.config.window_ms)
         return closed
 
@@ -151,6 +162,7 @@ class Windower:
         dropped: list[Window] = []
         for device_id in device_ids:
             dev = self._devices.pop(device_id, None)
+            self._seen.pop(device_id, None)
             if dev is not None:
                 dropped += dev.open.values()
                 self._forget(dev.open.values())

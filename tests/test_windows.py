@@ -101,6 +101,28 @@ def test_idle_timeout_closes_a_silent_device_on_the_injected_clock() -> None:
     assert spans(f.w.expire_idle(8_000)) == [("busy", 0, 2000)]
 
 
+def test_a_device_heard_again_is_not_expired_behind_one_that_stayed_silent() -> None:
+    """Idle devices are found in last-seen order: a device heard from again moves to the
+    back, one whose windows closed by watermark leaves nothing to close."""
+    f = Feed()
+    f.add(T0 + 100, device="a")  # now 0
+    f.now = 1_000
+    f.add(T0 + 100, device="b")
+    f.add(T0 + 100, device="done")
+    f.add(T0 + 2600, device="done")  # watermark closes [0, 2000) at once
+    f.now = 2_000
+    f.add(T0 + 300, device="a")
+    assert spans(f.closed) == [("done", 0, 2000)]
+    assert f.w.expire_idle(5_999) == []
+    assert spans(f.w.expire_idle(6_000)) == [("b", 0, 2000), ("done", 2000, 4000)]
+    assert f.w.expire_idle(6_999) == []
+    assert spans(f.w.expire_idle(7_000)) == [("a", 0, 2000)]
+    f.now = 7_500
+    f.add(T0 + 4100, device="b")  # heard again: a new window, expired in its turn
+    assert f.w.expire_idle(12_499) == []
+    assert spans(f.w.expire_idle(12_500)) == [("b", 4000, 6000)]
+
+
 def test_every_window_with_a_record_closes_exactly_once() -> None:
     f = Feed(WindowConfig(window_ms=1000, allowed_lateness_ms=300, idle_timeout_ms=1))
     timestamps = [T0 + (i * 377) % 9000 for i in range(200)]
