@@ -1,0 +1,108 @@
+"""What the worker's bookkeeping costs as a fleet grows: per record, per step, per commit.
+
+    .venv/bin/python bench/scale_bench.py                      # 1,000 / 10,000 / 100,000
+    .venv/bin/python bench/scale_bench.py --devices 1000 300000
+
+For each fleet size, one engine (the shipped model; no broker, no model calls) takes one
+telemetry record from each device, all on partition 0 (the worst case for one partition's
+commit), then:
+- per record: `Engine.process` of a device's first record (a new device, a new window);
+- per step: `Engine.tick`, which the worker calls after every poll (idle-timeout check),
+  first with every device's window open and heard from just now, then after the windows
+  closed and every device has been silent past the idle timeout (once; what it finds);
+- per commit: `Engine.progress(0)` + the offset metadata of partition 0 (`ProgressMetadata`),
+  which the worker builds every `runtime.commit_interval_ms` for each owned partition;
+- memory: Python heap (tracemalloc) per device, windows open, then closed.
+Each figure is the best of `--repeat` runs (the VM is noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable
+
+from pipeline.app import build_engine
+from pipeline.model_runner import ModelRunner
+from pipeline.progress import ProgressMetadata
+from pipeline.records import Record
+from pipeline.settings import Settings
+
+T0 = 1_767_225_600_000  # a multiple of the 2 s window
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def best(fn: Callable[[], object], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def heap_per_device(runner: ModelRunner, records: list[Record]) -> float:
+    """Python heap per device of an engine that took `records` (a second engine: tracing
+    allocations slows `process` several times)."""
+    engine = build_engine(Settings(), runner, clock=Clock())
+    tracemalloc.start()
+    heap0 = tracemalloc.get_traced_memory()[0]
+    for r in records:
+        engine.process(r)
+    heap = tracemalloc.get_traced_memory()[0] - heap0
+    tracemalloc.stop()
+    return heap / len(records)
+
+
+def one_fleet(runner: ModelRunner, devices: int, repeat: int) -> str:
+    clock = Clock()
+    engine = build_engine(Settings(), runner, clock=clock)
+    records = [Record("iot.telemetry", 0, i, T0 + i % 1000, f"dev-{i:07d}".encode(),
+                      b'{"temperature_c": 21.5}') for i in range(devices)]
+    start = time.perf_counter()
+    for r in records:
+        engine.process(r)
+    per_record = (time.perf_counter() - start) / devices
+    heap_open = heap_per_device(runner, records)
+    tick_open = best(engine.tick, repeat)
+    clock.now += 10 * Settings().windows.idle_timeout_ms
+    start = time.perf_counter()
+    engine.tick()  # closes every window (idle)
+    tick_expire = time.perf_counter() - start
+    while engine.queued():
+        engine._queue.clear()  # the windows' events are not what is measured here
+    tick_idle = best(engine.tick, repeat)
+    metadata = ProgressMetadata()
+    commit = best(lambda: metadata(0, engine.progress(0)), repeat)
+    return (f"{devices:>8} {per_record * 1e6:>9.1f} us {tick_open * 1e3:>9.3f} ms "
+            f"{tick_expire * 1e3:>9.1f} ms {tick_idle * 1e3:>9.3f} ms {commit * 1e3:>9.1f} ms "
+            f"{heap_open:>8.0f} B")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--devices", type=int, nargs="+", default=[1_000, 10_000, 100_000])
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--model", help="model directory (default: the shipped model)")
+    a = p.parse_args()
+    logging.disable(logging.WARNING)  # "progress does not fit" is expected at these sizes
+    runner = ModelRunner.load(a.model, "cpu")
+    print(f"{'devices':>8} {'record':>12} {'tick, open':>12} {'expire all':>12} "
+          f"{'tick, idle':>12} {'commit':>12} {'heap/device':>10}")
+    for n in a.devices:
+        print(one_fleet(runner, n, a.repeat), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
