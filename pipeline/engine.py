@@ -24,6 +24,7 @@ Every position an output holds is released by the caller once the broker acknowl
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -218,7 +219,7 @@ class Engine:
         """Classify up to `max_batch` complete, still open windows; returns how many."""
         if not self._complete:
             return 0
-        keys = list(self._complete)[: self.cfg.max_batch]
+        keys = list(itertools.islice(self._complete, self.cfg.max_batch))  # not all of them
         self._early |= self._infer([self._complete.pop(k) for k in keys])
         self.metrics.labelled(self.metrics.early_windows, "classified").inc(len(keys))
         return len(keys)
