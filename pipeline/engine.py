@@ -156,6 +156,7 @@ class Engine:
         """Close windows of devices that went silent (wall-clock idle timeout)."""
         now = self.clock()
         self._enqueue(self.windower.expire_idle(now), now)
+        self._forget_devices(self.windower.forget_silent(now))
         self.metrics.open_windows.set(self.windower.open_windows)
         self.metrics.buffered_bytes.set(self.windower.buffered_bytes)
 
@@ -310,7 +311,7 @@ class Engine:
         for device, until in progress.items():
             if until > self._resumed.get(device, until - 1):
                 self._resumed[device] = until
-                self.windower.restore(device, until)
+                self.windower.restore(device, until, self.clock())
 
     def _already_emitted(self, device: str, ts_ms: int) -> bool:
         until = self._resumed.get(device)
@@ -338,6 +339,17 @@ class Engine:
             self._progress.pop(number, None)
         self.prefetch.forget(dropped, devices)
         return len(dropped)
+
+    def _forget_devices(self, devices: list[str]) -> None:
+        """Devices the windower forgot (long silent): their bookkeeping goes too."""
+        for d in devices:
+            partition = self._device_partition.pop(d, None)
+            if partition is not None:
+                self._progress.get(partition, {}).pop(d, None)
+            self._resumed.pop(d, None)
+            self._reported.discard(d)
+            self._clock_reported.discard(d)
+        self.prefetch.forget([], devices)
 
     def close(self) -> None:
         """Stop the frame-decoding threads (the engine is not used afterwards)."""

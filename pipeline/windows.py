@@ -9,6 +9,10 @@
   complete, so their inference can start early (pipeline/engine.py).
 - A record whose window already closed (or was passed by the watermark) is late: it is
   reported to the caller, who counts and releases it; it never reopens a window.
+- A device silent for `forget_after_ms` of wall-clock time with no window open is
+  forgotten, watermark included, so that devices coming and going (or a producer writing
+  random keys) cannot grow memory without bound; a record of it arriving later starts
+  afresh, as from a new device, instead of being late.
 
 Pure logic: no Kafka, no decoding, no clock of its own (wall time is passed in).
 """
@@ -69,12 +73,15 @@ class WindowConfig:
     window_ms: int = 2000
     allowed_lateness_ms: int = 500
     idle_timeout_ms: int = 5000
+    forget_after_ms: int = 3_600_000
 
     def __post_init__(self) -> None:
         if self.window_ms <= 0:
             raise ValueError(f"window_ms must be positive, got {self.window_ms}")
         if self.allowed_lateness_ms < 0 or self.idle_timeout_ms <= 0:
             raise ValueError("allowed_lateness_ms must be >= 0 and idle_timeout_ms > 0")
+        if self.forget_after_ms < self.idle_timeout_ms:
+            raise ValueError("forget_after_ms must be at least idle_timeout_ms")
 
     def start_of(self, ts_ms: int) -> int:
         return (ts_ms // self.window_ms) * self.window_ms
@@ -108,6 +115,7 @@ class Windower:
         # devices that may have open windows, least recently seen first: expire_idle looks
         # only at those it closes (scanning every device cost 22-42 ms a step at 100,000)
         self._seen: OrderedDict[str, None] = OrderedDict()
+        self._silent: OrderedDict[str, None] = OrderedDict()  # idle, nothing open, same order
         self.open_windows = 0
         self.buffered_bytes = 0
 
@@ -116,6 +124,7 @@ class Windower:
         dev.last_seen_wall_ms = now_wall_ms
         self._seen[device_id] = None
         self._seen.move_to_end(device_id)
+        self._silent.pop(device_id, None)
         start = self.config.start_of(item.ts_ms)
         end = start + self.config.window_ms
         if dev.closed_until is not None and end <= dev.closed_until:
@@ -145,9 +154,22 @@ class Windower:
             if now_wall_ms - dev.last_seen_wall_ms < self.config.idle_timeout_ms:
                 break  # nor any seen after it (a clock stepping back only delays expiry)
             del self._seen[device_id]
+            self._silent[device_id] = None
             if dev.open:
                 closed += self._close_until(dev, max(dev.open) + self.config.window_ms)
         return closed
+
+    def forget_silent(self, now_wall_ms: int) -> list[str]:
+        """Forget devices silent for `forget_after_ms` (none has a window open); their ids."""
+        forgotten: list[str] = []
+        while self._silent:
+            device_id = next(iter(self._silent))
+            silent_ms = now_wall_ms - self._devices[device_id].last_seen_wall_ms
+            if silent_ms < self.config.forget_after_ms:
+                break
+            del self._silent[device_id], self._devices[device_id]
+            forgotten.append(device_id)
+        return forgotten
 
     def close_all(self) -> list[Window]:
         """End of a finite stream: close everything (offline replay, shutdown drain)."""
@@ -163,6 +185,7 @@ class Windower:
         for device_id in device_ids:
             dev = self._devices.pop(device_id, None)
             self._seen.pop(device_id, None)
+            self._silent.pop(device_id, None)
             if dev is not None:
                 dropped += dev.open.values()
                 self._forget(dev.open.values())
@@ -176,9 +199,12 @@ class Windower:
         dev = self._devices.get(device_id)
         return None if dev is None else dev.closed_until
 
-    def restore(self, device_id: str, closed_until: int) -> None:
+    def restore(self, device_id: str, closed_until: int, now_wall_ms: int) -> None:
         """Resume a device whose windows up to `closed_until` were already emitted."""
-        dev = self._devices.setdefault(device_id, _Device())
+        dev = self._devices.get(device_id)
+        if dev is None:  # forgotten in its turn unless it is heard from
+            dev = self._devices[device_id] = _Device(last_seen_wall_ms=now_wall_ms)
+            self._silent[device_id] = None
         if dev.closed_until is None or closed_until > dev.closed_until:
             dev.closed_until = closed_until
 

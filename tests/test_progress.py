@@ -71,3 +71,25 @@ def test_progress_names_the_partitions_devices_and_forgets_revoked_ones(
     engine.revoke([(TOPICS.telemetry, 1)])
     assert engine.progress(1) == {}
     assert engine.progress(0) == {"dev-0": T0 + 2000, "dev-2": T0 + 2000}
+
+
+def test_long_silent_devices_are_forgotten_with_their_bookkeeping(runner: ModelRunner) -> None:
+    now = [T0]
+    engine = build_engine(Settings(), runner, clock=lambda: now[0])
+
+    def tick(at: int) -> None:
+        now[0] = at
+        engine.tick()
+        while engine.queued():
+            engine.run_batch()
+
+    for d in range(3):
+        engine.process(number([record(TOPICS.telemetry, f"dev-{d}", T0, telemetry(t=1))])[0])
+    engine.resume({"dev-9": T0 + 2000})  # from committed progress, never heard from
+    tick(T0 + 10_000)  # idle: the windows close
+    assert set(engine.progress(0)) == {"dev-0", "dev-1", "dev-2"}
+    now[0] = T0 + Settings().windows.forget_after_ms
+    engine.process(number([record(TOPICS.telemetry, "dev-1", T0 + 4000, telemetry(t=1))])[0])
+    tick(now[0] + 10_000)
+    assert engine.progress(0) == {"dev-1": T0 + 6000}
+    assert sorted(engine.windower.devices()) == ["dev-1"]

@@ -123,6 +123,26 @@ def test_a_device_heard_again_is_not_expired_behind_one_that_stayed_silent() -> 
     assert spans(f.w.expire_idle(12_500)) == [("b", 4000, 6000)]
 
 
+def test_a_device_silent_past_forget_after_is_forgotten_watermark_included() -> None:
+    f = Feed(WindowConfig(window_ms=2000, allowed_lateness_ms=500, idle_timeout_ms=5000,
+                          forget_after_ms=60_000))
+    f.add(T0 + 100, device="gone")
+    f.add(T0 + 4100, device="gone")  # its watermark closes [0, 2000)
+    f.add(T0 + 100, device="back")
+    f.w.restore("resumed", T0 + 2000, now_wall_ms=0)  # taken over, never heard from
+    assert spans(f.w.expire_idle(5_000)) == [("gone", 4000, 6000), ("back", 0, 2000)]
+    f.now = 30_000
+    f.add(T0 + 2100, device="back")  # heard again: stays
+    assert f.w.forget_silent(59_999) == []
+    assert sorted(f.w.forget_silent(60_000)) == ["gone", "resumed"]
+    assert sorted(f.w.devices()) == ["back"]
+    assert f.w.closed_until("gone") is None
+    # a record behind its old watermark now opens a window instead of being late
+    f.add(T0 + 1000, device="gone")
+    assert f.late == [] and f.w.open_windows == 2
+    assert f.w.forget_silent(10**9) == []  # "gone" has a window open again
+
+
 def test_every_window_with_a_record_closes_exactly_once() -> None:
     f = Feed(WindowConfig(window_ms=1000, allowed_lateness_ms=300, idle_timeout_ms=1))
     timestamps = [T0 + (i * 377) % 9000 for i in range(200)]
