@@ -3,7 +3,8 @@
 Raw input (built by the pipeline): float32 [steps, n_metrics] per window, metric order =
 `TelemetryConfig.metrics`, NaN = the metric was absent in that time step. Batched: [n, steps, M].
 
-    TelemetryPreprocessor: normalise with the stored per-metric mean/std, mask from NaN, NaN -> 0
+    TelemetryPreprocessor: normalise with the stored per-metric mean/std (clamped to +-1e4
+        standard deviations), mask from NaN, NaN -> 0
         float32 [n, steps, M] -> [n, steps, 2M] (M value channels, then M mask channels)
     TelemetryCNN: 1D convs over time, mean- and max-pooled
 """
@@ -49,6 +50,9 @@ class TelemetryConfig:
                 f"telemetry.embed_dim must be even and >= 2, got {self.embed_dim}")
 
 
+MAX_NORMALISED = 1e4  # standard deviations: far past any real reading, far below overflow
+
+
 class TelemetryPreprocessor:
     """Raw metrics with NaN holes -> normalised values plus a presence mask per metric."""
 
@@ -65,6 +69,7 @@ class TelemetryPreprocessor:
             self.mean, self.std = self.mean.to(raw.device), self.std.to(raw.device)
         present = ~torch.isnan(raw)  # [n, steps, M] bool
         x = torch.where(present, (raw - self.mean) / self.std, 0.0)  # [n, steps, M], NaN -> 0
+        x = x.clamp(-MAX_NORMALISED, MAX_NORMALISED)  # 3e38 / std would overflow the trunk
         return torch.cat([x, present.float()], dim=-1)  # -> [n, steps, 2M]
 
 

@@ -9,7 +9,10 @@ training and evaluation all build their inputs here.
 - audio: each chunk's samples placed at its event-time offset in the window -> float32
   [window_samples]; silence (zeros) where no audio arrived; samples past the window end
   are cut (the chunk belongs to the window of its first sample).
-- telemetry: samples averaged per time step -> float32 [steps, n_metrics], NaN = missing.
+- telemetry: samples averaged per time step -> float32 [steps, n_metrics], NaN = missing;
+  a mean beyond float32's range (telemetry accepts any finite JSON number, 1e300 too) is
+  clipped to it: as infinity it stopped the worker at every restart, in the model's input
+  check. The model clamps such readings further (encoders/telemetry.py).
 """
 
 from __future__ import annotations
@@ -135,7 +138,8 @@ def telemetry_input(
             counts[step, j] += 1
     with np.errstate(invalid="ignore", divide="ignore"):
         means = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-    return means.astype(np.float32), unknown  # [steps, M]
+    limit = np.finfo(np.float32).max
+    return np.clip(means, -limit, limit).astype(np.float32), unknown  # [steps, M], NaN kept
 
 
 def window_inputs(window: Window, spec: FeatureSpec, decode: Decode | None = None

@@ -117,6 +117,17 @@ def test_telemetry_preprocessor_normalises_and_masks_missing() -> None:
     torch.testing.assert_close(x, expected)
 
 
+def test_telemetry_far_out_of_range_stays_finite_through_the_trunk() -> None:
+    """3e38 is a finite float32, but normalised by a small std it overflowed the trunk and
+    the window's scores became NaN (an event that is not valid JSON)."""
+    cfg = TelemetryConfig(metrics=("a", "b"), steps=3, mean=(0.0, 0.0), std=(0.01, 1.0))
+    raw = torch.tensor([[[3e38, -3e38], [1.0, 2.0], [-3e38, float("nan")]]])
+    x = TelemetryPreprocessor(cfg)(raw, INFO)
+    assert x[0, 0, :2].tolist() == [1e4, -1e4] and x[0, 1, :2].tolist() == [100.0, 2.0]
+    with torch.no_grad():
+        assert torch.isfinite(build_telemetry_trunk(cfg).eval()(x)).all()
+
+
 @pytest.mark.parametrize("raw, message", [
     (torch.zeros(1, 3, 3), r"expected rows of shape \[3, 2\]"),
     (torch.zeros(1, 4, 2), r"expected rows of shape \[3, 2\]"),
