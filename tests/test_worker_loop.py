@@ -42,7 +42,7 @@ def test_a_window_closing_with_its_early_result_is_published_before_the_rest_of_
     process = engine.process
     engine.process = lambda r: order.append(f"{r.key.decode()}@{r.timestamp_ms - T0}") or process(r)
     worker = KafkaWorker.__new__(KafkaWorker)  # no broker: only the loop runs
-    worker.aligner, worker.engine = aligner, engine
+    worker.aligner, worker.engine, worker.metrics = aligner, engine, Metrics()
     worker.log_end = AllCaughtUp()
     worker._publish = lambda outputs: order.extend(
         "event" for o in outputs if o.topic == TOPICS.events)
