@@ -115,7 +115,8 @@ class Windower:
         # devices that may have open windows, least recently seen first: expire_idle looks
         # only at those it closes (scanning every device cost 22-42 ms a step at 100,000)
         self._seen: OrderedDict[str, None] = OrderedDict()
-        self._silent: OrderedDict[str, None] = OrderedDict()  # idle, nothing open, same order
+        # idle devices with nothing open -> when they were found idle (wall ms), oldest first
+        self._silent: OrderedDict[str, int] = OrderedDict()
         self.open_windows = 0
         self.buffered_bytes = 0
 
@@ -151,21 +152,32 @@ class Windower:
         while self._seen:
             device_id = next(iter(self._seen))
             dev = self._devices[device_id]
+            if dev.last_seen_wall_ms > now_wall_ms:  # the clock stepped back: seen just now
+                dev.last_seen_wall_ms = now_wall_ms
+                self._seen.move_to_end(device_id)
+                continue
             if now_wall_ms - dev.last_seen_wall_ms < self.config.idle_timeout_ms:
-                break  # nor any seen after it (a clock stepping back only delays expiry)
+                break  # nor any seen after it
             del self._seen[device_id]
-            self._silent[device_id] = None
+            self._silent[device_id] = now_wall_ms
             if dev.open:
                 closed += self._close_until(dev, max(dev.open) + self.config.window_ms)
         return closed
 
     def forget_silent(self, now_wall_ms: int) -> list[str]:
-        """Forget devices silent for `forget_after_ms` (none has a window open); their ids."""
+        """Forget devices found idle `forget_after_ms` ago and silent since; their ids.
+
+        Counted from when expire_idle found them idle, not from their last record: a device
+        is never forgotten in the tick that closed its windows (they may still be queued, and
+        a record for one of them must stay late, not reopen it)."""
         forgotten: list[str] = []
         while self._silent:
-            device_id = next(iter(self._silent))
-            silent_ms = now_wall_ms - self._devices[device_id].last_seen_wall_ms
-            if silent_ms < self.config.forget_after_ms:
+            device_id, since = next(iter(self._silent.items()))
+            if since > now_wall_ms:  # the clock stepped back
+                self._silent[device_id] = now_wall_ms
+                self._silent.move_to_end(device_id)
+                continue
+            if now_wall_ms - since < self.config.forget_after_ms:
                 break
             del self._silent[device_id], self._devices[device_id]
             forgotten.append(device_id)
@@ -204,7 +216,7 @@ class Windower:
         dev = self._devices.get(device_id)
         if dev is None:  # forgotten in its turn unless it is heard from
             dev = self._devices[device_id] = _Device(last_seen_wall_ms=now_wall_ms)
-            self._silent[device_id] = None
+            self._silent[device_id] = now_wall_ms
         if dev.closed_until is None or closed_until > dev.closed_until:
             dev.closed_until = closed_until
 

@@ -134,13 +134,38 @@ def test_a_device_silent_past_forget_after_is_forgotten_watermark_included() -> 
     f.now = 30_000
     f.add(T0 + 2100, device="back")  # heard again: stays
     assert f.w.forget_silent(59_999) == []
-    assert sorted(f.w.forget_silent(60_000)) == ["gone", "resumed"]
+    assert f.w.forget_silent(60_000) == ["resumed"]  # silent since its restore at 0
+    assert f.w.forget_silent(64_999) == []  # counted from when it was found idle, at 5,000
+    assert f.w.forget_silent(65_000) == ["gone"]
     assert sorted(f.w.devices()) == ["back"]
     assert f.w.closed_until("gone") is None
     # a record behind its old watermark now opens a window instead of being late
     f.add(T0 + 1000, device="gone")
     assert f.late == [] and f.w.open_windows == 2
     assert f.w.forget_silent(10**9) == []  # "gone" has a window open again
+
+
+def test_a_device_is_not_forgotten_in_the_tick_that_closed_its_windows() -> None:
+    """Ticks an hour apart (a long backlog skips them): the windows closed by that tick may
+    still be queued, and a record for one of them must be late, not reopen it."""
+    f = Feed(WindowConfig(window_ms=2000, allowed_lateness_ms=500, idle_timeout_ms=5000,
+                          forget_after_ms=60_000))
+    f.add(T0 + 100, device="d")
+    assert spans(f.w.expire_idle(3_600_000)) == [("d", 0, 2000)]
+    assert f.w.forget_silent(3_600_000) == []
+    f.now = 3_600_000
+    f.add(T0 + 900, device="d")
+    assert f.late == [T0 + 900]
+
+
+def test_a_clock_stepping_back_delays_only_the_devices_seen_before_the_step() -> None:
+    f = Feed()
+    f.now = 100_000
+    f.add(T0 + 100, device="before")
+    f.now = 40_000  # the wall clock stepped back by 60 s
+    f.add(T0 + 100, device="after")
+    assert spans(f.w.expire_idle(45_000)) == [("after", 0, 2000)]  # not held up by "before"
+    assert spans(f.w.expire_idle(50_000)) == [("before", 0, 2000)]  # idle from the step on
 
 
 def test_every_window_with_a_record_closes_exactly_once() -> None:
