@@ -24,6 +24,7 @@ Every position an output holds is released by the caller once the broker acknowl
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import time
@@ -42,6 +43,7 @@ from pipeline.ingest import IngestConfig, ingest
 from pipeline.metrics import Metrics
 from pipeline.outputs import Decision, ModelId, Output, dead_letter, event_output, event_value
 from pipeline.prefetch import FramePrefetch
+from pipeline.progress import MAX_PROGRESS_DEVICES
 from pipeline.records import Record
 from pipeline.windows import Item, Position, Window, WindowConfig, Windower
 
@@ -306,12 +308,17 @@ class Engine:
         if until is not None:
             self._progress.setdefault(self._device_partition[device], {})[device] = until
 
-    def resume(self, progress: dict[str, int]) -> None:
-        """Take over devices whose windows up to the given boundaries were already emitted."""
+    def resume(self, partition: int, progress: dict[str, int]) -> None:
+        """Take over devices of `partition` whose windows up to the given boundaries were
+        already emitted; the boundaries stay in this partition's progress, so a commit made
+        before those devices are heard from again still carries them."""
+        held = self._progress.setdefault(partition, {})
         for device, until in progress.items():
             if until > self._resumed.get(device, until - 1):
                 self._resumed[device] = until
                 self.windower.restore(device, until, self.clock())
+            if until > held.get(device, until - 1):
+                held[device] = until
 
     def _already_emitted(self, device: str, ts_ms: int) -> bool:
         until = self._resumed.get(device)
@@ -341,15 +348,22 @@ class Engine:
         return len(dropped)
 
     def _forget_devices(self, devices: list[str]) -> None:
-        """Devices the windower forgot (long silent): their bookkeeping goes too."""
+        """Devices the windower forgot (long silent): their bookkeeping goes too, but not
+        their progress: a record of theirs may still be re-read after a restart, while
+        another device's open window holds the commit back. Progress is kept for the
+        devices heard from and the newest MAX_PROGRESS_DEVICES others (no more are ever
+        committed)."""
         for d in devices:
-            partition = self._device_partition.pop(d, None)
-            if partition is not None:
-                self._progress.get(partition, {}).pop(d, None)
+            self._device_partition.pop(d, None)
             self._resumed.pop(d, None)
             self._reported.discard(d)
             self._clock_reported.discard(d)
         self.prefetch.forget([], devices)
+        for partition, held in self._progress.items():
+            if len(held) > 2 * (MAX_PROGRESS_DEVICES + len(self._device_partition)):
+                newest = set(heapq.nlargest(MAX_PROGRESS_DEVICES, held, key=held.__getitem__))
+                self._progress[partition] = {d: until for d, until in held.items()
+                                             if d in newest or d in self._device_partition}
 
     def close(self) -> None:
         """Stop the frame-decoding threads (the engine is not used afterwards)."""

@@ -306,7 +306,7 @@ class KafkaWorker:
             # or skipped while the group was rebalancing (offsets already seen are ignored)
             committed = self.consumer.committed(tp, metadata=True)
             if committed is not None:
-                self.engine.resume(decode_progress(committed.metadata))
+                self.engine.resume(tp.partition, decode_progress(committed.metadata))
                 self.consumer.seek(tp, committed.offset)
             else:
                 self.consumer.seek_to_beginning(tp)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import pytest
 
@@ -73,7 +74,7 @@ def test_progress_names_the_partitions_devices_and_forgets_revoked_ones(
     assert engine.progress(0) == {"dev-0": T0 + 2000, "dev-2": T0 + 2000}
 
 
-def test_long_silent_devices_are_forgotten_with_their_bookkeeping(runner: ModelRunner) -> None:
+def test_forgotten_devices_keep_their_progress_for_commits(runner: ModelRunner) -> None:
     now = [T0]
     engine = build_engine(Settings(), runner, clock=lambda: now[0])
 
@@ -85,11 +86,45 @@ def test_long_silent_devices_are_forgotten_with_their_bookkeeping(runner: ModelR
 
     for d in range(3):
         engine.process(number([record(TOPICS.telemetry, f"dev-{d}", T0, telemetry(t=1))])[0])
-    engine.resume({"dev-9": T0 + 2000})  # from committed progress, never heard from
+    engine.resume(0, {"dev-9": T0 + 2000})  # from committed progress, never heard from
     tick(T0 + 10_000)  # idle: the windows close
-    assert set(engine.progress(0)) == {"dev-0", "dev-1", "dev-2"}
+    assert engine.progress(0) == {f"dev-{d}": T0 + 2000 for d in (0, 1, 2, 9)}
     now[0] = T0 + Settings().windows.forget_after_ms
     engine.process(number([record(TOPICS.telemetry, "dev-1", T0 + 4000, telemetry(t=1))])[0])
-    tick(now[0] + 10_000)
-    assert engine.progress(0) == {"dev-1": T0 + 6000}
-    assert sorted(engine.windower.devices()) == ["dev-1"]
+    tick(now[0] + 20_000)
+    assert sorted(engine.windower.devices()) == ["dev-1"]  # the others are forgotten
+    assert engine.progress(0) == {"dev-0": T0 + 2000, "dev-1": T0 + 6000, "dev-2": T0 + 2000,
+                                  "dev-9": T0 + 2000}
+
+
+def test_a_forgotten_device_is_not_split_when_its_records_are_read_again(
+    runner: ModelRunner,
+) -> None:
+    """A device stamping records 2 h ahead keeps its window open, so the partition's commit
+    cannot pass its first record. Device D, behind it in the log, is emitted, then silent
+    until it is forgotten. A new owner re-reads from the held record with the committed
+    progress: D's records must be skipped, not emitted again as a window missing its first
+    record (what happened when forgetting D also dropped its progress)."""
+    settings = Settings()
+    settings = replace(settings, windows=replace(settings.windows, forget_after_ms=60_000))
+    now = [T0]
+    engine = build_engine(settings, runner, clock=lambda: now[0])
+    log = [record(TOPICS.telemetry, "D", T0 + 100, telemetry(t=1)),
+           record(TOPICS.telemetry, "E", T0 + 7_200_000, telemetry(t=1))]
+    log += [record(TOPICS.telemetry, "D", T0 + ms, telemetry(t=1)) for ms in range(300, 3100, 200)]
+    log = number(log)
+    outputs = [o for r in log for o in engine.process(r)]
+    for second in range(1, 100):  # E goes on (late records), D is silent
+        now[0] = T0 + 3100 + second * 1000
+        late = number(log + [record(TOPICS.telemetry, "E", now[0], telemetry(t=1))])[-1]
+        log.append(late)
+        outputs += engine.process(late)
+        engine.tick()
+        while engine.queued():
+            outputs += engine.run_batch()
+    assert "D" not in engine.windower.devices()  # forgotten
+    assert [o.key for o in outputs if o.topic == TOPICS.events] == [b"D", b"D"]  # 2 windows
+    again = build_engine(settings, runner, clock=lambda: now[0])
+    again.resume(0, engine.progress(0))
+    reread = [o for r in log[1:] for o in again.process(r)] + again.finish()
+    assert [o.key for o in reread if o.topic == TOPICS.events] == [b"E"]
