@@ -125,18 +125,18 @@ def telemetry_input(
     sums = np.zeros((spec.steps, len(col)), dtype=np.float64)  # [steps, M]
     counts = np.zeros((spec.steps, len(col)), dtype=np.int64)  # [steps, M]
     unknown = 0
-    for it in samples:
-        metrics = it.payload
-        assert isinstance(metrics, dict)
-        step = min(spec.steps - 1, (it.ts_ms - start_ms) * spec.steps // spec.window_ms)
-        for name, value in metrics.items():
-            j = col.get(name)
-            if j is None:
-                unknown += 1
-                continue
-            sums[step, j] += value
-            counts[step, j] += 1
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # 1e308 + 1e308: inf
+        for it in samples:
+            metrics = it.payload
+            assert isinstance(metrics, dict)
+            step = min(spec.steps - 1, (it.ts_ms - start_ms) * spec.steps // spec.window_ms)
+            for name, value in metrics.items():
+                j = col.get(name)
+                if j is None:
+                    unknown += 1
+                    continue
+                sums[step, j] += value
+                counts[step, j] += 1
         means = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
     limit = np.finfo(np.float32).max
     return np.clip(means, -limit, limit).astype(np.float32), unknown  # [steps, M], NaN kept
