@@ -14,8 +14,9 @@ commit), then:
   which the worker builds every `runtime.commit_interval_ms` for each owned partition;
 - memory: Python heap (tracemalloc) per device with its window open, after the window
   closed (idle) and was emitted, and after `windows.forget_after_ms` of silence (what is
-  left then is the hash tables' capacity: Python's dicts do not shrink, so it is bounded
-  by the most devices heard from within that time, not by all devices ever seen).
+  left then is the hash tables' capacity, as Python's dicts do not shrink, and the window
+  progress of the newest 4,096 devices; bounded by the most devices heard from within
+  that time, not by all devices ever seen).
 Each figure is the best of `--repeat` runs (the VM is noisy).
 """
 

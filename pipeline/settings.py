@@ -95,8 +95,9 @@ class WindowSettings:
     allowed_lateness_ms: int = _f(500, "Watermark = largest event time seen minus this.")
     idle_timeout_ms: int = _f(5000, "Wall-clock silence after which a device's windows close.")
     forget_after_ms: int = _f(
-        3_600_000, "Wall-clock silence after which a device is forgotten, watermark included "
-        "(memory stays bounded as devices come and go); a later record of it starts afresh."
+        3_600_000, "Wall-clock silence past the idle timeout after which a device is "
+        "forgotten, watermark included (memory stays bounded as devices come and go); a "
+        "later record of it starts afresh."
     )
     max_open_windows: int = _f(10000, "Open windows over all devices before back-pressure.")
     max_buffered_bytes: int = _f(
