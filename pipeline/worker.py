@@ -96,8 +96,7 @@ class KafkaWorker:
         if self.exactly_once:
             self.producer.init_transactions()
         inputs = [settings.topics.camera, settings.topics.audio, settings.topics.telemetry]
-        await_input_topics(self.consumer, inputs, settings.kafka.topic_wait_ms, clock,
-                           outputs=(settings.topics.events, settings.topics.deadletter))
+        await_input_topics(self.consumer, inputs, settings.kafka.topic_wait_ms, clock)
         for topic in inputs:  # the offsets client's metadata, before it is first asked
             self.offsets.partitions_for_topic(topic)
         self.consumer.subscribe(inputs, listener=_Rebalance(self))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import threading
 import uuid
 from collections import Counter
@@ -212,21 +211,6 @@ def test_a_missing_input_topic_stops_the_worker_with_advice(bootstrap, runner) -
     settings = with_topic_wait(settings_for(bootstrap, names), 0)
     with pytest.raises(UserError, match=rf"{names.camera}.*do not exist.*iotfuse topics"):
         KafkaWorker(settings, build_engine(settings, runner))
-
-
-def test_missing_output_topics_are_named_at_start(bootstrap, runner, caplog) -> None:
-    """With auto.create.topics.enable off (common in production), a missing events topic
-    made the first event wait 60 s, then stop the worker with a metadata timeout."""
-    names = TopicNames.prefixed(f"no-out-{uuid.uuid4().hex[:8]}")
-    with KafkaAdminClient(bootstrap_servers=bootstrap) as admin:
-        admin.create_topics([NewTopic(t, 3, 1) for t in names.inputs])
-    settings = with_topic_wait(settings_for(bootstrap, names), 30_000)
-    with caplog.at_level(logging.WARNING, logger="pipeline.kafka.admin"):
-        worker = KafkaWorker(settings, build_engine(settings, runner))
-        worker.close()
-    [warning] = [r.getMessage() for r in caplog.records if "output topics" in r.getMessage()]
-    assert f"{names.events}, {names.deadletter} do not exist" in warning
-    assert "iotfuse topics" in warning
 
 
 def test_input_topics_of_different_partition_counts_are_refused(bootstrap, runner) -> None:

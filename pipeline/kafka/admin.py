@@ -241,15 +241,12 @@ def dead_letter_limit(settings: Settings) -> int | None:
 
 
 def await_input_topics(consumer: KafkaConsumer, topics: list[str], wait_ms: int,
-                       clock: Clock = wall_clock_ms, outputs: Sequence[str] = ()) -> None:
+                       clock: Clock = wall_clock_ms) -> None:
     """Wait until the broker knows every input topic, co-partitioned, before joining the group.
 
     Joining first would let the group's range assignor see a topic without partitions and
     leave it unassigned until the next metadata refresh; a missing topic would only show
-    as a worker that never consumes anything. Missing `outputs` are warned about: a broker
-    creates them on first use only with auto.create.topics.enable (often off in
-    production), and without it the first event waits 60 s for metadata, then stops the
-    worker with a timeout that does not name the topic.
+    as a worker that never consumes anything.
     """
     deadline = clock() + wait_ms
     while True:
@@ -272,9 +269,3 @@ def await_input_topics(consumer: KafkaConsumer, topics: list[str], wait_ms: int,
             + "): a device's records must share a partition number; recreate them with one "
             "partition count (`iotfuse topics --partitions N`)"
         )
-    absent = [t for t in outputs if not consumer.partitions_for_topic(t)]
-    if absent:
-        log.warning("output topics %s do not exist on %s: unless the broker creates topics "
-                    "on first use (auto.create.topics.enable), the first event will wait 60 s "
-                    "and stop the worker. Create them with `iotfuse topics`", ", ".join(absent),
-                    consumer.config["bootstrap_servers"])
