@@ -59,7 +59,9 @@ class KafkaSettings:
     session_timeout_ms: int = _f(30000, "Consumer group session timeout.")
     max_poll_interval_ms: int = _f(300000, "Longest gap between polls before a rebalance.")
     topic_wait_ms: int = _f(
-        60000, "How long `run` waits at start for the input topics to exist before failing."
+        60000, "How long `run` waits at start for the input topics, and the events and "
+        "dead-letter topics unless the broker creates topics on first use, to exist before "
+        "failing."
     )
 
     def client_config(self) -> dict[str, Any]:

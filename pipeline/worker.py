@@ -40,7 +40,7 @@ from pipeline.clients import (
 )
 from pipeline.clock import Clock, wall_clock_ms
 from pipeline.engine import Engine
-from pipeline.kafka.admin import await_input_topics, dead_letter_limit
+from pipeline.kafka.admin import await_input_topics, prepare_outputs
 from pipeline.log_end import LogEnd
 from pipeline.offsets import OffsetTracker
 from pipeline.outputs import Output, fit_dead_letter
@@ -84,7 +84,7 @@ class KafkaWorker:
                                max_bytes=settings.windows.max_aligning_bytes)
         # before the other clients: with the admin client closed while they ran, an
         # exactly-once worker fetched nothing at all in 4 of 8 runs
-        limit = dead_letter_limit(settings)  # and never more than this producer sends:
+        limit = prepare_outputs(settings, clock)  # and never more than this producer sends:
         self._deadletter_max = min(limit or MAX_REQUEST_BYTES, MAX_REQUEST_BYTES)
         self.consumer = KafkaConsumer(**consumer_config(settings))
         self.offsets = KafkaConsumer(**offsets_config(settings))

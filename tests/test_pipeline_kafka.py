@@ -16,7 +16,8 @@ from kafka.admin import KafkaAdminClient, NewTopic
 
 from pipeline.app import build_engine
 from pipeline.errors import UserError
-from pipeline.kafka.admin import TopicNames, ensure_topics
+from pipeline.kafka.admin import TopicNames, auto_creates_topics, ensure_topics
+from pipeline.kafka.broker import LocalKafka
 from pipeline.model_runner import ModelRunner
 from pipeline.settings import Settings
 from pipeline.worker import KafkaWorker
@@ -211,6 +212,37 @@ def test_a_missing_input_topic_stops_the_worker_with_advice(bootstrap, runner) -
     settings = with_topic_wait(settings_for(bootstrap, names), 0)
     with pytest.raises(UserError, match=rf"{names.camera}.*do not exist.*iotfuse topics"):
         KafkaWorker(settings, build_engine(settings, runner))
+
+
+def test_a_missing_output_topic_is_named_when_the_broker_creates_none(
+    runner, show_broker_logs
+) -> None:
+    """As in the docker stack (auto.create.topics.enable=false): before, the worker started,
+    its first send waited 60 s for metadata and it stopped with "Failed to update metadata",
+    naming no topic."""
+    strict = LocalKafka(nodes=1, properties={"auto.create.topics.enable": "false"})
+    with show_broker_logs(strict) as kafka:
+        names = TopicNames.prefixed("strict")
+        settings = with_topic_wait(settings_for(kafka.bootstrap_servers, names), 0)
+        with KafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers) as admin:
+            assert auto_creates_topics(admin) is False
+            admin.create_topics([NewTopic(t, 1, 1) for t in (*names.inputs, names.events)])
+            with pytest.raises(UserError, match=rf"output topics {names.deadletter} do not "
+                               r"exist.*auto.create.topics.enable=false.*iotfuse topics"):
+                KafkaWorker(settings, build_engine(settings, runner))
+            admin.create_topics([NewTopic(names.deadletter, 1, 1)])
+        KafkaWorker(settings, build_engine(settings, runner)).close()
+
+
+def test_missing_output_topics_are_left_to_a_broker_that_creates_them(
+    bootstrap, runner
+) -> None:
+    names = TopicNames.prefixed(f"autocreate-{uuid.uuid4().hex[:8]}")
+    with KafkaAdminClient(bootstrap_servers=bootstrap) as admin:
+        assert auto_creates_topics(admin) is True  # the local broker's default
+        admin.create_topics([NewTopic(t, 1, 1) for t in names.inputs])
+    settings = with_topic_wait(settings_for(bootstrap, names), 0)
+    KafkaWorker(settings, build_engine(settings, runner)).close()  # no wait, no error
 
 
 def test_input_topics_of_different_partition_counts_are_refused(bootstrap, runner) -> None:

@@ -213,30 +213,71 @@ def unfenced_brokers(admin: KafkaAdminClient) -> set[int]:
     return {int(b["broker_id"]) for b in cluster["brokers"] if not b.get("is_fenced", False)}
 
 
-def max_message_bytes(bootstrap_servers: str, client_config: Mapping[str, Any] | None,
-                      topic: str) -> int:
+def max_message_bytes(admin: KafkaAdminClient, topic: str) -> int:
     """The largest record batch `topic` accepts (its `max.message.bytes`, or the broker's
     default when the topic sets none). Raises KafkaError when it cannot be read (no
     DescribeConfigs permission, no such topic, no broker)."""
     resource = ConfigResource(ConfigResourceType.TOPIC, topic, ["max.message.bytes"])
-    with _admin(bootstrap_servers, client_config) as admin:
-        described = admin.describe_configs([resource], config_filter="all")
+    described = admin.describe_configs([resource], config_filter="all")
     try:
         return int(described["topic"][topic]["max.message.bytes"]["value"])
     except (KeyError, TypeError, ValueError) as exc:
         raise errors.KafkaError(f"no max.message.bytes in {described!r}") from exc
 
 
-def dead_letter_limit(settings: Settings) -> int | None:
-    """`max_message_bytes` of the dead-letter topic; None, with a warning, when unknown."""
-    k, topic = settings.kafka, settings.topics.deadletter
+def prepare_outputs(settings: Settings, clock: Clock = wall_clock_ms) -> int | None:
+    """Before `run` starts its clients: wait (up to `kafka.topic_wait_ms`) for the events and
+    dead-letter topics to exist unless the broker creates topics on first use, then return
+    the dead-letter topic's `max_message_bytes` (None, with a warning, when unknown).
+
+    Without this, a missing output topic on a broker with `auto.create.topics.enable=false`
+    (the docker stack's) held the first send for the producer's 60 s `max_block_ms`, and
+    then stopped the worker with "Failed to update metadata", naming no topic.
+    """
+    k, t = settings.kafka, settings.topics
+    with _admin(k.bootstrap_servers, k.client_config()) as admin:
+        _await_outputs(admin, [t.events, t.deadletter], k.topic_wait_ms, clock)
+        try:
+            return max_message_bytes(admin, t.deadletter)
+        except errors.KafkaError as exc:
+            log.warning("cannot read max.message.bytes of %s (%r): dead letters are cut to what "
+                        "the producer sends, and one the topic refuses below that would stop "
+                        "the worker. Allow DescribeConfigs on it, or create it with "
+                        "`iotfuse topics`", t.deadletter, exc)
+            return None
+
+
+def _await_outputs(admin: KafkaAdminClient, topics: list[str], wait_ms: int,
+                   clock: Clock) -> None:
+    deadline = clock() + wait_ms
+    while missing := [name for name in topics if name not in _partition_counts(admin, topics)]:
+        creates = auto_creates_topics(admin)
+        if creates is not False:
+            log.info("output topics %s do not exist yet: %s", ", ".join(missing),
+                     "the broker creates them on first use, with its default partition count"
+                     if creates else "the broker's auto.create.topics.enable is unknown")
+            return
+        if clock() >= deadline:
+            raise UserError(
+                f"output topics {', '.join(missing)} do not exist on "
+                f"{admin.config['bootstrap_servers']} and the broker does not create topics "
+                f"(auto.create.topics.enable=false; waited {wait_ms} ms): create them with "
+                "`iotfuse topics` or check [topics]"
+            )
+        log.info("waiting for output topics to exist: %s", ", ".join(missing))
+        time.sleep(0.5)  # retry backoff while the topics are created
+
+
+def auto_creates_topics(admin: KafkaAdminClient) -> bool | None:
+    """The cluster's `auto.create.topics.enable` (read from one broker); None when it cannot
+    be read (no DescribeConfigs permission on the cluster)."""
     try:
-        return max_message_bytes(k.bootstrap_servers, k.client_config(), topic)
-    except errors.KafkaError as exc:
-        log.warning("cannot read max.message.bytes of %s (%r): dead letters are cut to what "
-                    "the producer sends, and one the topic refuses below that would stop the "
-                    "worker. Allow DescribeConfigs on it, or create it with `iotfuse topics`",
-                    topic, exc)
+        broker = str(admin.describe_cluster()["brokers"][0]["broker_id"])
+        resource = ConfigResource(ConfigResourceType.BROKER, broker, ["auto.create.topics.enable"])
+        described = admin.describe_configs([resource], config_filter="all")
+        return str(described["broker"][broker]["auto.create.topics.enable"]["value"]) == "true"
+    except (errors.KafkaError, KeyError, IndexError, TypeError) as exc:
+        log.debug("cannot read auto.create.topics.enable: %r", exc)
         return None
 
 

@@ -26,7 +26,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -72,6 +72,8 @@ class LocalKafka:
     port: the first node's client port (the others get port+1, port+2); None picks free
     ports. heap: -Xmx per node (default 512m for one node, 384m each for three). log_dir:
     where node-<i>.log files go (kept after exit); None keeps them in the data directory.
+    properties: server.properties entries that replace or add to ours on every node (e.g.
+    ``{"auto.create.topics.enable": "false"}``, as in the docker stack).
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class LocalKafka:
         *,
         startup_timeout_s: float = 120.0,
         shutdown_timeout_s: float = 20.0,
+        properties: Mapping[str, str] | None = None,
     ) -> None:
         if nodes not in (1, 3):
             raise ValueError(f"nodes must be 1 or 3, got {nodes}")
@@ -92,6 +95,7 @@ class LocalKafka:
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.startup_timeout_s = startup_timeout_s
         self.shutdown_timeout_s = shutdown_timeout_s
+        self.properties = dict(properties or {})  # server.properties overrides, every node
         self.cluster_id = new_cluster_id()
         self._nodes: list[_Node] = []
         self._root: Path | None = None
@@ -121,7 +125,7 @@ class LocalKafka:
         )
         try:
             self._nodes.extend(_plan_nodes(self.nodes, self.port, root, self.log_dir or root))
-            _write_configs(self._nodes, root)
+            _write_configs(self._nodes, root, self.properties)
             _format_storage(self._runtime, self._nodes, self.cluster_id, root)
             for node in self._nodes:
                 self._spawn(node)
@@ -351,12 +355,12 @@ def _plan_nodes(count: int, port: int | None, root: Path, logs: Path) -> list[_N
     ]
 
 
-def _write_configs(nodes: Sequence[_Node], root: Path) -> None:
+def _write_configs(nodes: Sequence[_Node], root: Path, overrides: Mapping[str, str]) -> None:
     template = resources.files(__package__).joinpath("log4j2.properties").read_text()
     (root / "log4j2.properties").write_text(template)
     for node in nodes:
         (node.home / "data").mkdir(parents=True)
-        props = _server_properties(node, nodes)
+        props = {**_server_properties(node, nodes), **overrides}
         (node.home / "server.properties").write_text(
             "".join(f"{k}={v}\n" for k, v in props.items())
         )
