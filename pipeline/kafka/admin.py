@@ -250,7 +250,7 @@ def prepare_outputs(settings: Settings, clock: Clock = wall_clock_ms) -> int | N
 def _await_outputs(admin: KafkaAdminClient, topics: list[str], wait_ms: int,
                    clock: Clock) -> None:
     deadline = clock() + wait_ms
-    while missing := [name for name in topics if name not in _partition_counts(admin, topics)]:
+    while missing := _missing(admin, topics):
         creates = auto_creates_topics(admin)
         if creates is not False:
             log.info("output topics %s do not exist yet: %s", ", ".join(missing),
@@ -266,6 +266,17 @@ def _await_outputs(admin: KafkaAdminClient, topics: list[str], wait_ms: int,
             )
         log.info("waiting for output topics to exist: %s", ", ".join(missing))
         time.sleep(0.5)  # retry backoff while the topics are created
+
+
+def _missing(admin: KafkaAdminClient, topics: list[str]) -> list[str]:
+    """The topics the cluster does not have; none when it cannot be asked (the worker then
+    starts as it would without the check, and the producer reports what fails)."""
+    try:
+        counts = _partition_counts(admin, topics)
+    except (TopicLayoutError, errors.KafkaError) as exc:
+        log.warning("cannot check that the output topics %s exist: %r", ", ".join(topics), exc)
+        return []
+    return [name for name in topics if name not in counts]
 
 
 def auto_creates_topics(admin: KafkaAdminClient) -> bool | None:
