@@ -150,7 +150,7 @@ def test_run_foreground_serves_until_sigterm(jvm_alive: Callable[[int], bool]) -
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     code = (
-        "from pipeline.kafka.broker import run_foreground\n"
+        "from pipeline.commands.infra import run_foreground\n"
         f"raise SystemExit(run_foreground(1, {port}))"
     )
     child = subprocess.Popen(

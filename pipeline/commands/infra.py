@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType
 
 from pipeline.commands.common import bootstrap_arg
 from pipeline.metrics import Metrics
@@ -17,9 +21,60 @@ def broker_args(p: argparse.ArgumentParser) -> None:
 
 
 def broker(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.kafka.broker import run_foreground
-
     return run_foreground(nodes=args.nodes, port=args.port)
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)  # a script may be reading the bootstrap line through a pipe
+
+
+def run_foreground(
+    nodes: int = 1, port: int | None = None, out: Callable[[str], object] = _say
+) -> int:
+    """`iotfuse broker`: run a local Kafka until SIGINT/SIGTERM; 0 on a clean stop.
+
+    Prints `bootstrap.servers=HOST:PORT[,...]` (one machine-readable line) once ready. A
+    signal during startup stops the half-started cluster and returns 130.
+    """
+    from pipeline.kafka import runtime
+    from pipeline.kafka.broker import LocalKafka
+    from pipeline.kafka.runtime import KAFKA_VERSION
+
+    if runtime.cached_classpath() is None:
+        out(f"downloading Apache Kafka {KAFKA_VERSION} jars with Maven (first run only) ...")
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        # set from another thread: Event.set in a handler could deadlock with stop.wait()
+        threading.Thread(target=stop.set, daemon=True).start()
+
+    kafka = LocalKafka(nodes=nodes, port=port)
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in signals}
+    try:
+        for s in signals:  # while starting, a signal interrupts the start
+            signal.signal(s, signal.default_int_handler)
+        try:
+            kafka.start()
+        except KeyboardInterrupt:
+            out("interrupted while starting; stopped")
+            return 130
+        try:
+            for s in signals:
+                signal.signal(s, on_signal)
+            out(f"bootstrap.servers={kafka.bootstrap_servers}")
+            out(
+                f"Apache Kafka {KAFKA_VERSION}: {nodes} node(s) ready; logs: "
+                f"{', '.join(map(str, kafka.log_files))}. Ctrl-C stops and deletes the data."
+            )
+            stop.wait()
+            out("stopping ...")
+        finally:
+            kafka.close()
+        return 0
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def topics_args(p: argparse.ArgumentParser) -> None:

@@ -22,15 +22,14 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 
 from kafka import KafkaAdminClient
 
@@ -260,55 +259,6 @@ def new_cluster_id() -> str:
         text = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         if not text.startswith("-"):  # would read as an option on a command line
             return text
-
-
-def _say(line: str) -> None:
-    print(line, flush=True)  # a script may be reading the bootstrap line through a pipe
-
-
-def run_foreground(
-    nodes: int = 1, port: int | None = None, out: Callable[[str], object] = _say
-) -> int:
-    """`iotfuse broker`: run a local Kafka until SIGINT/SIGTERM; 0 on a clean stop.
-
-    Prints `bootstrap.servers=HOST:PORT[,...]` (one machine-readable line) once ready. A
-    signal during startup stops the half-started cluster and returns 130.
-    """
-    if runtime.cached_classpath() is None:
-        out(f"downloading Apache Kafka {KAFKA_VERSION} jars with Maven (first run only) ...")
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        # set from another thread: Event.set in a handler could deadlock with stop.wait()
-        threading.Thread(target=stop.set, daemon=True).start()
-
-    kafka = LocalKafka(nodes=nodes, port=port)
-    signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.getsignal(s) for s in signals}
-    try:
-        for s in signals:  # while starting, a signal interrupts the start
-            signal.signal(s, signal.default_int_handler)
-        try:
-            kafka.start()
-        except KeyboardInterrupt:
-            out("interrupted while starting; stopped")
-            return 130
-        try:
-            for s in signals:
-                signal.signal(s, on_signal)
-            out(f"bootstrap.servers={kafka.bootstrap_servers}")
-            out(
-                f"Apache Kafka {KAFKA_VERSION}: {nodes} node(s) ready; logs: "
-                f"{', '.join(map(str, kafka.log_files))}. Ctrl-C stops and deletes the data."
-            )
-            stop.wait()
-            out("stopping ...")
-        finally:
-            kafka.close()
-        return 0
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 # -- module helpers (none refers to LocalKafka: the finalizer must not keep it alive) ----------
