@@ -24,7 +24,6 @@ Every position an output holds is released by the caller once the broker acknowl
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import logging
 import time
@@ -43,7 +42,7 @@ from pipeline.ingest import IngestConfig, ingest
 from pipeline.metrics import Metrics
 from pipeline.outputs import Decision, ModelId, Output, dead_letter, event_output, event_value
 from pipeline.prefetch import FramePrefetch
-from pipeline.progress import MAX_PROGRESS_DEVICES
+from pipeline.progress import DeviceProgress
 from pipeline.records import Record
 from pipeline.windows import Item, Position, Window, WindowConfig, Windower
 
@@ -110,10 +109,9 @@ class Engine:
         self._released: list[Position] = []
         self._records: dict[Position, Record] = {}  # camera records, for decode-time rejects
         self._device_partition: dict[str, int] = {}
-        self._progress: dict[int, dict[str, int]] = {}  # partition -> device -> closed_until
+        self._progress = DeviceProgress()
         self._reported: set[str] = set()
         self._clock_reported: set[str] = set()
-        self._resumed: dict[str, int] = {}  # device -> windows before this were emitted
         self.prefetch = FramePrefetch(cfg.features, cfg.feature_threads)
         self._complete: dict[WindowKey, Window] = {}  # open, end passed, not classified yet
         self._early: dict[WindowKey, _Classified] = {}
@@ -131,7 +129,7 @@ class Engine:
         self._check_partition(got.device_id, record)
         if got.item.ts_ms - now > FUTURE_WARN_MS:
             self._report_future(got.device_id, got.item.ts_ms, now)
-        if self._already_emitted(got.device_id, got.item.ts_ms):
+        if self._progress.already_emitted(got.device_id, self.cfg.windows.start_of(got.item.ts_ms)):
             self.metrics.reread_skipped.inc()
             self._released.append(got.item.position)
             self._note_progress(got.device_id)
@@ -300,29 +298,18 @@ class Engine:
         the ones whose windows were already emitted instead of emitting them again, split.
         """
         assert not self._queue, "progress() needs the queue drained first"
-        return dict(self._progress.get(partition, {}))  # kept up to date: a commit a second
-        # must not visit every device of a large fleet (100,000: 0.2 s)
+        return self._progress.of(partition)
 
     def _note_progress(self, device: str) -> None:
         until = self.windower.closed_until(device)
         if until is not None:
-            self._progress.setdefault(self._device_partition[device], {})[device] = until
+            self._progress.note(self._device_partition[device], device, until)
 
     def resume(self, partition: int, progress: dict[str, int]) -> None:
         """Take over devices of `partition` whose windows up to the given boundaries were
-        already emitted; the boundaries stay in this partition's progress, so a commit made
-        before those devices are heard from again still carries them."""
-        held = self._progress.setdefault(partition, {})
-        for device, until in progress.items():
-            if until > self._resumed.get(device, until - 1):
-                self._resumed[device] = until
-                self.windower.restore(device, until, self.clock())
-            if until > held.get(device, until - 1):
-                held[device] = until
-
-    def _already_emitted(self, device: str, ts_ms: int) -> bool:
-        until = self._resumed.get(device)
-        return until is not None and self.cfg.windows.start_of(ts_ms) < until
+        already emitted (see DeviceProgress.resume)."""
+        for device, until in self._progress.resume(partition, progress):
+            self.windower.restore(device, until, self.clock())
 
     # -- bookkeeping --------------------------------------------------------------------
     def take_released(self) -> list[Position]:
@@ -341,29 +328,19 @@ class Engine:
             self._early.pop(_key(w), None)
         for d in devices:
             self._device_partition.pop(d, None)
-            self._resumed.pop(d, None)
-        for number in numbers:
-            self._progress.pop(number, None)
+        self._progress.revoke(numbers, devices)
         self.prefetch.forget(dropped, devices)
         return len(dropped)
 
     def _forget_devices(self, devices: list[str]) -> None:
         """Devices the windower forgot (long silent): their bookkeeping goes too, but not
-        their progress: a record of theirs may still be re-read after a restart, while
-        another device's open window holds the commit back. Progress is kept for the
-        devices heard from and the newest MAX_PROGRESS_DEVICES others (no more are ever
-        committed)."""
+        all of their progress (DeviceProgress.forget)."""
         for d in devices:
             self._device_partition.pop(d, None)
-            self._resumed.pop(d, None)
             self._reported.discard(d)
             self._clock_reported.discard(d)
         self.prefetch.forget([], devices)
-        for partition, held in self._progress.items():
-            if len(held) > 2 * (MAX_PROGRESS_DEVICES + len(self._device_partition)):
-                newest = set(heapq.nlargest(MAX_PROGRESS_DEVICES, held, key=held.__getitem__))
-                self._progress[partition] = {d: until for d, until in held.items()
-                                             if d in newest or d in self._device_partition}
+        self._progress.forget(devices, self._device_partition.keys())
 
     def close(self) -> None:
         """Stop the frame-decoding threads (the engine is not used afterwards)."""

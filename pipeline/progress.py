@@ -17,7 +17,7 @@ import heapq
 import json
 import logging
 import zlib
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from operator import itemgetter
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,60 @@ def encode_progress(progress: Mapping[str, int], limit: int = MAX_METADATA_BYTES
         if len(text) <= limit or keep == 0:
             return text, keep
         keep = min(keep - 1, keep * limit * 9 // (len(text) * 10))  # size ~ devices
+
+
+class DeviceProgress:
+    """What the commits carry: per partition and device, the boundary before which every
+    window was emitted. Kept up to date as windows close (`note`), so that a commit a second
+    need not visit every device of a large fleet (100,000: 0.2 s). Also the boundaries taken
+    over from a previous owner (`resume`), below which re-read records are skipped."""
+
+    def __init__(self) -> None:
+        self._held: dict[int, dict[str, int]] = {}  # partition -> device -> boundary
+        self._resumed: dict[str, int] = {}  # device -> windows before this were emitted
+
+    def of(self, partition: int) -> dict[str, int]:
+        return dict(self._held.get(partition, {}))
+
+    def note(self, partition: int, device: str, until: int) -> None:
+        self._held.setdefault(partition, {})[device] = until
+
+    def resume(self, partition: int, progress: Mapping[str, int]) -> list[tuple[str, int]]:
+        """Take over `progress`; the boundaries stay in this partition's progress, so that a
+        commit made before those devices are heard from again still carries them. Returns
+        the devices whose resumed boundary moved forward, with it."""
+        held = self._held.setdefault(partition, {})
+        moved = []
+        for device, until in progress.items():
+            if until > self._resumed.get(device, until - 1):
+                self._resumed[device] = until
+                moved.append((device, until))
+            if until > held.get(device, until - 1):
+                held[device] = until
+        return moved
+
+    def already_emitted(self, device: str, window_start_ms: int) -> bool:
+        until = self._resumed.get(device)
+        return until is not None and window_start_ms < until
+
+    def revoke(self, partitions: Iterable[int], devices: Iterable[str]) -> None:
+        for device in devices:
+            self._resumed.pop(device, None)
+        for partition in partitions:
+            self._held.pop(partition, None)
+
+    def forget(self, devices: Iterable[str], active: Collection[str]) -> None:
+        """Devices long silent: their progress stays (a record of theirs may still be
+        re-read after a restart, while another device's open window holds the commit back),
+        but only the `active` devices' and the newest MAX_PROGRESS_DEVICES others' (no more
+        are ever committed)."""
+        for device in devices:
+            self._resumed.pop(device, None)
+        for partition, held in self._held.items():
+            if len(held) > 2 * (MAX_PROGRESS_DEVICES + len(active)):
+                newest = set(heapq.nlargest(MAX_PROGRESS_DEVICES, held, key=held.__getitem__))
+                self._held[partition] = {d: until for d, until in held.items()
+                                         if d in newest or d in active}
 
 
 class ProgressMetadata:

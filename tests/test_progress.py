@@ -12,6 +12,7 @@ from pipeline.model_runner import ModelRunner
 from pipeline.progress import (
     MAX_METADATA_BYTES,
     MAX_PROGRESS_DEVICES,
+    DeviceProgress,
     ProgressMetadata,
     decode_progress,
     encode_progress,
@@ -128,3 +129,46 @@ def test_a_forgotten_device_is_not_split_when_its_records_are_read_again(
     again.resume(0, engine.progress(0))
     reread = [o for r in log[1:] for o in again.process(r)] + again.finish()
     assert [o.key for o in reread if o.topic == TOPICS.events] == [b"E"]
+
+
+def test_resume_moves_boundaries_forward_only_and_skips_the_windows_before_them() -> None:
+    progress = DeviceProgress()
+    assert progress.resume(0, {"a": T0 + 4000, "b": T0 + 2000}) == [("a", T0 + 4000),
+                                                                    ("b", T0 + 2000)]
+    assert progress.resume(0, {"a": T0 + 2000, "b": T0 + 6000}) == [("b", T0 + 6000)]
+    assert progress.of(0) == {"a": T0 + 4000, "b": T0 + 6000}
+    assert progress.already_emitted("a", T0 + 2000)  # window [T0+2000, T0+4000)
+    assert not progress.already_emitted("a", T0 + 4000)
+    assert not progress.already_emitted("c", T0)  # never resumed
+    progress.revoke([0], ["a"])
+    assert progress.of(0) == {} and not progress.already_emitted("a", T0)
+    assert progress.already_emitted("b", T0)  # still resumed: revoked with its partition only
+
+
+def test_forgetting_trims_progress_to_the_newest_devices_and_the_active_ones() -> None:
+    progress = DeviceProgress()
+    n = 2 * (MAX_PROGRESS_DEVICES + 1)  # the threshold with one active device
+    for i in range(n):
+        progress.note(0, f"d{i}", T0 + 2000 * i)
+    progress.note(1, "x", T0)
+    progress.forget(["d0"], active={"d1"})
+    assert len(progress.of(0)) == n  # at most twice the kept number: not trimmed yet
+    progress.note(0, "d-extra", T0)
+    progress.forget(["d0"], active={"d1"})
+    kept = progress.of(0)
+    newest = {f"d{i}" for i in range(n - MAX_PROGRESS_DEVICES, n)}
+    assert set(kept) == newest | {"d1"}
+    assert progress.of(1) == {"x": T0}
+
+
+def test_re_read_records_of_emitted_windows_are_counted_as_skipped_not_late(
+    runner: ModelRunner,
+) -> None:
+    engine = build_engine(Settings(), runner)
+    engine.resume(0, {"dev-0": T0 + 2000})
+    records = number([record(TOPICS.telemetry, "dev-0", T0 + ms, telemetry(t=1))
+                      for ms in (100, 1900, 2100)])
+    assert [o for r in records for o in engine.process(r)] == []
+    assert engine.metrics.value("iotfuse_reread_skipped_total") == 2
+    assert engine.metrics.value("iotfuse_late_records_total", {"modality": "telemetry"}) == 0
+    assert sorted(p.offset for p in engine.take_released()) == [0, 1]
