@@ -26,7 +26,8 @@ from pipeline.commands.recordings import ProgressLine
 from pipeline.errors import UserError
 from pipeline.kafka.admin import TopicNames
 from pipeline.recorder import RecordOptions, parse_start, record, record_to_file
-from pipeline.recording import RecordingError, RecordingWriter, open_recording, summarize
+from pipeline.recording import RecordingError, RecordingWriter, open_recording
+from pipeline.recording_summary import summarize
 from pipeline.records import Record
 from pipeline.replayer import (
     Pacer,

@@ -19,7 +19,6 @@ from pipeline.recording import (
     RecordingWriter,
     open_recording,
     read_records,
-    summarize,
 )
 from pipeline.recording_format import (
     BLOCK_HEADER,
@@ -31,6 +30,7 @@ from pipeline.recording_format import (
     encode_block_header,
     encode_file_header,
 )
+from pipeline.recording_summary import summarize
 from pipeline.records import Record
 
 
