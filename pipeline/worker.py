@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from contextlib import ExitStack
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -86,10 +87,19 @@ class KafkaWorker:
         # exactly-once worker fetched nothing at all in 4 of 8 runs
         limit = prepare_outputs(settings, clock)  # and never more than this producer sends:
         self._deadletter_max = min(limit or MAX_REQUEST_BYTES, MAX_REQUEST_BYTES)
-        self.consumer = KafkaConsumer(**consumer_config(settings))
-        self.offsets = KafkaConsumer(**offsets_config(settings))
+        with ExitStack() as undo:  # a failed start closes the clients it opened (their
+            # network threads ran on: a caller that retries or goes on leaked them)
+            self.consumer = KafkaConsumer(**consumer_config(settings))
+            undo.callback(self.consumer.close, autocommit=False)
+            self.offsets = KafkaConsumer(**offsets_config(settings))
+            undo.callback(self.offsets.close)
+            self.producer = KafkaProducer(**producer_config(settings))
+            undo.callback(self.producer.close, timeout=10)
+            self._start_clients(settings, clock)
+            undo.pop_all()  # started: close() closes them from now on
+
+    def _start_clients(self, settings: Settings, clock: Clock) -> None:
         self.log_end = LogEnd(self.consumer, self.offsets, self.aligner, self._broker_error)
-        self.producer = KafkaProducer(**producer_config(settings))
         self.out: BoundedProducer[Output] = BoundedProducer(
             self.producer, settings.kafka.max_in_flight_bytes, clock
         )
@@ -387,7 +397,6 @@ class KafkaWorker:
         if self._held_back - pause:
             self.consumer.resume(*(self._held_back - pause))
         self._held_back = pause
-
 
 
 class _Rebalance(AsyncConsumerRebalanceListener):  # type: ignore[misc]

@@ -23,7 +23,7 @@ from pipeline.settings import Settings
 from pipeline.worker import KafkaWorker
 from tests.contract import Published, check_contract, scenario
 from tests.factory import CLASSES, T0, device_stream, make_model
-from tests.kafka_util import produce, read_until, settings_for, to_topics
+from tests.kafka_util import produce, read_until, settings_for, to_topics, wait_until
 
 pytestmark = pytest.mark.kafka
 
@@ -207,11 +207,18 @@ def with_topic_wait(settings: Settings, wait_ms: int) -> Settings:
     return replace(settings, kafka=replace(settings.kafka, topic_wait_ms=wait_ms))
 
 
+def kafka_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("kafka-")}
+
+
 def test_a_missing_input_topic_stops_the_worker_with_advice(bootstrap, runner) -> None:
     names = TopicNames.prefixed(f"absent-{uuid.uuid4().hex[:8]}")  # never created
     settings = with_topic_wait(settings_for(bootstrap, names), 0)
+    before = kafka_threads()
     with pytest.raises(UserError, match=rf"{names.camera}.*do not exist.*iotfuse topics"):
         KafkaWorker(settings, build_engine(settings, runner))
+    # the clients it opened are closed (their network threads ran on, reconnecting forever)
+    wait_until(lambda: kafka_threads() <= before, 10, "the failed worker's client threads")
 
 
 def test_a_missing_output_topic_is_named_when_the_broker_creates_none(
