@@ -36,8 +36,8 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 
 from pipeline.kafka.broker import LocalKafka
-from pipeline.recorder import RecordOptions, consumer_config, record_size, record_to_file
-from pipeline.records import Record
+from pipeline.recorder import RecordOptions, consumer_config, record_to_file
+from pipeline.records import Record, record_size
 from pipeline.replayer import (
     RecordingScan,
     ReplayOptions,

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from pipeline.records import Record, payload_bytes
+from pipeline.records import Record, record_size
 
 CaughtUp = Callable[[str, int], bool]  # (topic, partition) -> nothing more to read now
 
@@ -64,7 +64,7 @@ class Aligner:
         return self.pop_ready(lambda _t, _p: True)
 
     def _count(self, record: Record, sign: int) -> None:
-        nbytes = sign * payload_bytes(record.key, record.value, record.headers)
+        nbytes = sign * record_size(record)
         p = record.partition
         self._held[p] = self._held.get(p, 0) + sign
         self._held_bytes[p] = self._held_bytes.get(p, 0) + nbytes

@@ -31,9 +31,8 @@ from typing import Any, TextIO
 from pipeline.app import run_offline
 from pipeline.engine import Engine
 from pipeline.outputs import Output
-from pipeline.recorder import record_size
 from pipeline.recording import open_recording
-from pipeline.records import Record
+from pipeline.records import Record, record_size
 from pipeline.replayer import merge_by_time
 
 LOOKAHEAD_BYTES = 64 * 1024 * 1024  # records held to merge streams by timestamp

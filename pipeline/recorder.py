@@ -25,7 +25,7 @@ from kafka.errors import KafkaTimeoutError
 
 from pipeline.errors import UserError
 from pipeline.recording import RecordingWriter
-from pipeline.records import Record, payload_bytes
+from pipeline.records import Record, record_size
 from pipeline.settings import KafkaSettings
 
 StartAt = Literal["earliest", "latest"] | int  # int: a timestamp, epoch milliseconds
@@ -139,11 +139,6 @@ def to_record(msg: Any) -> Record:
         value=msg.value,
         headers=headers,
     )
-
-
-def record_size(record: Record) -> int:
-    """Key, value and header bytes: what the progress display and benches count."""
-    return payload_bytes(record.key, record.value, record.headers)
 
 
 def _unfinished(

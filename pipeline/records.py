@@ -37,6 +37,11 @@ def payload_bytes(key: bytes | None, value: bytes | None, headers: Headers) -> i
     return len(key or b"") + len(value or b"") + sum(len(k) + len(v) for k, v in headers)
 
 
+def record_size(record: Record) -> int:
+    """`payload_bytes` of a record: what byte budgets, progress displays and benches count."""
+    return payload_bytes(record.key, record.value, record.headers)
+
+
 def number_unset_offsets(records: Iterable[Record]) -> Iterator[Record]:
     """Give records recorded without an offset (-1, e.g. simulated) the offsets a broker
     would: 0, 1, ... per (topic, partition) in stream order. Positions must be unique."""

@@ -31,9 +31,9 @@ from kafka import KafkaAdminClient, KafkaProducer
 
 from pipeline.errors import UserError
 from pipeline.producer import BoundedProducer
-from pipeline.recorder import MAX_RECORD_FETCH_BYTES, Clock, Progress, record_size
+from pipeline.recorder import MAX_RECORD_FETCH_BYTES, Clock, Progress
 from pipeline.recording import RecordingError, open_recording
-from pipeline.records import Record
+from pipeline.records import Record, record_size
 from pipeline.settings import KafkaSettings
 
 Sleep = Callable[[float], object]

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.commands.common import count, positive
 from pipeline.errors import UserError
-from pipeline.records import Record, payload_bytes
+from pipeline.records import Record, record_size
 from pipeline.settings import Settings
 
 if TYPE_CHECKING:
@@ -87,10 +87,6 @@ def simulate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _size(record: Record) -> int:
-    return payload_bytes(record.key, record.value, record.headers)
-
-
 def simulate_to_file(records: Iterable[Record], out: Path, overwrite: bool,
                      stop: threading.Event, progress: Progress) -> tuple[int, int]:
     """Write records to a new recording; returns (records, bytes)."""
@@ -103,7 +99,7 @@ def simulate_to_file(records: Iterable[Record], out: Path, overwrite: bool,
                 if stop.is_set():
                     break
                 writer.write(record)
-                n, size = n + 1, size + _size(record)
+                n, size = n + 1, size + record_size(record)
                 progress(n, size)
     except FileExistsError as exc:
         raise UserError(str(exc)) from None
@@ -122,7 +118,7 @@ def send_paced(records: Iterable[Record], send: Callable[[Record], None], pacer:
         if stop.is_set():
             break
         send(record)
-        n, size = n + 1, size + _size(record)
+        n, size = n + 1, size + record_size(record)
         progress(n, size)
     return n, size
 
