@@ -250,13 +250,16 @@ def prepare_outputs(settings: Settings, clock: Clock = wall_clock_ms) -> int | N
 def _await_outputs(admin: KafkaAdminClient, topics: list[str], wait_ms: int,
                    clock: Clock) -> None:
     deadline = clock() + wait_ms
-    while missing := _missing(admin, topics):
-        creates = auto_creates_topics(admin)
-        if creates is not False:
-            log.info("output topics %s do not exist yet: %s", ", ".join(missing),
-                     "the broker creates them on first use, with its default partition count"
-                     if creates else "the broker's auto.create.topics.enable is unknown")
-            return
+    missing = _missing(admin, topics)
+    if not missing:
+        return
+    creates = auto_creates_topics(admin)  # a static broker config: read once
+    if creates is not False:
+        log.info("output topics %s do not exist yet: %s", ", ".join(missing),
+                 "the broker creates them on first use, with its default partition count"
+                 if creates else "the broker's auto.create.topics.enable is unknown")
+        return
+    while missing:
         if clock() >= deadline:
             raise UserError(
                 f"output topics {', '.join(missing)} do not exist on "
@@ -266,6 +269,7 @@ def _await_outputs(admin: KafkaAdminClient, topics: list[str], wait_ms: int,
             )
         log.info("waiting for output topics to exist: %s", ", ".join(missing))
         time.sleep(0.5)  # retry backoff while the topics are created
+        missing = _missing(admin, topics)
 
 
 def _missing(admin: KafkaAdminClient, topics: list[str]) -> list[str]:
