@@ -16,6 +16,7 @@ import pytest
 
 from pipeline.kafka.admin import TopicNames, ensure_topics
 from pipeline.kafka.broker import LocalKafka
+from pipeline.model_runner import ModelRunner
 
 _EXTRA_BROKERS = pytest.StashKey[list[LocalKafka]]()
 
@@ -59,6 +60,12 @@ def kafka(_no_leftover_jvms: list[int]) -> Iterator[LocalKafka]:
             yield broker
     finally:
         _no_leftover_jvms.extend(broker.started_pids)
+
+
+@pytest.fixture(scope="session")
+def shipped() -> ModelRunner:
+    """The shipped default model (fusion/default_model), on the CPU."""
+    return ModelRunner.load(None, "cpu")
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -41,6 +42,15 @@ def wav(seconds: float = 0.5, rate: int = 16000, freq: float = 440.0) -> bytes:
     body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
     body += b"data" + struct.pack("<I", len(pcm)) + pcm
     return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def strict_json(value: bytes | None) -> Any:
+    """Parse JSON as a strict parser would: NaN and Infinity are not JSON."""
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(value or b"", parse_constant=refuse)
 
 
 def telemetry(**metrics: float) -> bytes:

@@ -19,7 +19,17 @@ from pipeline.model_runner import ModelRunner
 from pipeline.outputs import RECORD_OVERHEAD_BYTES, dead_letter, fit_dead_letter
 from pipeline.settings import Settings
 from tests.contract import Published, check_contract, scenario
-from tests.factory import CLASSES, T0, TOPICS, device_stream, make_model, number, record, telemetry
+from tests.factory import (
+    CLASSES,
+    T0,
+    TOPICS,
+    device_stream,
+    make_model,
+    number,
+    record,
+    strict_json,
+    telemetry,
+)
 
 
 @pytest.fixture(scope="module")
@@ -316,15 +326,6 @@ def test_a_record_stamped_far_ahead_is_counted_and_reported_once_per_device(
     assert "device skewed" in warning and "3600 s ahead" in warning
 
 
-@pytest.fixture(scope="module")
-def shipped() -> ModelRunner:
-    return ModelRunner.load(None, "cpu")
-
-
-def _no_constants(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
-
-
 @pytest.mark.parametrize("reading", [1e300, -1e39, 3e38])
 def test_readings_beyond_float32_give_a_valid_event_not_a_crash(
     shipped: ModelRunner, reading: float
@@ -335,6 +336,6 @@ def test_readings_beyond_float32_give_a_valid_event_not_a_crash(
     records = number([record(TOPICS.telemetry, "dev-1", T0 + 100 * i, telemetry(
         temperature_c=reading if i == 3 else 21.0, vibration_rms=0.2)) for i in range(20)])
     outputs = list(run_offline(build_engine(Settings(), shipped), records))
-    [event] = [json.loads(o.value, parse_constant=_no_constants) for o in outputs]
+    [event] = [strict_json(o.value) for o in outputs]
     assert event["modalities"]["telemetry"]["records"] == 20
     assert sum(event["scores"].values()) == pytest.approx(1.0, abs=1e-3)

@@ -20,7 +20,7 @@ from pipeline.app import build_engine, run_offline
 from pipeline.model_runner import ModelRunner
 from pipeline.records import Record
 from pipeline.settings import Settings
-from tests.factory import T0, TOPICS, jpeg, number, png, wav
+from tests.factory import T0, TOPICS, jpeg, number, png, strict_json, wav
 from tests.test_decode_image import mutate
 
 EXTREMES = [0.0, -0.0, 1e-320, 5e-324, 1e300, -1e300, 3.4e38, -3.5e38, 1.7e308, 10**40,
@@ -57,15 +57,6 @@ def hostile_record(rng: random.Random, media: dict[Modality, list[bytes]]) -> Re
     return Record(topic, rng.randrange(2), -1, ts, key, value, headers)
 
 
-@pytest.fixture(scope="module")
-def shipped() -> ModelRunner:
-    return ModelRunner.load(None, "cpu")
-
-
-def _no_constants(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
-
-
 @pytest.mark.parametrize("seed", range(3))
 def test_hostile_streams_never_stop_the_engine_and_give_strict_events(
     shipped: ModelRunner, seed: int
@@ -81,7 +72,7 @@ def test_hostile_streams_never_stop_the_engine_and_give_strict_events(
     letters = [o for o in outputs if o.topic == settings.topics.deadletter]
     assert events and letters  # the mix has both, or the test tests nothing
     for event in events:
-        value = json.loads(event.value, parse_constant=_no_constants)
+        value = strict_json(event.value)
         scores = value["scores"].values()
         assert all(math.isfinite(s) for s in scores) and math.isclose(sum(scores), 1, abs_tol=1e-3)
         assert all(math.isfinite(a) for a in value["attribution"].values())
