@@ -95,42 +95,72 @@ def tick_records(devices: int, ts: int, k: int, media: Media) -> list[Record]:
     out = []
     for d in range(devices):
         key, p = f"dev-{d:03d}".encode(), d % PARTITIONS
-        metrics = {"temperature_c": 21.0 + 0.01 * k + d, "smoke_ppm": 3.0 + k % 7 / 10,
-                   "vibration_rms": 0.2 + k % 5 / 100, "motor_current_a": 4.0, "door_open": 0}
+        metrics = {
+            "temperature_c": 21.0 + 0.01 * k + d,
+            "smoke_ppm": 3.0 + k % 7 / 10,
+            "vibration_rms": 0.2 + k % 5 / 100,
+            "motor_current_a": 4.0,
+            "door_open": 0,
+        }
         out.append(Record(TOPICS.telemetry, p, -1, ts, key, json.dumps(metrics).encode(), ()))
         if k % 2 == 0:
-            out.append(Record(TOPICS.camera, p, -1, ts, key, media[0][(k // 2 + 7 * d) % 20],
-                              (("content-type", b"image/jpeg"),)))
+            out.append(
+                Record(
+                    TOPICS.camera,
+                    p,
+                    -1,
+                    ts,
+                    key,
+                    media[0][(k // 2 + 7 * d) % 20],
+                    (("content-type", b"image/jpeg"),),
+                )
+            )
         if k % 5 == 0:
-            out.append(Record(TOPICS.audio, p, -1, ts, key, media[1][(k // 5 + d) % 4],
-                              (("content-type", b"audio/wav"),)))
+            out.append(
+                Record(
+                    TOPICS.audio,
+                    p,
+                    -1,
+                    ts,
+                    key,
+                    media[1][(k // 5 + d) % 4],
+                    (("content-type", b"audio/wav"),),
+                )
+            )
     return out
 
 
 def stream(devices: int, t0: int, seconds: int, media: Media) -> list[Record]:
     """Records in event-time order (offsets -1: offline, nothing commits them)."""
-    return [r for k in range(seconds * 1000 // TICK_MS)
-            for r in tick_records(devices, t0 + k * TICK_MS, k, media)]
+    return [
+        r
+        for k in range(seconds * 1000 // TICK_MS)
+        for r in tick_records(devices, t0 + k * TICK_MS, k, media)
+    ]
 
 
 def closing(devices: int, end_ms: int, media: Media) -> list[Record]:
     """Per device, telemetry 600 ms past `end_ms`: closes its last window (lateness 500 ms)."""
-    return [r for r in tick_records(devices, end_ms + 600, 1, media)
-            if r.topic == TOPICS.telemetry]
+    return [r for r in tick_records(devices, end_ms + 600, 1, media) if r.topic == TOPICS.telemetry]
 
 
 # -- model, settings ------------------------------------------------------------------------
 def settings_for(bootstrap: str, names: TopicNames | None, max_batch: int = 64) -> Settings:
     s = Settings()
     roles = ("camera", "audio", "telemetry", "labels", "events", "deadletter")
-    topics = s.topics if names is None else dataclasses.replace(
-        s.topics, **{role: getattr(names, role) for role in roles})
+    topics = (
+        s.topics
+        if names is None
+        else dataclasses.replace(s.topics, **{role: getattr(names, role) for role in roles})
+    )
     group = f"bench-{uuid.uuid4().hex[:8]}"
     return dataclasses.replace(
-        s, topics=topics,
+        s,
+        topics=topics,
         kafka=dataclasses.replace(s.kafka, bootstrap_servers=bootstrap, group_id=group),
         runtime=dataclasses.replace(s.runtime, max_batch=max_batch, metrics_port=0),
-        windows=dataclasses.replace(s.windows, idle_timeout_ms=600_000))  # see the docstring
+        windows=dataclasses.replace(s.windows, idle_timeout_ms=600_000),
+    )  # see the docstring
 
 
 def memory_mib(field: str = "VmHWM") -> float:
@@ -152,9 +182,16 @@ def wait_for(done: Callable[[], bool], timeout_s: float, what: str) -> None:
 def producer(bootstrap: str, batch_bytes: int = 16384) -> BoundedProducer[None]:
     """kafka-python's default batch size (16 KB) gives each 41 KB frame a batch of its own, as
     a fleet of separate cameras would; the live run batches (see `produce_live`)."""
-    return BoundedProducer(KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5,
-                                         batch_size=batch_bytes,
-                                         max_request_size=MAX_REQUEST_BYTES), 32 * 1024 * 1024)
+    return BoundedProducer(
+        KafkaProducer(
+            bootstrap_servers=bootstrap,
+            acks="all",
+            linger_ms=5,
+            batch_size=batch_bytes,
+            max_request_size=MAX_REQUEST_BYTES,
+        ),
+        32 * 1024 * 1024,
+    )
 
 
 def send(out: BoundedProducer[None], records: Sequence[Record], names: TopicNames) -> None:
@@ -206,7 +243,6 @@ class WorkerThread:
         finally:
             self.stop.set()
             self.thread.join(timeout=60)
-
 
     def records_in(self) -> float:
         metrics = self.worker.metrics

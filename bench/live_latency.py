@@ -39,8 +39,9 @@ LIVE_TAIL_MS = 600  # devices keep sending past the live run: its last windows c
 WARM_UP_MS = 6000  # the live run's first windows, not measured: the fleet is already running
 
 
-def live_worker(settings: Settings, directory: str | None, warm_up: Raw, threads: int,
-                conn: Connection) -> None:
+def live_worker(
+    settings: Settings, directory: str | None, warm_up: Raw, threads: int, conn: Connection
+) -> None:
     """Child process: a warmed-up worker until the expected events are acknowledged; sends
     back (latency samples s, RSS MiB when ready and at peak, CPU cores busy, stall note)."""
     torch.set_num_threads(threads)
@@ -57,17 +58,20 @@ def live_worker(settings: Settings, directory: str | None, warm_up: Raw, threads
         note = f"live run stalled: {exc}"
     cores = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
     metrics = run.worker.engine.metrics
-    counts = {"late records dropped": sum(
-        metrics.value("iotfuse_late_records_total", {"modality": m})
-        for m in ("camera", "audio", "telemetry"))}
+    counts = {
+        "late records dropped": sum(
+            metrics.value("iotfuse_late_records_total", {"modality": m})
+            for m in ("camera", "audio", "telemetry")
+        )
+    }
     for result in ("classified", "used", "redone"):
-        counts[f"early {result}"] = metrics.value("iotfuse_early_windows_total",
-                                                  {"result": result})
+        counts[f"early {result}"] = metrics.value("iotfuse_early_windows_total", {"result": result})
     conn.send((run.latency.values, ready_mib, memory_mib(), cores, note, counts))
 
 
-def produce_live(bootstrap: str, names: TopicNames, devices: int, seconds: int,
-                 media: Media) -> tuple[float, float]:
+def produce_live(
+    bootstrap: str, names: TopicNames, devices: int, seconds: int, media: Media
+) -> tuple[float, float]:
     """Real time from the next window boundary; returns how far sending fell behind (s) and
     the CPU cores this process used meanwhile.
 
@@ -78,8 +82,10 @@ def produce_live(bootstrap: str, names: TopicNames, devices: int, seconds: int,
     for topic in names.inputs:  # connected before the first tick, as a running fleet is
         out.producer.partitions_for(topic)
     behind, t0, cpu0 = 0.0, (wall_clock_ms() // 2000 + 1) * 2000, time.process_time()
-    ticks = [(t0 + k * TICK_MS, tick_records(devices, t0 + k * TICK_MS, k, media))
-             for k in range((WARM_UP_MS + seconds * 1000 + LIVE_TAIL_MS) // TICK_MS)]
+    ticks = [
+        (t0 + k * TICK_MS, tick_records(devices, t0 + k * TICK_MS, k, media))
+        for k in range((WARM_UP_MS + seconds * 1000 + LIVE_TAIL_MS) // TICK_MS)
+    ]
     for ts, records in ticks:
         delay = ts / 1000 - time.time()
         if delay > 0:
@@ -116,25 +122,33 @@ class LiveRun:
 
     def lines(self) -> list[str]:
         lat, every = self.measured, self.latency_ms
-        return [f"6 half load: {self.devices} devices ({self.devices / 2:.1f} windows/s), "
-                f"{self.seconds} s after a {WARM_UP_MS / 1000:.0f} s warm-up, {lat.size} "
-                f"events: latency p50 {np.percentile(lat, 50):.0f} ms, p99 {self.p99:.0f} ms, "
-                f"max {lat.max():.0f} ms",
-                f"    with the warm-up windows (worker cold, producer starting): "
-                f"p99 {np.percentile(every, 99):.0f} ms, max {every.max():.0f} ms",
-                f"    worker: RSS {self.ready_mib:.0f} MiB when ready, peak {self.peak_mib:.0f} "
-                f"MiB; {self.cores:.2f} cores busy; producer: {self.producer_cores:.2f} cores, "
-                f"behind schedule <= {self.behind_s * 1000:.0f} ms; "
-                + "; ".join(f"{k}: {v:.0f}" for k, v in self.counts.items())]
+        return [
+            f"6 half load: {self.devices} devices ({self.devices / 2:.1f} windows/s), "
+            f"{self.seconds} s after a {WARM_UP_MS / 1000:.0f} s warm-up, {lat.size} "
+            f"events: latency p50 {np.percentile(lat, 50):.0f} ms, p99 {self.p99:.0f} ms, "
+            f"max {lat.max():.0f} ms",
+            f"    with the warm-up windows (worker cold, producer starting): "
+            f"p99 {np.percentile(every, 99):.0f} ms, max {every.max():.0f} ms",
+            f"    worker: RSS {self.ready_mib:.0f} MiB when ready, peak {self.peak_mib:.0f} "
+            f"MiB; {self.cores:.2f} cores busy; producer: {self.producer_cores:.2f} cores, "
+            f"behind schedule <= {self.behind_s * 1000:.0f} ms; "
+            + "; ".join(f"{k}: {v:.0f}" for k, v in self.counts.items()),
+        ]
 
 
-def live_latency(bootstrap: str, directory: Path | None, warm_up: Raw, devices: int,
-                 seconds: int, media: Media) -> LiveRun:
+def live_latency(
+    bootstrap: str, directory: Path | None, warm_up: Raw, devices: int, seconds: int, media: Media
+) -> LiveRun:
     names = produced(bootstrap, [])
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    args = (settings_for(bootstrap, names), str(directory) if directory else None, warm_up,
-            torch.get_num_threads(), child)
+    args = (
+        settings_for(bootstrap, names),
+        str(directory) if directory else None,
+        warm_up,
+        torch.get_num_threads(),
+        child,
+    )
     proc = ctx.Process(target=live_worker, args=args, daemon=True)
     proc.start()
     try:
@@ -149,5 +163,15 @@ def live_latency(bootstrap: str, directory: Path | None, warm_up: Raw, devices: 
     finally:
         proc.join(timeout=60)
     latency_ms = np.array(values or [np.nan]) * 1000  # nan: no event (stalled)
-    return LiveRun(devices, seconds, latency_ms, ready_mib, peak_mib, cores, note, behind,
-                   producer_cores, counts)
+    return LiveRun(
+        devices,
+        seconds,
+        latency_ms,
+        ready_mib,
+        peak_mib,
+        cores,
+        note,
+        behind,
+        producer_cores,
+        counts,
+    )

@@ -105,8 +105,9 @@ def model_only(runner: ModelRunner, raws: list[Raw], batch: int) -> Rate:
     return Rate(len(raws), time.perf_counter() - start)
 
 
-def offline(runner: ModelRunner, records: list[Record], max_batch: int,
-            budget_s: float = float("inf")) -> tuple[Rate, str]:
+def offline(
+    runner: ModelRunner, records: list[Record], max_batch: int, budget_s: float = float("inf")
+) -> tuple[Rate, str]:
     """Windows/s of `run_offline` (those done within budget_s), and where its time went (the
     engine's stage metrics)."""
     settings, metrics = settings_for("unused:9092", None, max_batch), Metrics()
@@ -117,23 +118,30 @@ def offline(runner: ModelRunner, records: list[Record], max_batch: int,
         if time.perf_counter() - start > budget_s:
             break
     rate = Rate(events, time.perf_counter() - start)
-    model, features = (metrics.value("iotfuse_stage_seconds_sum", {"stage": s}) / rate.seconds
-                       for s in ("model", "features"))
-    return rate, (f"model {model:.0%}, features (frame decode) {features:.0%}, "
-                  f"ingest+align+window+outputs {1 - model - features:.0%}")
+    model, features = (
+        metrics.value("iotfuse_stage_seconds_sum", {"stage": s}) / rate.seconds
+        for s in ("model", "features")
+    )
+    return rate, (
+        f"model {model:.0%}, features (frame decode) {features:.0%}, "
+        f"ingest+align+window+outputs {1 - model - features:.0%}"
+    )
 
 
 # -- stages through the broker --------------------------------------------------------------
-def end_to_end(bootstrap: str, runner: ModelRunner, names: TopicNames, windows: int
-               ) -> tuple[Rate, Rate]:
+def end_to_end(
+    bootstrap: str, runner: ModelRunner, names: TopicNames, windows: int
+) -> tuple[Rate, Rate]:
     """A worker of a new consumer group reads the topics from the beginning: the drain (from
     its first record) and the whole run (from its start, group join included)."""
     start = time.perf_counter()
     run = WorkerThread(settings_for(bootstrap, names), runner)
     run.wait_acked(windows)
     assert run.first_at is not None  # events were acknowledged: records came in first
-    return (Rate(windows, run.latency.last_at - run.first_at),
-            Rate(windows, run.latency.last_at - start))
+    return (
+        Rate(windows, run.latency.last_at - run.first_at),
+        Rate(windows, run.latency.last_at - start),
+    )
 
 
 def per_message(bootstrap: str, runner: ModelRunner, records: list[Record]) -> Rate:
@@ -141,8 +149,11 @@ def per_message(bootstrap: str, runner: ModelRunner, records: list[Record]) -> R
     names = produced(bootstrap, records)
     settings = settings_for(bootstrap, names)
     cfg = build_engine(settings, runner).cfg
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                             max_partition_fetch_bytes=MAX_REQUEST_BYTES)
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=MAX_REQUEST_BYTES,
+    )
     consumer.assign([TopicPartition(t, p) for t in names.inputs for p in range(PARTITIONS)])
     events = KafkaProducer(**producer_config(settings))
     done, start = 0, time.perf_counter()
@@ -162,6 +173,7 @@ def per_message(bootstrap: str, runner: ModelRunner, records: list[Record]) -> R
     consumer.close()
     events.close()
     return rate
+
 
 # -- the run --------------------------------------------------------------------------------
 def row(name: str, runs: list[Rate], unit: str = "windows") -> str:
@@ -185,8 +197,12 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=4, help="runs of stages 1-4, alternated")
     p.add_argument("--skip-kafka", action="store_true", help="stages 1, 2 and 4 only")
     p.add_argument("--bootstrap-servers", help="use this broker instead of starting one")
-    p.add_argument("--threads", type=int, default=torch_threads(0, "run"),
-                   help="torch threads, the worker's too (default: as `iotfuse run` sets them)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=torch_threads(0, "run"),
+        help="torch threads, the worker's too (default: as `iotfuse run` sets them)",
+    )
     p.add_argument("--model", type=Path, help="model directory (default: the shipped model)")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     a = p.parse_args()
@@ -197,18 +213,21 @@ def main() -> int:
     media = make_media()
     t0 = (wall_clock_ms() // 2000) * 2000 - seconds * 1000 - 60_000
     records, windows = stream(a.devices, t0, seconds, media), a.devices * seconds // 2
-    lines = [f"{a.devices} devices x {seconds} s: {windows} device-windows, {len(records)} "
-             f"records ({sum(len(r.value or b'') for r in records) / 1e6:.0f} MB, JPEG "
-             f"{np.mean([len(f) for f in media[0]]) / 1e3:.0f} KB); torch threads "
-             f"{torch.get_num_threads()}, {os.cpu_count()} CPUs, load avg "
-             f"{os.getloadavg()[0]:.1f} at start"]
+    lines = [
+        f"{a.devices} devices x {seconds} s: {windows} device-windows, {len(records)} "
+        f"records ({sum(len(r.value or b'') for r in records) / 1e6:.0f} MB, JPEG "
+        f"{np.mean([len(f) for f in media[0]]) / 1e3:.0f} KB); torch threads "
+        f"{torch.get_num_threads()}, {os.cpu_count()} CPUs, load avg "
+        f"{os.getloadavg()[0]:.1f} at start"
+    ]
     runs: dict[str, list[Rate]] = {"model": [], "b64": [], "e2e": [], "e2e+join": [], "b1": []}
     splits, naive, live, stalls = {}, None, list[LiveRun](), list[str]()
     with ExitStack() as stack:
         directory = a.model
         runner = ModelRunner.load(directory)
-        lines.append(f"model {runner.model_id.name} ({runner.model_id.version[:19]}) on "
-                     f"{runner.device}")
+        lines.append(
+            f"model {runner.model_id.name} ({runner.model_id.version[:19]}) on {runner.device}"
+        )
         cfg = build_engine(settings_for("unused:9092", None), runner).cfg
         raws = window_raws(records, cfg)
         bootstrap, names = a.bootstrap_servers, None
@@ -232,43 +251,60 @@ def main() -> int:
                         runs["e2e+join"].append(whole)
                     except Stalled as exc:
                         stalls.append(f"end to end, round {n + 1}: {exc}")
-        lines += [row("1 model only (classify, batches of 64)", runs["model"]),
-                  row("2 offline pipeline, max_batch 64", runs["b64"]), f"    {splits['b64']}"]
+        lines += [
+            row("1 model only (classify, batches of 64)", runs["model"]),
+            row("2 offline pipeline, max_batch 64", runs["b64"]),
+            f"    {splits['b64']}",
+        ]
         if runs["e2e"]:
-            lines += [row("3 end to end via Kafka, max_batch 64", runs["e2e"]),
-                      row("    the same, group join included", runs["e2e+join"])]
+            lines += [
+                row("3 end to end via Kafka, max_batch 64", runs["e2e"]),
+                row("    the same, group join included", runs["e2e+join"]),
+            ]
         lines += [row("4 offline pipeline, max_batch 1", runs["b1"]), f"    {splits['b1']}"]
         if bootstrap is not None and runs["e2e"]:
             print("per-message loop ...", file=sys.stderr, flush=True)
             few = {f"dev-{d:03d}".encode() for d in range(1 if a.quick else min(a.devices, 4))}
             until = t0 + (2000 if a.quick else 4000)  # whole windows of those devices
-            naive = per_message(bootstrap, runner,
-                                [r for r in records if r.key in few and r.timestamp_ms < until])
-            lines.append(row("5 per-message loop via Kafka", [naive], "records")
-                         + f" = {naive.per_s / PER_WINDOW:.2f} windows/s")
+            naive = per_message(
+                bootstrap, runner, [r for r in records if r.key in few and r.timestamp_ms < until]
+            )
+            lines.append(
+                row("5 per-message loop via Kafka", [naive], "records")
+                + f" = {naive.per_s / PER_WINDOW:.2f} windows/s"
+            )
             devices = max(1, round(max(r.per_s for r in runs["e2e"])))  # = half load
             for n in range(a.live_runs):
-                print(f"live run {n + 1} of {a.live_runs}: {devices} devices, {live_seconds} s",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"live run {n + 1} of {a.live_runs}: {devices} devices, {live_seconds} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 run = live_latency(bootstrap, directory, raws[0], devices, live_seconds, media)
                 live.append(run)
                 stalls += [run.note] if run.note else []
                 lines += run.lines()
-    lines.append(f"bench process peak RSS {memory_mib():.0f} MiB; load avg "
-                 f"{os.getloadavg()[0]:.1f} at end")
+    lines.append(
+        f"bench process peak RSS {memory_mib():.0f} MiB; load avg {os.getloadavg()[0]:.1f} at end"
+    )
     best = {k: max((r.per_s for r in v), default=0.0) for k, v in runs.items()}
-    lines += ["ratios of the best runs, and targets:",
-              check("pipeline / model-only (offline)", best["b64"] / best["model"], 0.7),
-              check("batched / unbatched (offline)", best["b64"] / best["b1"], 3.5)]
+    lines += [
+        "ratios of the best runs, and targets:",
+        check("pipeline / model-only (offline)", best["b64"] / best["model"], 0.7),
+        check("batched / unbatched (offline)", best["b64"] / best["b1"], 3.5),
+    ]
     if naive is not None and live:
         p99s = sorted(r.p99 for r in live)
         per_msg = naive.per_s / PER_WINDOW
-        lines += [check("end to end, windows/s", best["e2e"], 100),
-                  check("batched e2e / per-message (both via Kafka)", best["e2e"] / per_msg, 10),
-                  f"  {'(batched offline / per-message':<46}{best['b64'] / per_msg:>8.2f})",
-                  check("p99 latency at half load, ms", p99s[0], 250, less=True)
-                  + (f" (other runs: {', '.join(f'{v:.0f}' for v in p99s[1:])})"
-                     if len(p99s) > 1 else "")]
+        lines += [
+            check("end to end, windows/s", best["e2e"], 100),
+            check("batched e2e / per-message (both via Kafka)", best["e2e"] / per_msg, 10),
+            f"  {'(batched offline / per-message':<46}{best['b64'] / per_msg:>8.2f})",
+            check("p99 latency at half load, ms", p99s[0], 250, less=True)
+            + (
+                f" (other runs: {', '.join(f'{v:.0f}' for v in p99s[1:])})" if len(p99s) > 1 else ""
+            ),
+        ]
     lines += [f"STALLED, left out of the figures: {stall}" for stall in stalls]
     print("\n".join(lines))
     return 0

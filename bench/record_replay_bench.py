@@ -74,8 +74,15 @@ def make_records(n: int, size: int, topic: str) -> Iterator[Record]:
     pool = [rng.randbytes(size) for _ in range(64)]
     for i in range(n):
         value = i.to_bytes(8, "little") + pool[i % len(pool)][8:]
-        yield Record(topic, -1, -1, t0 + 40 * i, f"cell-{i % 16:02d}".encode(), value,
-                     (("content-type", b"image/jpeg"),))
+        yield Record(
+            topic,
+            -1,
+            -1,
+            t0 + 40 * i,
+            f"cell-{i % 16:02d}".encode(),
+            value,
+            (("content-type", b"image/jpeg"),),
+        )
 
 
 def timed(name: str, fn: Callable[[], tuple[int, int]]) -> Step:
@@ -90,8 +97,9 @@ def raw_produce(kafka: KafkaSettings, records: Iterator[Record]) -> tuple[int, i
     producer = KafkaProducer(**producer_config(kafka))
     count = nbytes = 0
     for r in records:
-        producer.send(r.topic, key=r.key, value=r.value, headers=list(r.headers),
-                      timestamp_ms=r.timestamp_ms)
+        producer.send(
+            r.topic, key=r.key, value=r.value, headers=list(r.headers), timestamp_ms=r.timestamp_ms
+        )
         count += 1
         nbytes += record_size(r)
     producer.flush()
@@ -117,13 +125,13 @@ def raw_consume(kafka: KafkaSettings, topic: str, expected: int) -> tuple[int, i
 
 def record_once(kafka: KafkaSettings, topic: str, path: Path) -> tuple[int, int]:
     path.unlink(missing_ok=True)
-    result = record_to_file(kafka, RecordOptions((topic,), until_end=True), path,
-                            threading.Event())
+    result = record_to_file(kafka, RecordOptions((topic,), until_end=True), path, threading.Event())
     return result.records, result.bytes
 
 
-def replay_once(kafka: KafkaSettings, path: Path, options: ReplayOptions,
-                scan: RecordingScan) -> tuple[int, int]:
+def replay_once(
+    kafka: KafkaSettings, path: Path, options: ReplayOptions, scan: RecordingScan
+) -> tuple[int, int]:
     result = replay_to_kafka(path, kafka, options, threading.Event(), scan=scan)
     return result.records, result.bytes
 
@@ -148,35 +156,54 @@ def run(bootstrap: str, n: int, size: int, repeat: int, workdir: Path) -> list[S
     raw_targets = [f"{base}-raw{i}" for i in range(repeat)]
     replay_targets = [f"{base}-replay{i}" for i in range(repeat)]
     create_topics(bootstrap, [src, *raw_targets, *replay_targets])
-    print(f"  filling {src}: {raw_produce(kafka, make_records(n, size, src))[0]} records",
-          file=sys.stderr)
+    print(
+        f"  filling {src}: {raw_produce(kafka, make_records(n, size, src))[0]} records",
+        file=sys.stderr,
+    )
     produce, consume, record, scan, send = [], [], [], [], []
     path = workdir / "bench.iotrec"
     for _ in range(repeat):
         consume.append(timed("raw consume", partial(raw_consume, kafka, src, n)))
         record.append(timed("record", partial(record_once, kafka, src, path)))
     for raw_target, target in zip(raw_targets, replay_targets, strict=True):
-        produce.append(timed("raw produce", partial(raw_produce, kafka,
-                                                     make_records(n, size, raw_target))))
+        produce.append(
+            timed("raw produce", partial(raw_produce, kafka, make_records(n, size, raw_target)))
+        )
         options = ReplayOptions(speed=None, topic_map={src: target})
         start = time.perf_counter()
         checked = prepare(path, kafka, options)
-        scan.append(Step("replay: scan + topic check", time.perf_counter() - start,
-                         checked.records, path.stat().st_size))
+        scan.append(
+            Step(
+                "replay: scan + topic check",
+                time.perf_counter() - start,
+                checked.records,
+                path.stat().st_size,
+            )
+        )
         send.append(timed("replay: send", partial(replay_once, kafka, path, options, checked)))
     print(f"  recording file: {path.stat().st_size / 1e6:.1f} MB", file=sys.stderr)
-    total = Step("replay (scan + send)", best(scan).seconds + best(send).seconds,
-                 best(send).records, best(send).nbytes)
+    total = Step(
+        "replay (scan + send)",
+        best(scan).seconds + best(send).seconds,
+        best(send).records,
+        best(send).nbytes,
+    )
     return [best(produce), best(consume), best(record), best(scan), best(send), total]
 
 
 def report(steps: list[Step], n: int, size: int, repeat: int) -> str:
     by = {s.name: s for s in steps}
-    baseline = {"record": "raw consume", "replay: send": "raw produce",
-                "replay (scan + send)": "raw produce"}
-    lines = [f"{n} records of ~{size / 1000:.0f} KB, {PARTITIONS} partitions, one broker;"
-             f" best of {repeat} runs per step (scan: MB/s of the file)",
-             "", f"{'step':<28}{'s':>8}{'MB/s':>9}{'records/s':>11}  vs raw (MB/s ratio)"]
+    baseline = {
+        "record": "raw consume",
+        "replay: send": "raw produce",
+        "replay (scan + send)": "raw produce",
+    }
+    lines = [
+        f"{n} records of ~{size / 1000:.0f} KB, {PARTITIONS} partitions, one broker;"
+        f" best of {repeat} runs per step (scan: MB/s of the file)",
+        "",
+        f"{'step':<28}{'s':>8}{'MB/s':>9}{'records/s':>11}  vs raw (MB/s ratio)",
+    ]
     for s in steps:
         ratio = ""
         if s.name in baseline:

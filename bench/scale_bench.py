@@ -80,8 +80,17 @@ def heap_per_device(runner: ModelRunner, records: list[Record]) -> tuple[float, 
 def one_fleet(runner: ModelRunner, devices: int, repeat: int) -> str:
     clock = Clock()
     engine = build_engine(Settings(), runner, clock=clock)
-    records = [Record("iot.telemetry", 0, i, T0 + i % 1000, f"dev-{i:07d}".encode(),
-                      b'{"temperature_c": 21.5}') for i in range(devices)]
+    records = [
+        Record(
+            "iot.telemetry",
+            0,
+            i,
+            T0 + i % 1000,
+            f"dev-{i:07d}".encode(),
+            b'{"temperature_c": 21.5}',
+        )
+        for i in range(devices)
+    ]
     start = time.perf_counter()
     for r in records:
         engine.process(r)
@@ -97,9 +106,11 @@ def one_fleet(runner: ModelRunner, devices: int, repeat: int) -> str:
     tick_idle = best(engine.tick, repeat)
     metadata = ProgressMetadata()
     commit = best(lambda: metadata(0, engine.progress(0)), repeat)
-    return (f"{devices:>8} {per_record * 1e6:>9.1f} us {tick_open * 1e3:>9.3f} ms "
-            f"{tick_expire * 1e3:>9.1f} ms {tick_idle * 1e3:>9.3f} ms {commit * 1e3:>9.1f} ms "
-            + " ".join(f"{h:>8.0f} B" for h in heaps))
+    return (
+        f"{devices:>8} {per_record * 1e6:>9.1f} us {tick_open * 1e3:>9.3f} ms "
+        f"{tick_expire * 1e3:>9.1f} ms {tick_idle * 1e3:>9.3f} ms {commit * 1e3:>9.1f} ms "
+        + " ".join(f"{h:>8.0f} B" for h in heaps)
+    )
 
 
 def main() -> int:
@@ -110,8 +121,10 @@ def main() -> int:
     a = p.parse_args()
     logging.disable(logging.WARNING)  # "progress does not fit" is expected at these sizes
     runner = ModelRunner.load(a.model, "cpu")
-    print(f"{'devices':>8} {'record':>12} {'tick, open':>12} {'expire all':>12} "
-          f"{'tick, idle':>12} {'commit':>12}   heap/device: open, closed, forgotten")
+    print(
+        f"{'devices':>8} {'record':>12} {'tick, open':>12} {'expire all':>12} "
+        f"{'tick, idle':>12} {'commit':>12}   heap/device: open, closed, forgotten"
+    )
     for n in a.devices:
         print(one_fleet(runner, n, a.repeat), flush=True)
     return 0

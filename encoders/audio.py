@@ -40,16 +40,23 @@ class AudioConfig:
     freeze_trunk: bool = False
 
     def __post_init__(self) -> None:
-        require(8000 <= self.sample_rate <= 96000,
-                f"audio.sample_rate must be in 8000..96000 Hz, got {self.sample_rate}")
+        require(
+            8000 <= self.sample_rate <= 96000,
+            f"audio.sample_rate must be in 8000..96000 Hz, got {self.sample_rate}",
+        )
         require(self.n_fft >= 16, f"audio.n_fft must be >= 16, got {self.n_fft}")
-        require(self.hop_length >= 1,
-                f"audio.hop_ms={self.hop_ms} is less than one sample at {self.sample_rate} Hz")
-        require(1 <= self.n_mels <= self.n_fft // 2 + 1,
-                f"audio.n_mels must be in 1..n_fft/2+1={self.n_fft // 2 + 1}, got {self.n_mels}")
-        require(self.width >= 1 and self.embed_dim >= 1,
-                f"audio.width and audio.embed_dim must be >= 1, got {self.width}, "
-                f"{self.embed_dim}")
+        require(
+            self.hop_length >= 1,
+            f"audio.hop_ms={self.hop_ms} is less than one sample at {self.sample_rate} Hz",
+        )
+        require(
+            1 <= self.n_mels <= self.n_fft // 2 + 1,
+            f"audio.n_mels must be in 1..n_fft/2+1={self.n_fft // 2 + 1}, got {self.n_mels}",
+        )
+        require(
+            self.width >= 1 and self.embed_dim >= 1,
+            f"audio.width and audio.embed_dim must be >= 1, got {self.width}, {self.embed_dim}",
+        )
         check_hf_fields("audio", self.trunk, self.hf_path, self.hf_config)
 
     @property
@@ -67,27 +74,32 @@ class AudioPreprocessor:
     """Mono float32 waveform at the configured rate -> log-mel spectrogram, batched."""
 
     def __init__(self, cfg: AudioConfig, window_ms: int):
-        require(cfg.window_samples(window_ms) >= cfg.n_fft,
-                f"a {window_ms} ms window holds {cfg.window_samples(window_ms)} samples, fewer "
-                f"than audio.n_fft={cfg.n_fft}; use a longer window or a smaller n_fft")
+        require(
+            cfg.window_samples(window_ms) >= cfg.n_fft,
+            f"a {window_ms} ms window holds {cfg.window_samples(window_ms)} samples, fewer "
+            f"than audio.n_fft={cfg.n_fft}; use a longer window or a smaller n_fft",
+        )
         self.cfg = cfg
         self.samples = cfg.window_samples(window_ms)
         # torchaudio's MelSpectrogram(power=2) squares |z| after a complex abs (a square
         # root per bin, a third of the audio encoder's time); re^2 + im^2 is the same power
         self.stft = Spectrogram(n_fft=cfg.n_fft, hop_length=cfg.hop_length, power=None)
-        self.mel = MelScale(n_mels=cfg.n_mels, sample_rate=cfg.sample_rate,
-                            n_stft=cfg.n_fft // 2 + 1)
+        self.mel = MelScale(
+            n_mels=cfg.n_mels, sample_rate=cfg.sample_rate, n_stft=cfg.n_fft // 2 + 1
+        )
 
     def __call__(self, raw: Tensor, info: RawInfo) -> Tensor:
         if info.audio_sample_rate != self.cfg.sample_rate:
             raise ValueError(
                 f"audio: the batch is at {info.audio_sample_rate} Hz but the model expects "
                 f"{self.cfg.sample_rate} Hz; resample the audio to {self.cfg.sample_rate} Hz "
-                f"before building windows")
+                f"before building windows"
+            )
         check_raw(raw, "audio", torch.float32, (self.samples,))
         if not bool(torch.isfinite(raw).all()):
-            raise ValueError("audio: the waveform contains NaN or infinity; send zeros for "
-                             "missing audio")
+            raise ValueError(
+                "audio: the waveform contains NaN or infinity; send zeros for missing audio"
+            )
         self.stft.to(raw.device)  # no-op once moved; the transforms hold only fixed buffers
         self.mel.to(raw.device)
         z = self.stft(raw)  # [n, samples] -> complex [n, n_fft/2+1, frames]

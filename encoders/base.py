@@ -48,28 +48,37 @@ def require(condition: bool, message: str) -> None:
         raise ModelConfigError(message)
 
 
-def check_hf_fields(section: str, trunk: str, path: str | None,
-                     config: dict[str, Any] | None) -> None:
+def check_hf_fields(
+    section: str, trunk: str, path: str | None, config: dict[str, Any] | None
+) -> None:
     """The trunk/hf_path/hf_config fields of a modality config are consistent."""
     require(trunk in ("cnn", "hf"), f'{section}.trunk must be "cnn" or "hf", got {trunk!r}')
     if trunk == "hf":
-        require(path is not None or config is not None,
-                f'{section}.trunk="hf" needs {section}.hf_path: a local transformers model '
-                f"directory (nothing is downloaded)")
+        require(
+            path is not None or config is not None,
+            f'{section}.trunk="hf" needs {section}.hf_path: a local transformers model '
+            f"directory (nothing is downloaded)",
+        )
     else:
-        require(path is None and config is None,
-                f'{section}.hf_path/hf_config are only used with {section}.trunk="hf"')
+        require(
+            path is None and config is None,
+            f'{section}.hf_path/hf_config are only used with {section}.trunk="hf"',
+        )
 
 
 def check_raw(raw: Tensor, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     """Refuse a raw batch whose dtype or per-row shape is not what the model was built for."""
     if raw.dtype != dtype:
-        raise ValueError(f"{name}: expected dtype {dtype}, got {raw.dtype}; convert the raw "
-                         f"input before collating (the pipeline builds {dtype} arrays)")
+        raise ValueError(
+            f"{name}: expected dtype {dtype}, got {raw.dtype}; convert the raw "
+            f"input before collating (the pipeline builds {dtype} arrays)"
+        )
     if raw.dim() != len(shape) + 1 or tuple(raw.shape[1:]) != shape:
-        raise ValueError(f"{name}: expected rows of shape {list(shape)} (batch "
-                         f"[n, {', '.join(map(str, shape))}]), got batch {list(raw.shape)}; "
-                         f"the model config fixes this shape")
+        raise ValueError(
+            f"{name}: expected rows of shape {list(shape)} (batch "
+            f"[n, {', '.join(map(str, shape))}]), got batch {list(raw.shape)}; "
+            f"the model config fixes this shape"
+        )
 
 
 class ConvBlock(nn.Sequential):

@@ -35,12 +35,15 @@ class CameraConfig:
     freeze_trunk: bool = False
 
     def __post_init__(self) -> None:
-        require(self.image_size >= 32,  # the cnn's last stage (size/16) keeps >= 2x2 values
-                f"camera.image_size must be >= 32, got {self.image_size}")
+        require(
+            self.image_size >= 32,  # the cnn's last stage (size/16) keeps >= 2x2 values
+            f"camera.image_size must be >= 32, got {self.image_size}",
+        )
         require(self.num_frames >= 1, f"camera.num_frames must be >= 1, got {self.num_frames}")
-        require(self.width >= 1 and self.embed_dim >= 1,
-                f"camera.width and camera.embed_dim must be >= 1, got {self.width}, "
-                f"{self.embed_dim}")
+        require(
+            self.width >= 1 and self.embed_dim >= 1,
+            f"camera.width and camera.embed_dim must be >= 1, got {self.width}, {self.embed_dim}",
+        )
         require(all(s > 0 for s in self.std), f"camera.std must be > 0, got {self.std}")
         check_hf_fields("camera", self.trunk, self.hf_path, self.hf_config)
 
@@ -56,8 +59,11 @@ class CameraPreprocessor:
         self.shift = mean / std  # [3]
         # one mean and std for every channel (the default): scalar ops run ~4x faster than
         # broadcasting [3] over the innermost axis
-        self.uniform = (float(self.scale[0]), float(self.shift[0])) if (
-            len(set(cfg.mean)) == 1 and len(set(cfg.std)) == 1) else None
+        self.uniform = (
+            (float(self.scale[0]), float(self.shift[0]))
+            if (len(set(cfg.mean)) == 1 and len(set(cfg.std)) == 1)
+            else None
+        )
 
     def __call__(self, raw: Tensor, info: RawInfo) -> Tensor:
         check_raw(raw, "camera", torch.uint8, self.shape)

@@ -27,27 +27,32 @@ from encoders.base import ModelConfigError, Trunk
 from encoders.camera import CameraConfig
 
 
-def load_hf_model(section: str, path: str | None, config: dict[str, Any] | None,
-                  freeze: bool) -> PreTrainedModel:
+def load_hf_model(
+    section: str, path: str | None, config: dict[str, Any] | None, freeze: bool
+) -> PreTrainedModel:
     """Build from a stored config dict (weights come later) or load from a local directory."""
     model: PreTrainedModel
     if config is not None:
         try:
             arch = AutoConfig.for_model(**config)
         except (KeyError, TypeError, ValueError) as e:
-            raise ModelConfigError(f"{section}.hf_config does not describe a transformers "
-                                   f"model this installation knows: {e}") from e
+            raise ModelConfigError(
+                f"{section}.hf_config does not describe a transformers "
+                f"model this installation knows: {e}"
+            ) from e
         model = AutoModel.from_config(arch)  # type: ignore[no-untyped-call]
     else:
         if path is None or not os.path.isdir(path):
             raise ModelConfigError(
                 f"{section}.hf_path={path!r} is not a directory; point it to a local "
-                f"transformers model directory (config.json + weights). Nothing is downloaded.")
+                f"transformers model directory (config.json + weights). Nothing is downloaded."
+            )
         try:
             model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
         except (OSError, ValueError) as e:
-            raise ModelConfigError(f"{section}.hf_path={path!r}: transformers could not load a "
-                                   f"model from it: {e}") from e
+            raise ModelConfigError(
+                f"{section}.hf_path={path!r}: transformers could not load a model from it: {e}"
+            ) from e
     nn.Module.float(model)  # weights in float32 whatever the checkpoint stored
     if freeze:
         for p in model.parameters():
@@ -72,8 +77,10 @@ def pooled(outputs: Any) -> Tensor:
 def _config_int(model: nn.Module, section: str, name: str) -> int:
     value = getattr(getattr(model, "config", None), name, None)
     if not isinstance(value, int):
-        raise ModelConfigError(f"{section}: the transformers model has no integer config."
-                               f"{name}; use a model of the expected kind")
+        raise ModelConfigError(
+            f"{section}: the transformers model has no integer config."
+            f"{name}; use a model of the expected kind"
+        )
     return value
 
 
@@ -87,8 +94,9 @@ class HFVisionTrunk(Trunk):
         self.image_size = _config_int(self.model, "camera", "image_size")
         channels = getattr(self.model.config, "num_channels", 3)
         if channels != 3:
-            raise ModelConfigError(f"camera: the vision model takes {channels} channels; "
-                                   f"camera frames are RGB (3)")
+            raise ModelConfigError(
+                f"camera: the vision model takes {channels} channels; camera frames are RGB (3)"
+            )
         self.out_dim = _config_int(self.model, "camera", "hidden_size")
         self.hf_config = config_dict(self.model)
 
@@ -96,8 +104,9 @@ class HFVisionTrunk(Trunk):
         n, t = x.shape[:2]
         x = x.flatten(0, 1)  # [n, T, 3, S, S] -> [n*T, 3, S, S]
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
-                              align_corners=False)  # -> [n*T, 3, I, I]
+            x = F.interpolate(
+                x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+            )  # -> [n*T, 3, I, I]
         features = pooled(self.model(pixel_values=x))  # [n*T, 3, I, I] -> [n*T, H]
         return features.view(n, t, -1).mean(dim=1)  # [n*T, H] -> [n, T, H] -> [n, H]
 
@@ -112,8 +121,10 @@ class HFAudioTrunk(Trunk):
         self.max_length = _config_int(self.model, "audio", "max_length")
         self.n_mels = _config_int(self.model, "audio", "num_mel_bins")
         if self.n_mels != cfg.n_mels:
-            raise ModelConfigError(f"audio: the AST model takes num_mel_bins={self.n_mels} but "
-                                   f"audio.n_mels={cfg.n_mels}; set audio.n_mels={self.n_mels}")
+            raise ModelConfigError(
+                f"audio: the AST model takes num_mel_bins={self.n_mels} but "
+                f"audio.n_mels={cfg.n_mels}; set audio.n_mels={self.n_mels}"
+            )
         self.out_dim = _config_int(self.model, "audio", "hidden_size")
         self.hf_config = config_dict(self.model)
 

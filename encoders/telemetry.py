@@ -39,15 +39,21 @@ class TelemetryConfig:
             object.__setattr__(self, "mean", (0.0,) * m)
         if not self.std:
             object.__setattr__(self, "std", (1.0,) * m)
-        require(len(self.mean) == m and len(self.std) == m,
-                f"telemetry.mean/std need one value per metric ({m}), got {len(self.mean)} "
-                f"and {len(self.std)}; compute them with fusion.train.fit_telemetry_stats")
+        require(
+            len(self.mean) == m and len(self.std) == m,
+            f"telemetry.mean/std need one value per metric ({m}), got {len(self.mean)} "
+            f"and {len(self.std)}; compute them with fusion.train.fit_telemetry_stats",
+        )
         require(all(math.isfinite(v) for v in self.mean), "telemetry.mean must be finite")
-        require(all(math.isfinite(v) and v > 0 for v in self.std),
-                f"telemetry.std must be finite and > 0, got {self.std}")
+        require(
+            all(math.isfinite(v) and v > 0 for v in self.std),
+            f"telemetry.std must be finite and > 0, got {self.std}",
+        )
         require(self.width >= 1, f"telemetry.width must be >= 1, got {self.width}")
-        require(self.embed_dim >= 2 and self.embed_dim % 2 == 0,
-                f"telemetry.embed_dim must be even and >= 2, got {self.embed_dim}")
+        require(
+            self.embed_dim >= 2 and self.embed_dim % 2 == 0,
+            f"telemetry.embed_dim must be even and >= 2, got {self.embed_dim}",
+        )
 
 
 MAX_NORMALISED = 1e4  # standard deviations: far past any real reading, far below overflow

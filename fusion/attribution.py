@@ -36,12 +36,13 @@ def coalitions(m: int, device: torch.device | str = "cpu") -> Tensor:
 def shapley_weights(m: int) -> Tensor:
     """w[s] = |S|! (m - |S| - 1)! / m! for every coalition S (row s of coalitions(m)): [2^m]."""
     sizes = coalitions(m).sum(dim=1).tolist()  # [2^m]
-    return torch.tensor([factorial(k) * factorial(m - k - 1) / factorial(m) if k < m else 0.0
-                         for k in sizes], dtype=torch.float64)
+    return torch.tensor(
+        [factorial(k) * factorial(m - k - 1) / factorial(m) if k < m else 0.0 for k in sizes],
+        dtype=torch.float64,
+    )
 
 
-def coalition_values(model: Fuser, tokens: Tensor, present: Tensor,
-                     target_class: Tensor) -> Tensor:
+def coalition_values(model: Fuser, tokens: Tensor, present: Tensor, target_class: Tensor) -> Tensor:
     """v[S, b] = p(target_class[b] | only slots in S attended, and only those present): [2^M, B]."""
     b, m, d = tokens.shape
     sets = coalitions(m, tokens.device)  # [2^M, M]

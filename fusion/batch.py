@@ -31,15 +31,18 @@ class WindowBatch:
     audio_sample_rate: int  # Hz of raw[AUDIO] (checked against the model's rate)
 
     @classmethod
-    def collate(cls, windows: Sequence[Mapping[Modality, np.ndarray]],
-                audio_sample_rate: int) -> WindowBatch:
+    def collate(
+        cls, windows: Sequence[Mapping[Modality, np.ndarray]], audio_sample_rate: int
+    ) -> WindowBatch:
         raw: dict[Modality, Tensor] = {}
         rows: dict[Modality, Tensor] = {}
         for i, window in enumerate(windows):
             unknown = [k for k in window if k not in ALL_MODALITIES]
             if unknown:
-                raise ValueError(f"window {i}: unknown modality key(s) {unknown}; use "
-                                 f"encoders.modality.Modality keys")
+                raise ValueError(
+                    f"window {i}: unknown modality key(s) {unknown}; use "
+                    f"encoders.modality.Modality keys"
+                )
         for m in ALL_MODALITIES:
             idx = [i for i, w in enumerate(windows) if m in w]
             if not idx:
@@ -47,17 +50,21 @@ class WindowBatch:
             arrays = [np.asarray(windows[i][m]) for i in idx]
             shapes = {(a.shape, a.dtype.str) for a in arrays}
             if len(shapes) > 1:
-                raise ValueError(f"{m}: windows have different raw shapes/dtypes "
-                                 f"{sorted(shapes)}; every window must use the model's format")
+                raise ValueError(
+                    f"{m}: windows have different raw shapes/dtypes "
+                    f"{sorted(shapes)}; every window must use the model's format"
+                )
             raw[m] = torch.from_numpy(np.stack(arrays))  # n_m x [...] -> [n_m, ...]
             rows[m] = torch.tensor(idx, dtype=torch.int64)  # [n_m]
         return cls(size=len(windows), raw=raw, rows=rows, audio_sample_rate=audio_sample_rate)
 
     def to(self, device: torch.device | str) -> WindowBatch:
-        return WindowBatch(size=self.size,
-                           raw={m: x.to(device) for m, x in self.raw.items()},
-                           rows={m: r.to(device) for m, r in self.rows.items()},
-                           audio_sample_rate=self.audio_sample_rate)
+        return WindowBatch(
+            size=self.size,
+            raw={m: x.to(device) for m, x in self.raw.items()},
+            rows={m: r.to(device) for m, r in self.rows.items()},
+            audio_sample_rate=self.audio_sample_rate,
+        )
 
     @property
     def info(self) -> RawInfo:

@@ -27,8 +27,14 @@ from encoders.camera import CameraConfig
 from encoders.modality import ALL_MODALITIES, Modality
 from encoders.telemetry import TelemetryConfig
 
-__all__ = ["AudioConfig", "CameraConfig", "FusionConfig", "ModelConfig", "ModelConfigError",
-           "TelemetryConfig"]
+__all__ = [
+    "AudioConfig",
+    "CameraConfig",
+    "FusionConfig",
+    "ModelConfig",
+    "ModelConfigError",
+    "TelemetryConfig",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,14 +46,19 @@ class FusionConfig:
     modality_dropout: float = 0.25  # training default: drop a present modality with this prob
 
     def __post_init__(self) -> None:
-        require(self.dim >= 1 and self.layers >= 1 and self.heads >= 1,
-                f"fusion.dim/layers/heads must be >= 1, got {self.dim}/{self.layers}/"
-                f"{self.heads}")
-        require(self.dim % self.heads == 0,
-                f"fusion.heads={self.heads} must divide fusion.dim={self.dim}")
+        require(
+            self.dim >= 1 and self.layers >= 1 and self.heads >= 1,
+            f"fusion.dim/layers/heads must be >= 1, got {self.dim}/{self.layers}/{self.heads}",
+        )
+        require(
+            self.dim % self.heads == 0,
+            f"fusion.heads={self.heads} must divide fusion.dim={self.dim}",
+        )
         require(0.0 <= self.dropout < 1.0, f"fusion.dropout must be in [0, 1), got {self.dropout}")
-        require(0.0 <= self.modality_dropout < 1.0,
-                f"fusion.modality_dropout must be in [0, 1), got {self.modality_dropout}")
+        require(
+            0.0 <= self.modality_dropout < 1.0,
+            f"fusion.modality_dropout must be in [0, 1), got {self.modality_dropout}",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,12 +74,18 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         require(isinstance(self.name, str) and bool(self.name.strip()), "name must be non-empty")
-        require(len(self.classes) >= 2,
-                f"classes must list at least 2 class names, got {list(self.classes)}")
-        require(all(isinstance(c, str) and c for c in self.classes),
-                f"classes must be non-empty strings, got {list(self.classes)}")
-        require(len(set(self.classes)) == len(self.classes),
-                f"classes has duplicates: {list(self.classes)}")
+        require(
+            len(self.classes) >= 2,
+            f"classes must list at least 2 class names, got {list(self.classes)}",
+        )
+        require(
+            all(isinstance(c, str) and c for c in self.classes),
+            f"classes must be non-empty strings, got {list(self.classes)}",
+        )
+        require(
+            len(set(self.classes)) == len(self.classes),
+            f"classes has duplicates: {list(self.classes)}",
+        )
         require(self.window_ms >= 1, f"window_ms must be >= 1, got {self.window_ms}")
         try:
             modalities = tuple(Modality(m) for m in self.modalities)
@@ -81,16 +98,24 @@ class ModelConfig:
         for m in Modality:
             section = getattr(self, m.value)
             if m not in modalities:
-                require(section is None, f"a {m} section is given but {m} is not in modalities "
-                                         f"{[str(x) for x in modalities]}; remove one of them")
+                require(
+                    section is None,
+                    f"a {m} section is given but {m} is not in modalities "
+                    f"{[str(x) for x in modalities]}; remove one of them",
+                )
             elif section is None:
-                require(m in defaults, f"{m} is in modalities but has no {m} section "
-                                       f"(it needs at least the metric names)")
+                require(
+                    m in defaults,
+                    f"{m} is in modalities but has no {m} section "
+                    f"(it needs at least the metric names)",
+                )
                 object.__setattr__(self, m.value, defaults[m]())
         if self.audio is not None:
-            require(self.audio.window_samples(self.window_ms) >= self.audio.n_fft,
-                    f"window_ms={self.window_ms} holds fewer than audio.n_fft="
-                    f"{self.audio.n_fft} samples")
+            require(
+                self.audio.window_samples(self.window_ms) >= self.audio.n_fft,
+                f"window_ms={self.window_ms} holds fewer than audio.n_fft="
+                f"{self.audio.n_fft} samples",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data; absent modality sections are left out."""
@@ -137,20 +162,34 @@ def _from_json(tp: Any, value: Any, path: str) -> Any:
         pairs = enumerate(zip(args, value, strict=True))
         return tuple(_from_json(a, v, f"{path}[{i}]") for i, (a, v) in pairs)
     if origin is dict:
-        _expect(isinstance(value, dict) and all(isinstance(k, str) for k in value), path,
-                "an object", value)
+        _expect(
+            isinstance(value, dict) and all(isinstance(k, str) for k in value),
+            path,
+            "an object",
+            value,
+        )
         return dict(value)
     if tp is Modality:
-        _expect(value in [m.value for m in Modality], path,
-                f"one of {[m.value for m in Modality]}", value)
+        _expect(
+            value in [m.value for m in Modality],
+            path,
+            f"one of {[m.value for m in Modality]}",
+            value,
+        )
         return Modality(value)
     if tp is bool:
         _expect(isinstance(value, bool), path, "true or false", value)
     elif tp is int:
         _expect(isinstance(value, int) and not isinstance(value, bool), path, "an integer", value)
     elif tp is float:
-        _expect(isinstance(value, (int, float)) and not isinstance(value, bool)
-                and math.isfinite(value), path, "a finite number", value)
+        _expect(
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and math.isfinite(value),
+            path,
+            "a finite number",
+            value,
+        )
         return float(value)
     elif tp is str:
         _expect(isinstance(value, str), path, "a string", value)
@@ -165,8 +204,13 @@ def _dataclass_from_json(cls: type[Any], value: Any, path: str) -> Any:
     unknown = sorted(set(value) - set(fields))
     if unknown:
         raise ModelConfigError(f"{path}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
-    missing = [n for n, f in fields.items() if n not in value
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in value
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise ModelConfigError(f"{path}: missing required key(s) {missing}")
     hints = get_type_hints(cls)

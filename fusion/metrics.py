@@ -49,9 +49,15 @@ def classification_report(cm: np.ndarray, classes: Sequence[str]) -> dict[str, A
     recall = _ratio(tp, support)
     f1 = _ratio(2 * precision * recall, precision + recall)
     total = int(cm.sum())
-    per_class = {name: {"precision": float(precision[i]), "recall": float(recall[i]),
-                        "f1": float(f1[i]), "support": int(support[i])}
-                 for i, name in enumerate(classes)}
+    per_class = {
+        name: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+        }
+        for i, name in enumerate(classes)
+    }
     return {
         "per_class": per_class,
         "macro_precision": float(precision.mean()),

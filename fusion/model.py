@@ -43,8 +43,7 @@ def build_stages(config: ModelConfig, m: Modality) -> tuple[Preprocessor, Trunk]
     if m is Modality.CAMERA and config.camera is not None:
         return CameraPreprocessor(config.camera), build_camera_trunk(config.camera)
     if m is Modality.AUDIO and config.audio is not None:
-        return (AudioPreprocessor(config.audio, config.window_ms),
-                build_audio_trunk(config.audio))
+        return (AudioPreprocessor(config.audio, config.window_ms), build_audio_trunk(config.audio))
     if m is Modality.TELEMETRY and config.telemetry is not None:
         return TelemetryPreprocessor(config.telemetry), build_telemetry_trunk(config.telemetry)
     raise AssertionError(f"no section for {m}")  # ModelConfig guarantees one per modality
@@ -71,15 +70,19 @@ class FusionClassifier(nn.Module):
             self.preprocess[m], trunks[m] = build_stages(config, m)
         self.config = resolved_config(config, trunks)
         self.trunks = nn.ModuleDict({m.value: t for m, t in trunks.items()})
-        self.heads = nn.ModuleDict({m.value: nn.Sequential(nn.LayerNorm(t.out_dim),
-                                                     nn.Linear(t.out_dim, d))
-                                    for m, t in trunks.items()})
+        self.heads = nn.ModuleDict(
+            {
+                m.value: nn.Sequential(nn.LayerNorm(t.out_dim), nn.Linear(t.out_dim, d))
+                for m, t in trunks.items()
+            }
+        )
         self.postprocess = nn.ModuleDict({m.value: nn.LayerNorm(d) for m in self.modalities})
         self.modality_embedding = nn.Parameter(0.02 * torch.randn(len(self.modalities), d))
         self.cls_token = nn.Parameter(0.02 * torch.randn(1, 1, d))
         self.inference_only = False  # set by fold_for_inference
-        layer = nn.TransformerEncoderLayer(d, f.heads, 4 * d, f.dropout, activation="gelu",
-                                           batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            d, f.heads, 4 * d, f.dropout, activation="gelu", batch_first=True, norm_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, f.layers, enable_nested_tensor=False)
         self.ln_f = nn.LayerNorm(d)
         self.classifier = nn.Linear(d, len(config.classes))
@@ -88,9 +91,11 @@ class FusionClassifier(nn.Module):
         """Raw batch -> (tokens [B, M, D], present [B, M] bool). Absent slots hold zeros."""
         unknown = [str(m) for m in batch.raw if m not in self.preprocess]
         if unknown:
-            raise ValueError(f"the batch has modality {unknown} but model "
-                             f"{self.config.name!r} uses only {[str(m) for m in self.modalities]}; "
-                             f"leave it out of the windows")
+            raise ValueError(
+                f"the batch has modality {unknown} but model "
+                f"{self.config.name!r} uses only {[str(m) for m in self.modalities]}; "
+                f"leave it out of the windows"
+            )
         b, d, device = batch.size, self.config.fusion.dim, self.cls_token.device
         slots, masks = [], []
         for m in self.modalities:
@@ -148,8 +153,10 @@ class FusionClassifier(nn.Module):
 
     def train(self, mode: bool = True) -> FusionClassifier:
         if mode and self.inference_only:
-            raise RuntimeError("this model was folded for inference (fold_for_inference); load "
-                               "it again from its directory to train it")
+            raise RuntimeError(
+                "this model was folded for inference (fold_for_inference); load "
+                "it again from its directory to train it"
+            )
         return super().train(mode)
 
     def num_parameters(self) -> int:

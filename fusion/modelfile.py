@@ -51,12 +51,13 @@ def save_model(model: FusionClassifier, directory: str | os.PathLike[str]) -> st
     """Write model.safetensors and config.json into directory (created if needed); returns the
     version. Each file is written to a temporary name and renamed, weights first."""
     if model.inference_only:
-        raise ValueError("this model was folded for inference and no longer has the saved "
-                         "layout; save the model you trained, before fold_for_inference")
+        raise ValueError(
+            "this model was folded for inference and no longer has the saved "
+            "layout; save the model you trained, before fold_for_inference"
+        )
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").clone().contiguous()
-               for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
     # one metadata entry only: safetensors writes metadata in hash-map order, and the version
     # must be the same for the same weights
     weights = save_safetensors(tensors, metadata={"format": "pt"})
@@ -67,12 +68,15 @@ def save_model(model: FusionClassifier, directory: str | os.PathLike[str]) -> st
     return f"sha256:{digest}"
 
 
-def load_model(directory: str | os.PathLike[str], device: str | torch.device = "cpu"
-               ) -> LoadedModel:
+def load_model(
+    directory: str | os.PathLike[str], device: str | torch.device = "cpu"
+) -> LoadedModel:
     path = Path(directory)
     if not path.is_dir():
-        raise ModelFileError(f"{path}: not a directory; a model is a directory holding "
-                             f"{WEIGHTS} and {CONFIG} (written by fusion.modelfile.save_model)")
+        raise ModelFileError(
+            f"{path}: not a directory; a model is a directory holding "
+            f"{WEIGHTS} and {CONFIG} (written by fusion.modelfile.save_model)"
+        )
     weights_path = path / WEIGHTS
     if not weights_path.is_file():
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -80,7 +84,8 @@ def load_model(directory: str | os.PathLike[str], device: str | torch.device = "
             raise ModelFileError(
                 f"{path}: refusing to load {pickles}: pickle-based checkpoints can execute "
                 f"arbitrary code when loaded. Only {WEIGHTS} is accepted; convert the weights "
-                f"with safetensors (safetensors.torch.save_file) from a trusted environment")
+                f"with safetensors (safetensors.torch.save_file) from a trusted environment"
+            )
         raise ModelFileError(f"{path}: no {WEIGHTS}; this is not an iotfuse model directory")
     config_data = _read_config(path / CONFIG)
     weights = weights_path.read_bytes()
@@ -89,7 +94,8 @@ def load_model(directory: str | os.PathLike[str], device: str | torch.device = "
         raise ModelFileError(
             f"{weights_path}: sha256 is {digest} but {CONFIG} says "
             f"{config_data['weights_sha256']}: the weights changed after the model was saved. "
-            f"Restore the original file or save the model again")
+            f"Restore the original file or save the model again"
+        )
     try:
         config = ModelConfig.from_dict(config_data["config"])
     except ModelConfigError as e:
@@ -103,8 +109,7 @@ def load_model(directory: str | os.PathLike[str], device: str | torch.device = "
 
 def _read_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise ModelFileError(f"{path}: missing; a model directory needs {CONFIG} next to "
-                             f"{WEIGHTS}")
+        raise ModelFileError(f"{path}: missing; a model directory needs {CONFIG} next to {WEIGHTS}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -113,17 +118,21 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise ModelConfigError(f"{path}: expected a JSON object")
     fmt = data.pop("format", None)
     if fmt != FORMAT:
-        raise ModelConfigError(f"{path}: format is {fmt!r}, expected {FORMAT!r}; this file was "
-                               f"not written by this version of iotfuse")
+        raise ModelConfigError(
+            f"{path}: format is {fmt!r}, expected {FORMAT!r}; this file was "
+            f"not written by this version of iotfuse"
+        )
     digest = data.pop("weights_sha256", None)
     if not isinstance(digest, str) or len(digest) != 64:
-        raise ModelConfigError(f"{path}: weights_sha256 must be a 64-digit hex string, "
-                               f"got {digest!r}")
+        raise ModelConfigError(
+            f"{path}: weights_sha256 must be a 64-digit hex string, got {digest!r}"
+        )
     return {"config": data, "weights_sha256": digest}
 
 
-def _load_state_strict(model: FusionClassifier, state: dict[str, torch.Tensor],
-                       source: Path) -> None:
+def _load_state_strict(
+    model: FusionClassifier, state: dict[str, torch.Tensor], source: Path
+) -> None:
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -132,7 +141,8 @@ def _load_state_strict(model: FusionClassifier, state: dict[str, torch.Tensor],
         raise ModelFileError(
             f"{source}: the weights do not match the architecture in {CONFIG}: "
             f"missing {_short(missing)}, unexpected {_short(unexpected)}, wrong shape "
-            f"{_short(wrong)}. The two files must come from the same save_model call")
+            f"{_short(wrong)}. The two files must come from the same save_model call"
+        )
     model.load_state_dict(state, strict=True)
 
 

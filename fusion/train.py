@@ -44,8 +44,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, "
-                             f"{self.batch_size}")
+            raise ValueError(
+                f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}"
+            )
         if not (self.lr > 0 and self.weight_decay >= 0 and self.grad_clip > 0):
             raise ValueError("lr and grad_clip must be > 0 and weight_decay >= 0")
         if self.modality_dropout is not None and not 0 <= self.modality_dropout < 1:
@@ -86,8 +87,9 @@ def drop_modalities(present: Tensor, p: float, generator: torch.Generator) -> Te
     return keep | (pick & lost[:, None])  # [B, M]
 
 
-def evaluate(model: FusionClassifier, data: Sequence[Example], batch_size: int,
-             device: torch.device) -> tuple[float, np.ndarray]:
+def evaluate(
+    model: FusionClassifier, data: Sequence[Example], batch_size: int, device: torch.device
+) -> tuple[float, np.ndarray]:
     """Mean cross-entropy and predicted class per example (eval mode, no dropout)."""
     model.eval()
     losses, preds = [], []
@@ -99,17 +101,24 @@ def evaluate(model: FusionClassifier, data: Sequence[Example], batch_size: int,
     return sum(losses) / len(data), np.concatenate(preds)
 
 
-def train(model: FusionClassifier, train_data: Sequence[Example], val_data: Sequence[Example],
-          cfg: TrainConfig, progress: Callable[[TrainProgress], None] | None = None
-          ) -> TrainResult:
+def train(
+    model: FusionClassifier,
+    train_data: Sequence[Example],
+    val_data: Sequence[Example],
+    cfg: TrainConfig,
+    progress: Callable[[TrainProgress], None] | None = None,
+) -> TrainResult:
     classes = model.config.classes
     _check_labels(train_data, "train_data", len(classes))
     _check_labels(val_data, "val_data", len(classes))
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    p_drop = (model.config.fusion.modality_dropout if cfg.modality_dropout is None
-              else cfg.modality_dropout)
+    p_drop = (
+        model.config.fusion.modality_dropout
+        if cfg.modality_dropout is None
+        else cfg.modality_dropout
+    )
     model.to(device)
     optimizer = _optimizer(model, cfg)
     y_val = np.array([label for _, label in val_data], dtype=np.int64)
@@ -131,10 +140,15 @@ def train(model: FusionClassifier, train_data: Sequence[Example], val_data: Sequ
             total, batches = total + loss.item(), batches + 1
         val_loss, y_pred = evaluate(model, val_data, cfg.batch_size, device)
         report = classification_report(confusion_matrix(y_val, y_pred, len(classes)), classes)
-        step = TrainProgress(epoch=epoch, epochs=cfg.epochs, train_loss=total / batches,
-                             val_loss=val_loss, val_accuracy=report["accuracy"],
-                             val_macro_f1=report["macro_f1"],
-                             seconds=time.monotonic() - started)
+        step = TrainProgress(
+            epoch=epoch,
+            epochs=cfg.epochs,
+            train_loss=total / batches,
+            val_loss=val_loss,
+            val_accuracy=report["accuracy"],
+            val_macro_f1=report["macro_f1"],
+            seconds=time.monotonic() - started,
+        )
         history.append(step)
         if step.val_macro_f1 > best_f1:
             best_epoch, best_f1, best_state = epoch, step.val_macro_f1, _cpu_state(model)
@@ -142,12 +156,14 @@ def train(model: FusionClassifier, train_data: Sequence[Example], val_data: Sequ
             progress(step)
     model.load_state_dict(best_state)
     model.eval()
-    return TrainResult(best_epoch=best_epoch, best_val_macro_f1=best_f1, history=history,
-                       state_dict=best_state)
+    return TrainResult(
+        best_epoch=best_epoch, best_val_macro_f1=best_f1, history=history, state_dict=best_state
+    )
 
 
-def fit_telemetry_stats(windows: Iterable[Mapping[Modality, np.ndarray]], n_metrics: int
-                        ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def fit_telemetry_stats(
+    windows: Iterable[Mapping[Modality, np.ndarray]], n_metrics: int
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-metric mean and std of raw telemetry [steps, n_metrics] over all windows, ignoring
     NaN (missing). A metric never seen gets mean 0, std 1; a constant one gets std 1."""
     count = np.zeros(n_metrics)
@@ -169,12 +185,17 @@ def fit_telemetry_stats(windows: Iterable[Mapping[Modality, np.ndarray]], n_metr
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
-def _batches(model: FusionClassifier, data: Sequence[Example], order: Iterable[int],
-             batch_size: int, device: torch.device) -> Iterable[tuple[WindowBatch, Tensor]]:
+def _batches(
+    model: FusionClassifier,
+    data: Sequence[Example],
+    order: Iterable[int],
+    batch_size: int,
+    device: torch.device,
+) -> Iterable[tuple[WindowBatch, Tensor]]:
     rate = model.config.audio.sample_rate if model.config.audio is not None else 0
     order = list(order)
     for start in range(0, len(order), batch_size):
-        chosen = [data[i] for i in order[start:start + batch_size]]
+        chosen = [data[i] for i in order[start : start + batch_size]]
         batch = WindowBatch.collate([w for w, _ in chosen], audio_sample_rate=rate)
         y = torch.tensor([label for _, label in chosen], dtype=torch.int64)  # [B]
         yield batch.to(device), y.to(device)
@@ -184,8 +205,10 @@ def _optimizer(model: FusionClassifier, cfg: TrainConfig) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
@@ -195,9 +218,12 @@ def _cpu_state(model: FusionClassifier) -> dict[str, Tensor]:
 
 def _check_labels(data: Sequence[Example], name: str, n_classes: int) -> None:
     if len(data) == 0:
-        raise ValueError(f"{name} is empty; training needs examples for both training and "
-                         f"validation (the best epoch is chosen by validation macro-F1)")
+        raise ValueError(
+            f"{name} is empty; training needs examples for both training and "
+            f"validation (the best epoch is chosen by validation macro-F1)"
+        )
     bad = [label for _, label in data if not 0 <= int(label) < n_classes]
     if bad:
-        raise ValueError(f"{name}: labels must be class indices 0..{n_classes - 1}, "
-                         f"got e.g. {bad[:5]}")
+        raise ValueError(
+            f"{name}: labels must be class indices 0..{n_classes - 1}, got e.g. {bad[:5]}"
+        )

@@ -26,8 +26,9 @@ CaughtUp = Callable[[str, int], bool]  # (topic, partition) -> nothing more to r
 
 
 class Aligner:
-    def __init__(self, topics: Iterable[str], limit: int = 5000,
-                 max_bytes: int = 128 * 1024 * 1024) -> None:
+    def __init__(
+        self, topics: Iterable[str], limit: int = 5000, max_bytes: int = 128 * 1024 * 1024
+    ) -> None:
         self.topics = tuple(topics)
         self.limit = limit  # records per partition number
         self.max_bytes = max_bytes  # bytes over all partitions

@@ -34,12 +34,15 @@ def window_config(settings: Settings, model_window_ms: int) -> WindowConfig:
             f"windows.window_ms={w.window_ms} but the model was trained on {model_window_ms} ms "
             "windows; leave windows.window_ms at 0 (use the model's) or train a model for it"
         )
-    return WindowConfig(model_window_ms, w.allowed_lateness_ms, w.idle_timeout_ms,
-                        w.forget_after_ms)
+    return WindowConfig(
+        model_window_ms, w.allowed_lateness_ms, w.idle_timeout_ms, w.forget_after_ms
+    )
 
 
 def build_engine(
-    settings: Settings, runner: ModelRunner, metrics: Metrics | None = None,
+    settings: Settings,
+    runner: ModelRunner,
+    metrics: Metrics | None = None,
     clock: Clock = wall_clock_ms,
 ) -> Engine:
     features = runner.features

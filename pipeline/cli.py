@@ -38,7 +38,10 @@ SETTING_FLAGS: dict[str, tuple[str, str]] = {
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="TOML settings file")
     p.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
         help="override any setting (repeatable)",
     )
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")

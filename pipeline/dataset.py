@@ -52,8 +52,12 @@ class Labels:
             span = LabelSpan(str(data["label"]), int(data["start_ms"]), int(data["end_ms"]))
             device = (record.key or b"").decode()
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-            log.warning("ignoring malformed label record at %s/%d/%d",
-                        record.topic, record.partition, record.offset)
+            log.warning(
+                "ignoring malformed label record at %s/%d/%d",
+                record.topic,
+                record.partition,
+                record.offset,
+            )
             return
         spans = self.spans.setdefault(device, [])
         bisect.insort(spans, span, key=lambda s: s.start_ms)
@@ -80,7 +84,9 @@ class LabelledWindow:
 
 
 def closed_windows(
-    records: Iterable[Record], ingest_cfg: IngestConfig, windows: WindowConfig,
+    records: Iterable[Record],
+    ingest_cfg: IngestConfig,
+    windows: WindowConfig,
     on_other: Callable[[Record], None] | None = None,
 ) -> Iterator[Window]:
     """Windows in the order they close, over a finite stream (event time only)."""
@@ -107,8 +113,11 @@ def closed_windows(
 
 
 def labelled_windows(
-    records: Iterable[Record], ingest_cfg: IngestConfig, windows: WindowConfig,
-    spec: FeatureSpec, labels_topic: str,
+    records: Iterable[Record],
+    ingest_cfg: IngestConfig,
+    windows: WindowConfig,
+    spec: FeatureSpec,
+    labels_topic: str,
 ) -> list[LabelledWindow]:
     """Every window with a label, with the model's raw inputs (labels may come late)."""
     labels = Labels()
@@ -117,8 +126,10 @@ def labelled_windows(
         if record.topic == labels_topic:
             labels.add(record)
 
-    pending = [(w.device_id, w.start_ms, w.end_ms, window_inputs(w, spec).raw)
-               for w in closed_windows(records, ingest_cfg, windows, other)]
+    pending = [
+        (w.device_id, w.start_ms, w.end_ms, window_inputs(w, spec).raw)
+        for w in closed_windows(records, ingest_cfg, windows, other)
+    ]
     out = []
     for device, start, end, raw in pending:
         label = labels.label_of(device, start, end)
@@ -133,8 +144,9 @@ class Tally:
     bytes: int = 0  # keys and values
 
 
-def counted(records: Iterable[Record], tally: Tally, on_records: OnRecords | None,
-            every: int = 200) -> Iterator[Record]:
+def counted(
+    records: Iterable[Record], tally: Tally, on_records: OnRecords | None, every: int = 200
+) -> Iterator[Record]:
     """Pass records through, adding them to `tally` and reporting it every `every` records."""
     for record in records:
         tally.records += 1
@@ -144,14 +156,22 @@ def counted(records: Iterable[Record], tally: Tally, on_records: OnRecords | Non
         yield record
 
 
-def windows_from_recordings(paths: Sequence[Path], settings: Settings, spec: FeatureSpec,
-                            on_records: OnRecords | None = None) -> list[LabelledWindow]:
+def windows_from_recordings(
+    paths: Sequence[Path],
+    settings: Settings,
+    spec: FeatureSpec,
+    on_records: OnRecords | None = None,
+) -> list[LabelledWindow]:
     """Labelled windows of every recording, one after the other."""
     return [w for got in recording_windows(paths, settings, spec, on_records) for w in got]
 
 
-def recording_windows(paths: Sequence[Path], settings: Settings, spec: FeatureSpec,
-                      on_records: OnRecords | None = None) -> list[list[LabelledWindow]]:
+def recording_windows(
+    paths: Sequence[Path],
+    settings: Settings,
+    spec: FeatureSpec,
+    on_records: OnRecords | None = None,
+) -> list[list[LabelledWindow]]:
     """Labelled windows of each recording (each read on its own: device ids may repeat)."""
     from pipeline.app import window_config
     from pipeline.recording import RecordingError, read_records
@@ -169,7 +189,9 @@ def recording_windows(paths: Sequence[Path], settings: Settings, spec: FeatureSp
         except (RecordingError, OSError) as exc:
             raise UserError(f"cannot read recording {path}: {exc}") from exc
         if not got:
-            raise UserError(f"{path} yields no labelled windows: it needs input records and "
-                            f"labels on topic {settings.topics.labels!r} for the same devices")
+            raise UserError(
+                f"{path} yields no labelled windows: it needs input records and "
+                f"labels on topic {settings.topics.labels!r} for the same devices"
+            )
         out.append(got)
     return out

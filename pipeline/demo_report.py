@@ -46,8 +46,10 @@ def summary_lines(results: Sequence[WindowResult], expected: int) -> list[str]:
     """Events against expected windows, accuracy, and right/true counts per class."""
     right, judged = accuracy(results)
     share = f"{right / judged:.2f}" if judged else "n/a (no labelled window)"
-    lines = [f"{len(results)} events for {expected} expected windows",
-             f"{judged} windows with ground truth, {right} matching: accuracy {share}"]
+    lines = [
+        f"{len(results)} events for {expected} expected windows",
+        f"{judged} windows with ground truth, {right} matching: accuracy {share}",
+    ]
     true = Counter(r.truth for r in results if r.truth is not None)
     hits = Counter(r.truth for r in results if r.truth is not None and r.label == r.truth)
     if true:
@@ -56,9 +58,13 @@ def summary_lines(results: Sequence[WindowResult], expected: int) -> list[str]:
     return lines
 
 
-def draw_timeline(path: Path, truth: Mapping[str, Sequence[Episode]],
-                  results: Sequence[WindowResult], classes: Iterable[str],
-                  title: str | None = None) -> None:
+def draw_timeline(
+    path: Path,
+    truth: Mapping[str, Sequence[Episode]],
+    results: Sequence[WindowResult],
+    classes: Iterable[str],
+    title: str | None = None,
+) -> None:
     """Write the timeline PNG to `path` (its directory must exist); the title defaults to
     the accuracy."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -66,31 +72,47 @@ def draw_timeline(path: Path, truth: Mapping[str, Sequence[Episode]],
 
     devices = sorted({r.device for r in results} | set(truth))
     rows = {device: i for i, device in enumerate(devices)}
-    colours = label_colours([*classes, *(r.label for r in results),
-                             *(e.label for eps in truth.values() for e in eps)])
-    origin = min([r.start_ms for r in results] + [e.start_ms for es in truth.values() for e in es],
-                 default=0)
+    colours = label_colours(
+        [*classes, *(r.label for r in results), *(e.label for eps in truth.values() for e in eps)]
+    )
+    origin = min(
+        [r.start_ms for r in results] + [e.start_ms for es in truth.values() for e in es], default=0
+    )
     fig = Figure(figsize=(12, 1.6 + 0.6 * max(1, len(devices))), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for device, episodes in truth.items():
         for e in episodes:  # ground truth: the wide band
-            ax.broken_barh([((e.start_ms - origin) / 1000, (e.end_ms - e.start_ms) / 1000)],
-                           (rows[device] - 0.42, 0.5), facecolors=colours[e.label], linewidth=0)
+            ax.broken_barh(
+                [((e.start_ms - origin) / 1000, (e.end_ms - e.start_ms) / 1000)],
+                (rows[device] - 0.42, 0.5),
+                facecolors=colours[e.label],
+                linewidth=0,
+            )
     for r in results:  # predictions: the thin band below, one bar per window
-        ax.broken_barh([((r.start_ms - origin) / 1000, (r.end_ms - r.start_ms) / 1000)],
-                       (rows[r.device] + 0.14, 0.22), facecolors=colours[r.label],
-                       edgecolor="white", linewidth=0.5)
+        ax.broken_barh(
+            [((r.start_ms - origin) / 1000, (r.end_ms - r.start_ms) / 1000)],
+            (rows[r.device] + 0.14, 0.22),
+            facecolors=colours[r.label],
+            edgecolor="white",
+            linewidth=0.5,
+        )
     right, judged = accuracy(results)
     share = f"{right / judged:.0%}" if judged else "n/a"
-    _decorate(ax, devices, colours, origin,
-              title or f"iotfuse demo: accuracy {share} ({right} of {judged} windows)")
+    _decorate(
+        ax,
+        devices,
+        colours,
+        origin,
+        title or f"iotfuse demo: accuracy {share} ({right} of {judged} windows)",
+    )
     fig.tight_layout()
     fig.savefig(path, format="png")
 
 
-def _decorate(ax: Any, devices: list[str], colours: Mapping[str, str], origin: int,
-              title: str) -> None:
+def _decorate(
+    ax: Any, devices: list[str], colours: Mapping[str, str], origin: int, title: str
+) -> None:
     from matplotlib.patches import Patch
 
     ax.set_yticks(range(len(devices)), devices)

@@ -178,8 +178,11 @@ class Engine:
         if not self._queue:
             return False
         waited = self.clock() - self._queue[0].closed_at_ms
-        return (len(self._queue) >= self.cfg.max_batch or waited >= self.cfg.batch_timeout_ms
-                or self.queue_classified_early())
+        return (
+            len(self._queue) >= self.cfg.max_batch
+            or waited >= self.cfg.batch_timeout_ms
+            or self.queue_classified_early()
+        )
 
     def queue_classified_early(self) -> bool:
         """Every queued window has its early result: nothing to compute, publish it now."""
@@ -251,8 +254,10 @@ class Engine:
         self.metrics.stage_seconds.labels(stage="features").observe(t1 - t0)
         self.metrics.stage_seconds.labels(stage="model").observe(t2 - t1)
         self.metrics.batch_size.observe(len(windows))
-        return {_key(w): _Classified(w.added, p.rejected, p.unknown_metrics, d)
-                for w, p, d in zip(windows, prepared, decisions, strict=True)}
+        return {
+            _key(w): _Classified(w.added, p.rejected, p.unknown_metrics, d)
+            for w, p, d in zip(windows, prepared, decisions, strict=True)
+        }
 
     def _classify(self, raws: list[dict[Modality, np.ndarray]]) -> list[Decision]:
         """One model call, or with feature_threads > 1 a large batch split into that many
@@ -269,8 +274,9 @@ class Engine:
         """Model inputs of each window; with feature_threads > 1 on a thread pool (OpenCV
         decodes frames without holding the GIL). The pool lives for one batch only."""
         spec, decode = self.cfg.features, self.prefetch.decode
-        return _pool_map(lambda w: window_inputs(w, spec, decode), windows, "features",
-                         self.cfg.feature_threads)
+        return _pool_map(
+            lambda w: window_inputs(w, spec, decode), windows, "features", self.cfg.feature_threads
+        )
 
     def _window_outputs(self, closed: _Closed, result: _Classified, now: int) -> list[Output]:
         window = closed.window
@@ -363,7 +369,8 @@ class Engine:
                 "device %s sent a record stamped %.0f s ahead of this worker's clock; windows "
                 "close by event time, so its records will be late (dropped) until real time "
                 "catches up. Check the device's clock, or a producer stamping microseconds",
-                device, (ts_ms - now) / 1000,
+                device,
+                (ts_ms - now) / 1000,
             )
 
     def _check_partition(self, device: str, record: Record) -> None:
@@ -376,12 +383,16 @@ class Engine:
                 "input topics are not co-partitioned (producers use different partitioners?). "
                 "Its windows may be split across workers; use the murmur2 partitioner "
                 "(librdkafka: partitioner=murmur2_random) and equal partition counts.",
-                device, record.partition, record.topic, seen,
+                device,
+                record.partition,
+                record.topic,
+                seen,
             )
 
 
-def _pool_map(fn: Callable[[T], R], items: list[T], name: str, threads: int | None = None
-              ) -> list[R]:
+def _pool_map(
+    fn: Callable[[T], R], items: list[T], name: str, threads: int | None = None
+) -> list[R]:
     """`[fn(x) for x in items]` on a pool of `threads` (default: one per item) that lives for
     this call only; inline when one thread would do."""
     threads = min(threads or len(items), len(items))

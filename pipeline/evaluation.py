@@ -42,21 +42,27 @@ class EvalOptions:
     batch_size: int = 64
 
 
-def scores(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray,
-           classes: Sequence[str]) -> dict[str, Any]:
+def scores(
+    y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray, classes: Sequence[str]
+) -> dict[str, Any]:
     """macro_f1, accuracy, per_class {precision, recall, f1, support}, confusion_matrix
     (rows: true class, columns: predicted, in `classes` order) and the window count."""
     from fusion.metrics import classification_report, confusion_matrix
 
     cm = confusion_matrix(y_true, y_pred, len(classes))
     report = classification_report(cm, classes)
-    return {"macro_f1": report["macro_f1"], "accuracy": report["accuracy"],
-            "per_class": report["per_class"], "confusion_matrix": cm.tolist(),
-            "windows": int(cm.sum())}
+    return {
+        "macro_f1": report["macro_f1"],
+        "accuracy": report["accuracy"],
+        "per_class": report["per_class"],
+        "confusion_matrix": cm.tolist(),
+        "windows": int(cm.sum()),
+    }
 
 
-def keep_modalities(windows: Sequence[Inputs], keep: Sequence[Modality]
-                    ) -> tuple[list[dict[Modality, np.ndarray]], list[int]]:
+def keep_modalities(
+    windows: Sequence[Inputs], keep: Sequence[Modality]
+) -> tuple[list[dict[Modality, np.ndarray]], list[int]]:
     """Each window's inputs of only the `keep` modalities, and the indices of the windows
     that still have at least one input (the others are left out)."""
     kept, index = [], []
@@ -68,16 +74,23 @@ def keep_modalities(windows: Sequence[Inputs], keep: Sequence[Modality]
     return kept, index
 
 
-def ablation(classify: Classify, windows: Sequence[Inputs], y_true: np.ndarray,
-             modalities: Sequence[Modality], classes: Sequence[str]) -> dict[str, Any]:
+def ablation(
+    classify: Classify,
+    windows: Sequence[Inputs],
+    y_true: np.ndarray,
+    modalities: Sequence[Modality],
+    classes: Sequence[str],
+) -> dict[str, Any]:
     """{"without_<m>": scores, "only_<m>": scores} for each modality m of the model
     (nothing for a single-modality model: its only_ is its full score)."""
     out: dict[str, Any] = {}
     if len(modalities) < 2:
         return out
     for m in modalities:
-        for name, keep in ((f"without_{m.value}", [x for x in modalities if x is not m]),
-                           (f"only_{m.value}", [m])):
+        for name, keep in (
+            (f"without_{m.value}", [x for x in modalities if x is not m]),
+            (f"only_{m.value}", [m]),
+        ):
             kept, index = keep_modalities(windows, keep)
             if not kept:
                 out[name] = {"macro_f1": 0.0, "accuracy": 0.0, "windows": 0}
@@ -90,8 +103,10 @@ def class_indices(windows: Sequence[LabelledWindow], classes: Sequence[str]) -> 
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted({w.label for w in windows} - set(index))
     if unknown:
-        raise UserError(f"the data has labels {unknown} that the model does not know (its "
-                        f"classes: {list(classes)}); evaluate it on data with its classes")
+        raise UserError(
+            f"the data has labels {unknown} that the model does not know (its "
+            f"classes: {list(classes)}); evaluate it on data with its classes"
+        )
     return np.array([index[w.label] for w in windows], dtype=np.int64)
 
 
@@ -109,7 +124,7 @@ def model_classifier(model: Any, batch_size: int) -> Classify:
         preds = []
         with torch.inference_mode():
             for start in range(0, len(windows), batch_size):
-                batch = WindowBatch.collate(windows[start:start + batch_size], rate).to(device)
+                batch = WindowBatch.collate(windows[start : start + batch_size], rate).to(device)
                 logits = model(batch)["logits"]  # [B, C]
                 preds.append(logits.argmax(dim=1).cpu().numpy())  # [B, C] -> [B]
         return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
@@ -117,9 +132,13 @@ def model_classifier(model: Any, batch_size: int) -> Classify:
     return classify
 
 
-def evaluate_windows(classify: Classify, windows: Sequence[LabelledWindow],
-                     classes: Sequence[str], modalities: Sequence[Modality],
-                     with_ablation: bool = True) -> dict[str, Any]:
+def evaluate_windows(
+    classify: Classify,
+    windows: Sequence[LabelledWindow],
+    classes: Sequence[str],
+    modalities: Sequence[Modality],
+    with_ablation: bool = True,
+) -> dict[str, Any]:
     """Scores of the full inputs, plus the ablation (`without_*`/`only_*` macro-F1 at the
     top level, their full scores under "ablation")."""
     y_true = class_indices(windows, classes)
@@ -135,8 +154,11 @@ def evaluate_windows(classify: Classify, windows: Sequence[LabelledWindow],
 def merged_spec(specs: Sequence[FeatureSpec]) -> FeatureSpec | None:
     """One spec serving every model (the union of their modalities), or None when two
     models read a shared modality differently (window length, frames, rate, metrics)."""
-    fields = {Modality.CAMERA: ("image_size", "num_frames"), Modality.AUDIO: ("sample_rate",),
-              Modality.TELEMETRY: ("metrics", "steps")}
+    fields = {
+        Modality.CAMERA: ("image_size", "num_frames"),
+        Modality.AUDIO: ("sample_rate",),
+        Modality.TELEMETRY: ("metrics", "steps"),
+    }
     merged: dict[str, Any] = {}
     for spec in specs:
         if spec.window_ms != specs[0].window_ms:
@@ -149,8 +171,9 @@ def merged_spec(specs: Sequence[FeatureSpec]) -> FeatureSpec | None:
     return dataclasses.replace(specs[0], modalities=mods, **merged)
 
 
-def model_windows(windows: Sequence[LabelledWindow], modalities: Sequence[Modality]
-                  ) -> list[LabelledWindow]:
+def model_windows(
+    windows: Sequence[LabelledWindow], modalities: Sequence[Modality]
+) -> list[LabelledWindow]:
     """The windows as a model of `modalities` sees them (same as building them with its
     own spec: other modalities dropped, windows left empty skipped)."""
     out = []
@@ -162,14 +185,18 @@ def model_windows(windows: Sequence[LabelledWindow], modalities: Sequence[Modali
 
 
 def model_info(runner: Any, path: Path) -> dict[str, Any]:
-    return {"name": runner.config.name, "version": runner.version, "path": str(path),
-            "modalities": [m.value for m in runner.config.modalities],
-            "classes": list(runner.config.classes)}
+    return {
+        "name": runner.config.name,
+        "version": runner.version,
+        "path": str(path),
+        "modalities": [m.value for m in runner.config.modalities],
+        "classes": list(runner.config.classes),
+    }
 
 
-def evaluate_recordings(options: EvalOptions, settings: Settings,
-                        on_records: Callable[[int, int], None] | None = None
-                        ) -> dict[str, Any]:
+def evaluate_recordings(
+    options: EvalOptions, settings: Settings, on_records: Callable[[int, int], None] | None = None
+) -> dict[str, Any]:
     """The full metrics dict written to metrics.json (see write_report)."""
     from pipeline.dataset import windows_from_recordings
     from pipeline.model_runner import ModelRunner, default_model_dir
@@ -189,13 +216,23 @@ def evaluate_recordings(options: EvalOptions, settings: Settings,
     results = []
     for i, (runner, path) in enumerate(zip(runners, paths, strict=True)):
         classify = model_classifier(runner.model, options.batch_size)
-        got = evaluate_windows(classify, windows_for(specs[i]), runner.config.classes,
-                               runner.config.modalities, with_ablation=i == 0)
+        got = evaluate_windows(
+            classify,
+            windows_for(specs[i]),
+            runner.config.classes,
+            runner.config.modalities,
+            with_ablation=i == 0,
+        )
         results.append(model_info(runner, path) | got)
     main = results[0]
-    out = {"schema": SCHEMA, "data": [str(p) for p in options.data], "model": {
-        k: main.pop(k) for k in ("name", "version", "path", "modalities")},
-        "classes": main.pop("classes"), **main, "compare": results[1:]}
+    out = {
+        "schema": SCHEMA,
+        "data": [str(p) for p in options.data],
+        "model": {k: main.pop(k) for k in ("name", "version", "path", "modalities")},
+        "classes": main.pop("classes"),
+        **main,
+        "compare": results[1:],
+    }
     best = best_single_modality(out)
     return out if best is None else out | {"best_single_modality": best}
 
@@ -203,10 +240,14 @@ def evaluate_recordings(options: EvalOptions, settings: Settings,
 def best_single_modality(metrics: dict[str, Any]) -> dict[str, Any] | None:
     """The best one-modality score: the model's `only_<m>` scores and the compared models
     of one modality. None when there is neither."""
-    candidates = [(f"{metrics['model']['name']} only_{k[5:]}", v) for k, v in metrics.items()
-                  if k.startswith("only_")]
-    candidates += [(m["name"], m["macro_f1"]) for m in metrics.get("compare", [])
-                   if len(m["modalities"]) == 1]
+    candidates = [
+        (f"{metrics['model']['name']} only_{k[5:]}", v)
+        for k, v in metrics.items()
+        if k.startswith("only_")
+    ]
+    candidates += [
+        (m["name"], m["macro_f1"]) for m in metrics.get("compare", []) if len(m["modalities"]) == 1
+    ]
     if not candidates:
         return None
     name, score = max(candidates, key=lambda c: c[1])

@@ -95,8 +95,11 @@ def camera_input(
             continue
         tried.add(idx)
         try:
-            decoded[idx] = (decode(ordered[idx]) if decode is not None
-                            else decode_frame(ordered[idx], spec.image_size))
+            decoded[idx] = (
+                decode(ordered[idx])
+                if decode is not None
+                else decode_frame(ordered[idx], spec.image_size)
+            )
         except RejectedRecord as exc:
             rejected.append((ordered[idx], exc))
     if not decoded:
@@ -142,8 +145,7 @@ def telemetry_input(
     return np.clip(means, -limit, limit).astype(np.float32), unknown  # [steps, M], NaN kept
 
 
-def window_inputs(window: Window, spec: FeatureSpec, decode: Decode | None = None
-                  ) -> WindowInputs:
+def window_inputs(window: Window, spec: FeatureSpec, decode: Decode | None = None) -> WindowInputs:
     """The model's inputs of a closed window; `decode` (default: decode now) gives a camera
     item's frame, e.g. one decoded ahead by pipeline.prefetch."""
     out = WindowInputs(raw={})

@@ -105,8 +105,9 @@ def _time_start(summary: RecordingSummary) -> int:
     return min(starts, default=0)
 
 
-def _new_timeline(summary: RecordingSummary, devices: list[str], bins: int,
-                  max_devices: int) -> Timeline:
+def _new_timeline(
+    summary: RecordingSummary, devices: list[str], bins: int, max_devices: int
+) -> Timeline:
     start = _time_start(summary)
     end = max(start + 1, (summary.max_timestamp_ms or start) + 1)
     shown = devices[:max_devices]
@@ -166,25 +167,46 @@ def to_json(info: Inspection) -> dict[str, Any]:
     s = info.summary
     span = None
     if s.min_timestamp_ms is not None and s.max_timestamp_ms is not None:
-        span = {"start_ms": s.min_timestamp_ms, "end_ms": s.max_timestamp_ms,
-                "duration_ms": s.max_timestamp_ms - s.min_timestamp_ms}
+        span = {
+            "start_ms": s.min_timestamp_ms,
+            "end_ms": s.max_timestamp_ms,
+            "duration_ms": s.max_timestamp_ms - s.min_timestamp_ms,
+        }
     topics = {
-        name: {"role": info.roles[name], "records": t.records, "value_bytes": t.value_bytes,
-               "partitions": sorted(t.partitions), "devices": len(t.devices),
-               "keyless_records": t.keyless_records,
-               "start_ms": t.min_timestamp_ms, "end_ms": t.max_timestamp_ms}
+        name: {
+            "role": info.roles[name],
+            "records": t.records,
+            "value_bytes": t.value_bytes,
+            "partitions": sorted(t.partitions),
+            "devices": len(t.devices),
+            "keyless_records": t.keyless_records,
+            "start_ms": t.min_timestamp_ms,
+            "end_ms": t.max_timestamp_ms,
+        }
         for name, t in s.topics.items()
     }
-    labels = {name: {"spans": st.spans, "duration_ms": st.duration_ms,
-                     "devices": len(st.devices)} for name, st in sorted(info.labels.items())}
+    labels = {
+        name: {"spans": st.spans, "duration_ms": st.duration_ms, "devices": len(st.devices)}
+        for name, st in sorted(info.labels.items())
+    }
     return {
-        "source": s.source, "format_version": s.format_version, "records": s.records,
-        "blocks": s.blocks, "bytes": s.bytes_read, "truncated": s.truncated,
-        "truncated_at": s.truncated_at, "time_span": span, "digest": s.digest,
+        "source": s.source,
+        "format_version": s.format_version,
+        "records": s.records,
+        "blocks": s.blocks,
+        "bytes": s.bytes_read,
+        "truncated": s.truncated,
+        "truncated_at": s.truncated_at,
+        "time_span": span,
+        "digest": s.digest,
         "offset_order_violations": s.offset_order_violations,
-        "devices": info.devices, "topics": topics,
-        "labels": {"topics": info.labels_topics, "by_label": labels,
-                   "invalid_records": info.invalid_labels},
+        "devices": info.devices,
+        "topics": topics,
+        "labels": {
+            "topics": info.labels_topics,
+            "by_label": labels,
+            "invalid_records": info.invalid_labels,
+        },
     }
 
 
@@ -206,24 +228,33 @@ def _size(n: int) -> str:
 def _table(rows: list[list[str]], text_columns: int = 1) -> list[str]:
     """Aligned columns: the first `text_columns` left-aligned, the numbers right-aligned."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i < text_columns else c.rjust(w)
-                       for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
-             for r in rows]
+    lines = [
+        "  ".join(
+            c.ljust(w) if i < text_columns else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ).rstrip()
+        for r in rows
+    ]
     return [lines[0], "  ".join("-" * w for w in widths), *lines[1:]]
 
 
 def format_table(info: Inspection) -> str:
     """The summary as readable text."""
     s = info.summary
-    lines = [f"recording  {s.source} (format v{s.format_version}, {s.blocks} blocks,"
-             f" {_size(s.bytes_read)})"]
+    lines = [
+        f"recording  {s.source} (format v{s.format_version}, {s.blocks} blocks,"
+        f" {_size(s.bytes_read)})"
+    ]
     if s.truncated:
-        lines.append(f"TRUNCATED  at byte {s.truncated_at} (a crash while recording?);"
-                     " figures cover the whole blocks before it")
+        lines.append(
+            f"TRUNCATED  at byte {s.truncated_at} (a crash while recording?);"
+            " figures cover the whole blocks before it"
+        )
     if s.min_timestamp_ms is not None and s.max_timestamp_ms is not None:
         secs = (s.max_timestamp_ms - s.min_timestamp_ms) / 1000
-        lines.append(f"time span  {_utc(s.min_timestamp_ms)} .. {_utc(s.max_timestamp_ms)}"
-                     f" ({secs:.3f} s)")
+        lines.append(
+            f"time span  {_utc(s.min_timestamp_ms)} .. {_utc(s.max_timestamp_ms)} ({secs:.3f} s)"
+        )
     devices = info.devices
     more = f", ... (+{len(devices) - 8})" if len(devices) > 8 else ""
     lines.append(f"devices    {len(devices)}: {', '.join(devices[:8])}{more}")
@@ -231,21 +262,36 @@ def format_table(info: Inspection) -> str:
     lines.append(f"digest     {s.digest}")
     numbered = any(p >= 0 for t in s.topics.values() for p in t.partitions)
     if s.offset_order_violations and numbered:  # simulator records are all offset -1
-        lines.append(f"WARNING    {s.offset_order_violations} records out of offset order"
-                     " (re-read after a consumer restart?)")
+        lines.append(
+            f"WARNING    {s.offset_order_violations} records out of offset order"
+            " (re-read after a consumer restart?)"
+        )
     rows = [["topic", "role", "records", "value bytes", "partitions", "devices", "keyless"]]
-    rows += [[name, info.roles[name] or "-", str(t.records), _size(t.value_bytes),
-              str(len(t.partitions)), str(len(t.devices)), str(t.keyless_records)]
-             for name, t in s.topics.items()]
+    rows += [
+        [
+            name,
+            info.roles[name] or "-",
+            str(t.records),
+            _size(t.value_bytes),
+            str(len(t.partitions)),
+            str(len(t.devices)),
+            str(t.keyless_records),
+        ]
+        for name, t in s.topics.items()
+    ]
     lines += ["", *_table(rows, text_columns=2)]
     if info.labels or info.invalid_labels:
         rows = [["label", "spans", "seconds", "devices"]]
-        rows += [[name, str(st.spans), f"{st.duration_ms / 1000:.1f}", str(len(st.devices))]
-                 for name, st in sorted(info.labels.items())]
+        rows += [
+            [name, str(st.spans), f"{st.duration_ms / 1000:.1f}", str(len(st.devices))]
+            for name, st in sorted(info.labels.items())
+        ]
         lines += ["", f"labels on {', '.join(info.labels_topics)}:", *_table(rows)]
         if info.invalid_labels:
-            lines.append(f"({info.invalid_labels} records on the labels topic are not label"
-                         ' JSON {"label", "start_ms", "end_ms"})')
+            lines.append(
+                f"({info.invalid_labels} records on the labels topic are not label"
+                ' JSON {"label", "start_ms", "end_ms"})'
+            )
     return "\n".join(lines)
 
 
@@ -266,22 +312,29 @@ def plot_timeline(info: Inspection, out: str | os.PathLike[str]) -> None:
     colours = _label_colours(tl.labels)
     for span in tl.labels:
         x0 = (span.start_ms - tl.start_ms) / 1000
-        ax.broken_barh([(x0, (span.end_ms - span.start_ms) / 1000)],
-                       (rows[span.device] - 0.45, 0.9), facecolors=colours[span.label],
-                       alpha=0.25, linewidth=0)
+        ax.broken_barh(
+            [(x0, (span.end_ms - span.start_ms) / 1000)],
+            (rows[span.device] - 0.45, 0.9),
+            facecolors=colours[span.label],
+            alpha=0.25,
+            linewidth=0,
+        )
     for (device, modality), marks in sorted(tl.marks.items()):
         colour, marker, offset = _STYLE[modality]
         xs = [(i + 0.5) * tl.bin_ms / 1000 for i, hit in enumerate(marks) if hit]
-        ax.scatter(xs, [rows[device] + offset] * len(xs), s=9, c=colour, marker=marker,
-                   linewidths=0)
+        ax.scatter(
+            xs, [rows[device] + offset] * len(xs), s=9, c=colour, marker=marker, linewidths=0
+        )
     ax.set_yticks(range(len(tl.devices)), tl.devices)
     ax.set_ylim(len(tl.devices) - 0.4, -0.6)  # first device on top
     ax.set_xlim(0, tl.bins * tl.bin_ms / 1000)
     ax.set_xlabel(f"seconds since {_utc(tl.start_ms)}")
     hidden = f" ({tl.hidden_devices} more devices not shown)" if tl.hidden_devices else ""
     ax.set_title(f"{os.path.basename(info.summary.source)}: {info.summary.records} records{hidden}")
-    handles: list[Any] = [Line2D([], [], color=_STYLE[m][0], marker=_STYLE[m][1], linestyle="",
-                                 label=m) for m in MODALITIES]
+    handles: list[Any] = [
+        Line2D([], [], color=_STYLE[m][0], marker=_STYLE[m][1], linestyle="", label=m)
+        for m in MODALITIES
+    ]
     handles += [Patch(facecolor=c, alpha=0.25, label=name) for name, c in colours.items()]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     fig.tight_layout()
@@ -295,5 +348,4 @@ def _label_colours(spans: list[LabelSpan]) -> Mapping[str, str]:
 def label_colours(labels: Iterable[str]) -> Mapping[str, str]:
     """A colour per label name: "normal" light grey, the others in turn (sorted by name)."""
     others = itertools.cycle(_LABEL_COLOURS)
-    return {name: "lightgrey" if name == "normal" else next(others)
-            for name in sorted(set(labels))}
+    return {name: "lightgrey" if name == "normal" else next(others) for name in sorted(set(labels))}

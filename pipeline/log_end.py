@@ -21,12 +21,21 @@ LOG_END_TIMEOUT_MS = 5000  # a log-end query waits this long for an unreachable 
 
 
 class LogEnd:
-    def __init__(self, consumer: Any, offsets: Any, aligner: Aligner,
-                 on_error: Callable[[str, KafkaError], None]) -> None:
+    def __init__(
+        self,
+        consumer: Any,
+        offsets: Any,
+        aligner: Aligner,
+        on_error: Callable[[str, KafkaError], None],
+    ) -> None:
         """`consumer` gives positions and highwaters, `offsets` end offsets (kafka-python
         KafkaConsumers); `on_error` takes a broker error that trying later may fix."""
         self.consumer, self.offsets, self.aligner, self.on_error = (
-            consumer, offsets, aligner, on_error)
+            consumer,
+            offsets,
+            aligner,
+            on_error,
+        )
         self.owned: set[TopicPartition] = set()
         self._end_offsets: dict[TopicPartition, int] = {}  # asked this poll
         self._caught: dict[tuple[str, int], bool] = {}  # per poll: consumer.position is slow
@@ -61,8 +70,11 @@ class LogEnd:
         if position < (self.consumer.highwater(tp) or 0):
             return False
         if tp not in self._end_offsets:
-            idle = {p for p in self.owned if p not in self._end_offsets
-                    and not self.aligner.queued(p.topic, p.partition)}
+            idle = {
+                p
+                for p in self.owned
+                if p not in self._end_offsets and not self.aligner.queued(p.topic, p.partition)
+            }
             self._end_offsets.update(self._log_ends(sorted(idle | {tp})))
         end = self._end_offsets.get(tp)
         return end is not None and bool(position >= end)

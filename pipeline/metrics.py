@@ -13,21 +13,28 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.records_in = Counter(
-            "iotfuse_records_in", "Input records consumed (camera, audio, telemetry)",
-            ["modality"], registry=r,
+            "iotfuse_records_in",
+            "Input records consumed (camera, audio, telemetry)",
+            ["modality"],
+            registry=r,
         )
         self.dead_letters = Counter(
             "iotfuse_dead_letters",
             "Records sent to the dead-letter topic, by reason code (docs/contract.md)",
-            ["reason"], registry=r,
+            ["reason"],
+            registry=r,
         )
         self.late_records = Counter(
-            "iotfuse_late_records", "Records for already closed windows (dropped)", ["modality"],
+            "iotfuse_late_records",
+            "Records for already closed windows (dropped)",
+            ["modality"],
             registry=r,
         )
         self.future_records = Counter(
-            "iotfuse_future_records", "Records stamped over a minute past the wall clock "
-            "(their device's later records turn late)", registry=r,
+            "iotfuse_future_records",
+            "Records stamped over a minute past the wall clock "
+            "(their device's later records turn late)",
+            registry=r,
         )
         self.reread_skipped = Counter(
             "iotfuse_reread_skipped",
@@ -49,28 +56,37 @@ class Metrics:
             "iotfuse_early_windows",
             "Windows classified before they closed (classified), and at close whether that "
             "result was used or redone because a record joined the window since",
-            ["result"], registry=r,
+            ["result"],
+            registry=r,
         )
         self.batch_size = Histogram(
-            "iotfuse_batch_windows", "Windows per inference batch",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r,
+            "iotfuse_batch_windows",
+            "Windows per inference batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
         )
         self.stage_seconds = Histogram(
             "iotfuse_stage_seconds",
-            "Time per batch in a stage: features (frame decode, model inputs), model", ["stage"],
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "Time per batch in a stage: features (frame decode, model inputs), model",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.event_latency = Histogram(
-            "iotfuse_event_latency_seconds", "Window close to event acknowledged",
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "iotfuse_event_latency_seconds",
+            "Window close to event acknowledged",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.open_windows = Gauge("iotfuse_open_windows", "Windows open now", registry=r)
         self.buffered_bytes = Gauge(
             "iotfuse_buffered_bytes", "Bytes held in open windows", registry=r
         )
         self.aligning_bytes = Gauge(
-            "iotfuse_aligning_bytes", "Bytes of input records held back to merge the topics "
-            "in event time (windows.max_aligning_bytes)", registry=r
+            "iotfuse_aligning_bytes",
+            "Bytes of input records held back to merge the topics "
+            "in event time (windows.max_aligning_bytes)",
+            registry=r,
         )
         self.paused = Gauge(
             "iotfuse_consumer_paused", "1 while back-pressure pauses consumption", registry=r
@@ -79,15 +95,21 @@ class Metrics:
             "iotfuse_backpressure_pauses", "Times back-pressure paused consumption", registry=r
         )
         self.broker_errors = Counter(
-            "iotfuse_broker_errors", "Broker calls that failed and are retried later (commit, "
-            "flush, log_end, lag): is the broker reachable?", ["call"], registry=r
+            "iotfuse_broker_errors",
+            "Broker calls that failed and are retried later (commit, "
+            "flush, log_end, lag): is the broker reachable?",
+            ["call"],
+            registry=r,
         )
         self.over_capacity = Counter(
-            "iotfuse_over_capacity", "Times reading went on over the window limits: the open "
-            "windows could close only with more input", registry=r
+            "iotfuse_over_capacity",
+            "Times reading went on over the window limits: the open "
+            "windows could close only with more input",
+            registry=r,
         )
         self.consumer_lag = Gauge(
-            "iotfuse_consumer_lag", "Records behind the log end, per input topic-partition",
+            "iotfuse_consumer_lag",
+            "Records behind the log end, per input topic-partition",
             ["topic", "partition"],
             registry=r,
         )
@@ -119,17 +141,19 @@ class Metrics:
                     name += " (`_bucket`, `_sum`, `_count`)"
                 labels = ", ".join(f"`{n}`" for n in metric._labelnames) or "-"
                 rows.append(f"| {name} | {family.type} | {labels} | {family.documentation} |")
-        return "\n".join([
-            "# Metrics",
-            "",
-            "Every `iotfuse run` worker serves these in the Prometheus text format at",
-            "`http://<host>:9108/metrics` (`runtime.metrics_port`, `runtime.metrics_host`; 0",
-            "turns it off). Generated by `iotfuse config --metrics`.",
-            "",
-            "| metric | type | labels | meaning |",
-            "|---|---|---|---|",
-            *rows,
-        ])
+        return "\n".join(
+            [
+                "# Metrics",
+                "",
+                "Every `iotfuse run` worker serves these in the Prometheus text format at",
+                "`http://<host>:9108/metrics` (`runtime.metrics_port`, `runtime.metrics_host`; 0",
+                "turns it off). Generated by `iotfuse config --metrics`.",
+                "",
+                "| metric | type | labels | meaning |",
+                "|---|---|---|---|",
+                *rows,
+            ]
+        )
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Expose `/metrics` over HTTP (a daemon thread); returns the bound port."""

@@ -83,7 +83,9 @@ def dead_letter_json(out: Output) -> dict[str, Any]:
 
 
 def _inputs(
-    blocks: Iterable[list[Record]], topic_map: Mapping[str, str], inputs: frozenset[str],
+    blocks: Iterable[list[Record]],
+    topic_map: Mapping[str, str],
+    inputs: frozenset[str],
     counts: OfflineCounts,
 ) -> Iterator[Record]:
     for rec in merge_by_time(blocks, LOOKAHEAD_BYTES):
@@ -97,8 +99,9 @@ def _inputs(
         yield rec if topic == rec.topic else replace(rec, topic=topic)
 
 
-def _write(out: Output, engine: Engine, events: TextIO, dead_letters: TextIO | None,
-           counts: OfflineCounts) -> None:
+def _write(
+    out: Output, engine: Engine, events: TextIO, dead_letters: TextIO | None, counts: OfflineCounts
+) -> None:
     if out.topic == engine.cfg.events_topic:
         assert out.value is not None
         events.write(out.value.decode("utf-8") + "\n")  # the published bytes, unchanged

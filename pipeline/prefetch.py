@@ -46,8 +46,9 @@ class FramePrefetch:
         if index in spread(expected, self.spec.num_frames):
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="iotfuse-frames")
-            self._pending[item.position] = self._pool.submit(decode_frame, item,
-                                                             self.spec.image_size)
+            self._pending[item.position] = self._pool.submit(
+                decode_frame, item, self.spec.image_size
+            )
 
     def decode(self, item: Item) -> np.ndarray:
         """The decoded frame (uint8 [S, S, 3]); raises RejectedRecord as decoding does."""

@@ -23,8 +23,9 @@ T = TypeVar("T")
 
 
 class BoundedProducer(Generic[T]):
-    def __init__(self, producer: KafkaProducer, max_in_flight_bytes: int,
-                 clock: Clock = wall_clock_ms) -> None:
+    def __init__(
+        self, producer: KafkaProducer, max_in_flight_bytes: int, clock: Clock = wall_clock_ms
+    ) -> None:
         self.producer = producer
         self.max_in_flight_bytes = max_in_flight_bytes
         self.clock = clock
@@ -39,8 +40,14 @@ class BoundedProducer(Generic[T]):
             return self._in_flight
 
     def send(
-        self, token: T, topic: str, key: bytes | None, value: bytes | None,
-        headers: Headers = (), timestamp_ms: int | None = None, partition: int | None = None,
+        self,
+        token: T,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Headers = (),
+        timestamp_ms: int | None = None,
+        partition: int | None = None,
     ) -> None:
         size = payload_bytes(key, value, headers)
         if self.in_flight_bytes + size > self.max_in_flight_bytes and self.in_flight_bytes:
@@ -49,7 +56,11 @@ class BoundedProducer(Generic[T]):
             self._in_flight += size
             self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
         future = self.producer.send(
-            topic, value=value, key=key, headers=list(headers), timestamp_ms=timestamp_ms,
+            topic,
+            value=value,
+            key=key,
+            headers=list(headers),
+            timestamp_ms=timestamp_ms,
             partition=partition,
         )
         future.add_callback(self._on_done, token, size, None)

@@ -27,8 +27,9 @@ MAX_METADATA_BYTES = 4000
 MAX_PROGRESS_DEVICES = 4096  # more never fit: of ids like "dev-0000001", ~1,100 do
 
 
-def encode_progress(progress: Mapping[str, int], limit: int = MAX_METADATA_BYTES
-                    ) -> tuple[str, int]:
+def encode_progress(
+    progress: Mapping[str, int], limit: int = MAX_METADATA_BYTES
+) -> tuple[str, int]:
     """The metadata text and how many devices it names: the newest boundaries first, as
     many as fit in `limit` characters. Only the newest MAX_PROGRESS_DEVICES are tried: a
     commit a second must not sort and serialise a whole fleet (100,000 devices: 1.9 s)."""
@@ -92,8 +93,9 @@ class DeviceProgress:
         for partition, held in self._held.items():
             if len(held) > 2 * (MAX_PROGRESS_DEVICES + len(active)):
                 newest = set(heapq.nlargest(MAX_PROGRESS_DEVICES, held, key=held.__getitem__))
-                self._held[partition] = {d: until for d, until in held.items()
-                                         if d in newest or d in active}
+                self._held[partition] = {
+                    d: until for d, until in held.items() if d in newest or d in active
+                }
 
 
 class ProgressMetadata:
@@ -106,10 +108,14 @@ class ProgressMetadata:
         text, kept = encode_progress(progress)
         if kept < len(progress) and not self._warned:
             self._warned = True
-            log.warning("window progress of %d devices of partition %d does not fit the "
-                        "offset metadata: the %d oldest are left out (their re-read records "
-                        "may be re-emitted after a restart or rebalance)",
-                        len(progress), partition, len(progress) - kept)
+            log.warning(
+                "window progress of %d devices of partition %d does not fit the "
+                "offset metadata: the %d oldest are left out (their re-read records "
+                "may be re-emitted after a restart or rebalance)",
+                len(progress),
+                partition,
+                len(progress) - kept,
+            )
         return text
 
 
@@ -117,7 +123,7 @@ def decode_progress(metadata: str | None) -> dict[str, int]:
     if not metadata or not metadata.startswith(PREFIX):
         return {}
     try:
-        data = json.loads(zlib.decompress(base64.b64decode(metadata[len(PREFIX):])))
+        data = json.loads(zlib.decompress(base64.b64decode(metadata[len(PREFIX) :])))
     except (ValueError, zlib.error):
         log.warning("ignoring unreadable window progress in the committed offset metadata")
         return {}

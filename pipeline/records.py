@@ -51,6 +51,7 @@ def number_unset_offsets(records: Iterable[Record]) -> Iterator[Record]:
             stream = (rec.topic, rec.partition)
             n = counters.get(stream, 0)
             counters[stream] = n + 1
-            rec = Record(rec.topic, rec.partition, n, rec.timestamp_ms, rec.key, rec.value,
-                         rec.headers)  # not dataclasses.replace: 3x faster, per record
+            rec = Record(
+                rec.topic, rec.partition, n, rec.timestamp_ms, rec.key, rec.value, rec.headers
+            )  # not dataclasses.replace: 3x faster, per record
         yield rec

@@ -188,8 +188,11 @@ def required_partitions(scan: RecordingScan, options: ReplayOptions) -> dict[str
 def check_partitions(needed: Mapping[str, int], available: Mapping[str, int]) -> None:
     """Raise ReplayError unless every target topic exists with enough partitions."""
     missing = [t for t in needed if t not in available]
-    short = [f"{t} has {available[t]} but the recording uses partitions 0..{n - 1}"
-             for t, n in needed.items() if t in available and available[t] < n]
+    short = [
+        f"{t} has {available[t]} but the recording uses partitions 0..{n - 1}"
+        for t, n in needed.items()
+        if t in available and available[t] < n
+    ]
     problems = []
     if missing:
         problems.append(f"topic(s) {', '.join(missing)} do not exist")
@@ -205,11 +208,14 @@ def check_partitions(needed: Mapping[str, int], available: Mapping[str, int]) ->
 def topic_partition_counts(kafka: KafkaSettings, topics: Iterable[str]) -> dict[str, int]:
     """Partition count of each existing topic among `topics`."""
     try:
-        admin = KafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers.split(","),
-                                 **kafka.client_config())
+        admin = KafkaAdminClient(
+            bootstrap_servers=kafka.bootstrap_servers.split(","), **kafka.client_config()
+        )
     except kafka_errors.KafkaTimeoutError as exc:  # kafka-python: "Unable to bootstrap"
-        raise ReplayError(f"cannot reach Kafka at {kafka.bootstrap_servers} ({exc}): check"
-                          " --bootstrap-servers and that the broker is running") from None
+        raise ReplayError(
+            f"cannot reach Kafka at {kafka.bootstrap_servers} ({exc}): check"
+            " --bootstrap-servers and that the broker is running"
+        ) from None
     try:
         counts: dict[str, int] = {}
         for desc in admin.describe_topics(list(topics)):
@@ -256,7 +262,11 @@ def _raise_failures(out: BoundedProducer[Token], sent: int) -> None:
 def _send(out: BoundedProducer[Token], rec: Record, topic: str) -> None:
     try:
         out.send(
-            (rec.topic, rec.partition, rec.offset), topic, rec.key, rec.value, rec.headers,
+            (rec.topic, rec.partition, rec.offset),
+            topic,
+            rec.key,
+            rec.value,
+            rec.headers,
             timestamp_ms=rec.timestamp_ms if rec.timestamp_ms >= 0 else None,
             partition=rec.partition if rec.partition >= 0 else None,
         )
@@ -297,8 +307,9 @@ def replay(
         truncated_at = reader.truncated_at if reader.truncated else None
     out.flush()
     _raise_failures(out, sent)
-    return ReplayResult(sent, size, clock() - started, pacer.slept_s, stopped, truncated_at,
-                        skipped)
+    return ReplayResult(
+        sent, size, clock() - started, pacer.slept_s, stopped, truncated_at, skipped
+    )
 
 
 def replay_to_kafka(

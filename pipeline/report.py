@@ -19,8 +19,9 @@ CONFUSION = "confusion_matrix.png"
 REPORT = "report.md"
 
 
-def confusion_png(cm: Sequence[Sequence[int]], classes: Sequence[str], path: Path,
-                  title: str) -> None:
+def confusion_png(
+    cm: Sequence[Sequence[int]], classes: Sequence[str], path: Path, title: str
+) -> None:
     """Counts per (true, predicted) class, each cell shaded by its share of the true class."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -41,8 +42,15 @@ def confusion_png(cm: Sequence[Sequence[int]], classes: Sequence[str], path: Pat
     ax.set_title(title)
     for t in range(n):
         for p in range(n):
-            ax.text(p, t, str(counts[t, p]), ha="center", va="center", fontsize=8,
-                    color="white" if share[t, p] > 0.5 else "black")
+            ax.text(
+                p,
+                t,
+                str(counts[t, p]),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if share[t, p] > 0.5 else "black",
+            )
     fig.tight_layout()
     fig.savefig(path)
 
@@ -67,27 +75,45 @@ def report_markdown(metrics: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for name, c in metrics["per_class"].items():
-        lines.append(f"| {name} | {_f(c['precision'])} | {_f(c['recall'])} | {_f(c['f1'])} "
-                     f"| {c['support']} |")
+        lines.append(
+            f"| {name} | {_f(c['precision'])} | {_f(c['recall'])} | {_f(c['f1'])} "
+            f"| {c['support']} |"
+        )
     ablation = metrics.get("ablation", {})
     if ablation:
-        lines += ["", "Modalities removed from the inputs (the model masks them):", "",
-                  "| inputs | macro-F1 | accuracy | windows |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "Modalities removed from the inputs (the model masks them):",
+            "",
+            "| inputs | macro-F1 | accuracy | windows |",
+            "|---|---|---|---|",
+        ]
         for name, s in ablation.items():
-            lines.append(f"| {name.replace('_', ' ')} | {_f(s['macro_f1'])} | "
-                         f"{_f(s['accuracy'])} | {s['windows']} |")
+            lines.append(
+                f"| {name.replace('_', ' ')} | {_f(s['macro_f1'])} | "
+                f"{_f(s['accuracy'])} | {s['windows']} |"
+            )
     compare = metrics.get("compare", [])
     if compare:
-        lines += ["", "Models compared on the same data:", "",
-                  "| model | modalities | macro-F1 | accuracy | windows | version |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Models compared on the same data:",
+            "",
+            "| model | modalities | macro-F1 | accuracy | windows | version |",
+            "|---|---|---|---|---|---|",
+        ]
         for m in [{**model, **metrics}, *compare]:
-            lines.append(f"| {m['name']} | {', '.join(m['modalities'])} | {_f(m['macro_f1'])} "
-                         f"| {_f(m['accuracy'])} | {m['windows']} | {m['version'][:19]} |")
+            lines.append(
+                f"| {m['name']} | {', '.join(m['modalities'])} | {_f(m['macro_f1'])} "
+                f"| {_f(m['accuracy'])} | {m['windows']} | {m['version'][:19]} |"
+            )
     best = metrics.get("best_single_modality")
     if best is not None:
-        lines += ["", f"Best single-modality score: {best['name']}, macro-F1 "
-                      f"{_f(best['macro_f1'])}; the model is {best['fused_margin']:+.3f} above it."]
+        lines += [
+            "",
+            f"Best single-modality score: {best['name']}, macro-F1 "
+            f"{_f(best['macro_f1'])}; the model is {best['fused_margin']:+.3f} above it.",
+        ]
     lines += ["", f"Confusion matrix: [{CONFUSION}]({CONFUSION}) (rows: true class).", ""]
     return "\n".join(lines)
 

@@ -59,9 +59,10 @@ class KafkaSettings:
     session_timeout_ms: int = _f(30000, "Consumer group session timeout.")
     max_poll_interval_ms: int = _f(300000, "Longest gap between polls before a rebalance.")
     topic_wait_ms: int = _f(
-        60000, "How long `run` waits at start for the input topics, and the events and "
+        60000,
+        "How long `run` waits at start for the input topics, and the events and "
         "dead-letter topics unless the broker creates topics on first use, to exist before "
-        "failing."
+        "failing.",
     )
 
     def client_config(self) -> dict[str, Any]:
@@ -97,17 +98,19 @@ class WindowSettings:
     allowed_lateness_ms: int = _f(500, "Watermark = largest event time seen minus this.")
     idle_timeout_ms: int = _f(5000, "Wall-clock silence after which a device's windows close.")
     forget_after_ms: int = _f(
-        3_600_000, "Wall-clock silence past the idle timeout after which a device is "
+        3_600_000,
+        "Wall-clock silence past the idle timeout after which a device is "
         "forgotten, watermark included (memory stays bounded as devices come and go); a "
-        "later record of it starts afresh."
+        "later record of it starts afresh.",
     )
     max_open_windows: int = _f(10000, "Open windows over all devices before back-pressure.")
     max_buffered_bytes: int = _f(
         512 * 1024 * 1024, "Bytes buffered in open windows before back-pressure."
     )
     max_aligning_bytes: int = _f(
-        128 * 1024 * 1024, "Bytes of input records held back to merge the topics in event "
-        "time (a backlog); past it the oldest go on without waiting and may arrive late."
+        128 * 1024 * 1024,
+        "Bytes of input records held back to merge the topics in event "
+        "time (a backlog); past it the oldest go on without waiting and may arrive late.",
     )
 
 
@@ -130,12 +133,14 @@ class RuntimeSettings:
         0, "Threads decoding a batch's frames; 0 = one per CPU core, at most 4."
     )
     torch_threads: int = _f(
-        0, "Threads torch may use on the CPU; 0 = half the cores for run, replay and demo "
-        "(the rest decode and run the Kafka client), all of them for training."
+        0,
+        "Threads torch may use on the CPU; 0 = half the cores for run, replay and demo "
+        "(the rest decode and run the Kafka client), all of them for training.",
     )
     early_inference: bool = _f(
-        True, "Classify a window in spare time once its device passed its end, before it "
-        "closes; at close that result is published unless a late record changed the window."
+        True,
+        "Classify a window in spare time once its device passed its end, before it "
+        "closes; at close that result is published unless a late record changed the window.",
     )
     commit_interval_ms: int = _f(1000, "How often acknowledged progress is committed.")
     metrics_port: int = _f(9108, "Prometheus metrics HTTP port; 0 = off.")

@@ -93,19 +93,24 @@ class TrainSummary:
 
 
 def parse_modalities(text: str) -> tuple[Modality, ...]:
-    """"camera,audio" -> (CAMERA, AUDIO), in the canonical slot order."""
+    """ "camera,audio" -> (CAMERA, AUDIO), in the canonical slot order."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     known = [m.value for m in ALL_MODALITIES]
     bad = [n for n in names if n not in known]
     if bad or not names or len(set(names)) != len(names):
-        raise UserError(f"--modalities {text!r}: list distinct modalities among {known}, "
-                        "comma-separated, e.g. camera,audio")
+        raise UserError(
+            f"--modalities {text!r}: list distinct modalities among {known}, "
+            "comma-separated, e.g. camera,audio"
+        )
     return tuple(m for m in ALL_MODALITIES if m.value in names)
 
 
-def split_windows(windows: Sequence[LabelledWindow], val_fraction: float, block_ms: int,
-                  sources: Sequence[int] | None = None
-                  ) -> tuple[list[LabelledWindow], list[LabelledWindow]]:
+def split_windows(
+    windows: Sequence[LabelledWindow],
+    val_fraction: float,
+    block_ms: int,
+    sources: Sequence[int] | None = None,
+) -> tuple[list[LabelledWindow], list[LabelledWindow]]:
     """(train, validation), deterministically, with k = round(1 / val_fraction).
 
     A device is a device id within one recording (`sources[i]`: the recording of window i).
@@ -120,8 +125,9 @@ def split_windows(windows: Sequence[LabelledWindow], val_fraction: float, block_
     devices = {d: i for i, d in enumerate(sorted(set(keys)))}
     rank = [devices[key] for key in keys]
 
-    def by(held: Callable[[int, LabelledWindow, int], bool]
-           ) -> tuple[list[LabelledWindow], list[LabelledWindow]]:
+    def by(
+        held: Callable[[int, LabelledWindow, int], bool],
+    ) -> tuple[list[LabelledWindow], list[LabelledWindow]]:
         train: list[LabelledWindow] = []
         val: list[LabelledWindow] = []
         seen: dict[int, int] = {}
@@ -139,8 +145,10 @@ def split_windows(windows: Sequence[LabelledWindow], val_fraction: float, block_
     if not train or not val:
         train, val = by(lambda d, _w, n: (n + d) % k == k - 1)
     if not train or not val:
-        raise UserError(f"{len(windows)} labelled window(s) cannot be split into training and "
-                        "validation; simulate or record more data")
+        raise UserError(
+            f"{len(windows)} labelled window(s) cannot be split into training and "
+            "validation; simulate or record more data"
+        )
     return train, val
 
 
@@ -152,14 +160,24 @@ def model_config(options: TrainOptions, classes: Sequence[str]) -> Any:
     mods, freeze = options.modalities, options.freeze_hf
     camera = audio = None
     if Modality.CAMERA in mods:
-        camera = (CameraConfig(trunk="hf", hf_path=options.camera_hf, freeze_trunk=freeze)
-                  if options.camera_hf else CameraConfig())
+        camera = (
+            CameraConfig(trunk="hf", hf_path=options.camera_hf, freeze_trunk=freeze)
+            if options.camera_hf
+            else CameraConfig()
+        )
     if Modality.AUDIO in mods:
-        audio = (AudioConfig(trunk="hf", hf_path=options.audio_hf, freeze_trunk=freeze)
-                 if options.audio_hf else AudioConfig())
+        audio = (
+            AudioConfig(trunk="hf", hf_path=options.audio_hf, freeze_trunk=freeze)
+            if options.audio_hf
+            else AudioConfig()
+        )
     return ModelConfig(
-        name=options.model_name, classes=tuple(classes), window_ms=options.window_ms,
-        modalities=mods, camera=camera, audio=audio,
+        name=options.model_name,
+        classes=tuple(classes),
+        window_ms=options.window_ms,
+        modalities=mods,
+        camera=camera,
+        audio=audio,
         telemetry=Telemetry(metrics=options.metrics) if Modality.TELEMETRY in mods else None,
         fusion=FusionConfig(),
     )
@@ -225,8 +243,13 @@ class Augmented(Sequence[Example]):
     `sparser_telemetry`). Deterministic: one generator seeded with `seed`, and fusion.train
     reads the examples in a seeded order."""
 
-    def __init__(self, examples: Sequence[Example], seed: int, sample_rate: int = 16000,
-                 p_hardware: float = 0.3) -> None:
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        seed: int,
+        sample_rate: int = 16000,
+        p_hardware: float = 0.3,
+    ) -> None:
         self.examples = examples
         self.rng = np.random.default_rng(seed)
         self.sample_rate = sample_rate
@@ -283,7 +306,8 @@ class EpochBar:
             self.stream.write(
                 f"epoch {step.epoch:>3}/{step.epochs} [{bar}] loss {step.train_loss:.4f} | "
                 f"val loss {step.val_loss:.4f} acc {step.val_accuracy:.3f} macro-F1 "
-                f"{step.val_macro_f1:.3f}{' *' if best else '  '} | {step.seconds:.1f} s\n")
+                f"{step.val_macro_f1:.3f}{' *' if best else '  '} | {step.seconds:.1f} s\n"
+            )
             self.stream.flush()
         return best
 
@@ -296,9 +320,12 @@ def _check_out(options: TrainOptions) -> None:
         raise UserError(f"--out {out} is not empty; choose a new directory or pass --overwrite")
 
 
-def train_from_recordings(options: TrainOptions, settings: Settings,
-                          stream: TextIO | None = None,
-                          on_records: OnRecords | None = None) -> TrainSummary:
+def train_from_recordings(
+    options: TrainOptions,
+    settings: Settings,
+    stream: TextIO | None = None,
+    on_records: OnRecords | None = None,
+) -> TrainSummary:
     import torch
 
     from fusion.model import FusionClassifier
@@ -310,22 +337,24 @@ def train_from_recordings(options: TrainOptions, settings: Settings,
     device = resolve_device(options.device)
     untrained = model_config(options, ("a", "b"))  # the feature spec does not need classes
     started = time.monotonic()
-    per_file = recording_windows(options.data, settings,
-                                 FeatureSpec.from_model_config(untrained), on_records)
+    per_file = recording_windows(
+        options.data, settings, FeatureSpec.from_model_config(untrained), on_records
+    )
     window_seconds = time.monotonic() - started
     windows = [w for got in per_file for w in got]
     sources = [i for i, got in enumerate(per_file) for _ in got]
     classes = choose_classes(windows)
-    train_w, val_w = split_windows(windows, options.val_fraction, options.val_block_ms,
-                                   sources)
+    train_w, val_w = split_windows(windows, options.val_fraction, options.val_block_ms, sources)
     config = with_telemetry_stats(model_config(options, classes), train_w)
     index = {c: i for i, c in enumerate(classes)}
     train_data = [(w.inputs, index[w.label]) for w in train_w]
     val_data = [(w.inputs, index[w.label]) for w in val_w]
     if stream is not None:
-        stream.write(f"train: {len(windows)} windows ({len(train_w)} training, {len(val_w)} "
-                     f"validation) in {window_seconds:.0f} s; classes {list(classes)}; "
-                     f"{_class_counts(train_w, classes)}; device {device}\n")
+        stream.write(
+            f"train: {len(windows)} windows ({len(train_w)} training, {len(val_w)} "
+            f"validation) in {window_seconds:.0f} s; classes {list(classes)}; "
+            f"{_class_counts(train_w, classes)}; device {device}\n"
+        )
     torch.manual_seed(options.seed)
     model = FusionClassifier(config)
     bar = EpochBar(stream)
@@ -334,9 +363,14 @@ def train_from_recordings(options: TrainOptions, settings: Settings,
         if bar(step):
             save_model(model, options.out)  # checkpoint: the best epoch so far
 
-    cfg = TrainConfig(epochs=options.epochs, batch_size=options.batch_size, lr=options.lr,
-                      seed=options.seed, device=str(device),
-                      modality_dropout=options.modality_dropout)
+    cfg = TrainConfig(
+        epochs=options.epochs,
+        batch_size=options.batch_size,
+        lr=options.lr,
+        seed=options.seed,
+        device=str(device),
+        modality_dropout=options.modality_dropout,
+    )
     started = time.monotonic()
     rate = config.audio.sample_rate if config.audio is not None else 16000
     examples = Augmented(train_data, options.seed, rate) if options.augment else train_data
@@ -344,11 +378,17 @@ def train_from_recordings(options: TrainOptions, settings: Settings,
     seconds = time.monotonic() - started
     version = save_model(model, options.out)
     return TrainSummary(
-        out=options.out, version=version, classes=classes, train_windows=len(train_w),
-        val_windows=len(val_w), best_epoch=result.best_epoch,
-        best_val_macro_f1=result.best_val_macro_f1, seconds=seconds,
+        out=options.out,
+        version=version,
+        classes=classes,
+        train_windows=len(train_w),
+        val_windows=len(val_w),
+        best_epoch=result.best_epoch,
+        best_val_macro_f1=result.best_val_macro_f1,
+        seconds=seconds,
         window_seconds=window_seconds,
-        history=[dataclasses.asdict(h) for h in result.history])
+        history=[dataclasses.asdict(h) for h in result.history],
+    )
 
 
 def _class_counts(windows: Sequence[LabelledWindow], classes: Sequence[str]) -> str:

@@ -25,8 +25,9 @@ from pipeline.records import Record
 PROBE_TIMEOUT_S = 5.0  # per partition: how long a probe waits for its record
 
 
-def find_unreadable(probe: Any, positions: dict[TopicPartition, int]
-                    ) -> list[tuple[TopicPartition, int]]:
+def find_unreadable(
+    probe: Any, positions: dict[TopicPartition, int]
+) -> list[tuple[TopicPartition, int]]:
     """The (partition, offset) of each position whose record `probe` (a group-less
     KafkaConsumer, left unassigned) cannot parse."""
     ends = probe.end_offsets(list(positions))
@@ -39,8 +40,7 @@ def find_unreadable(probe: Any, positions: dict[TopicPartition, int]
             probe.seek(tp, offset)
             deadline = time.monotonic() + PROBE_TIMEOUT_S
             try:
-                while not probe.poll(timeout_ms=200, max_records=1) and \
-                        time.monotonic() < deadline:
+                while not probe.poll(timeout_ms=200, max_records=1) and time.monotonic() < deadline:
                     pass  # fetching: poll waits up to 200 ms for the record
             except CorruptRecordError:
                 found.append((tp, offset))
@@ -49,13 +49,15 @@ def find_unreadable(probe: Any, positions: dict[TopicPartition, int]
     return found
 
 
-def unreadable_dead_letter(tp: TopicPartition, offset: int, error: Exception, topic: str,
-                           now_ms: int) -> Output:
+def unreadable_dead_letter(
+    tp: TopicPartition, offset: int, error: Exception, topic: str, now_ms: int
+) -> Output:
     """What can be said of a record that cannot be read: where it is, and why; no key,
     value or original timestamp (-1 in `iotfuse.error.timestamp`); stamped `now_ms`."""
     record = Record(tp.topic, tp.partition, offset, -1, None, b"", ())
     rejected = RejectedRecord(
-        "decode", Reason.UNREADABLE_RECORD,
+        "decode",
+        Reason.UNREADABLE_RECORD,
         f"the Kafka client cannot parse this record ({error}); it was skipped. Check the "
         "producer: header keys must be UTF-8",
     )

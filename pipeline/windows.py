@@ -226,8 +226,9 @@ class Windower:
         high = self.config.start_of(max_ts)
         if low == high:
             return []  # no window end reached (most records)
-        return [w for w in dev.open.values()
-                if w.end_ms <= high and (low is None or w.end_ms > low)]
+        return [
+            w for w in dev.open.values() if w.end_ms <= high and (low is None or w.end_ms > low)
+        ]
 
     def _close_until(self, dev: _Device, boundary: int) -> list[Window]:
         if dev.closed_until is None or boundary > dev.closed_until:

@@ -80,9 +80,10 @@ class KafkaWorker:
         self._last_status_ms = clock()
         self._consumed = 0
         self._held_back: set[TopicPartition] = set()
-        self.aligner = Aligner((settings.topics.camera, settings.topics.audio,
-                                settings.topics.telemetry),
-                               max_bytes=settings.windows.max_aligning_bytes)
+        self.aligner = Aligner(
+            (settings.topics.camera, settings.topics.audio, settings.topics.telemetry),
+            max_bytes=settings.windows.max_aligning_bytes,
+        )
         # before the other clients: with the admin client closed while they ran, an
         # exactly-once worker fetched nothing at all in 4 of 8 runs
         limit = prepare_outputs(settings, clock)  # and never more than this producer sends:
@@ -160,13 +161,22 @@ class KafkaWorker:
             if not found:
                 raise  # not a record this worker can point at
             for tp, offset in found:
-                log.warning("record %s[%d]@%d cannot be parsed (%s): dead-lettered, skipped",
-                            tp.topic, tp.partition, offset, exc)
+                log.warning(
+                    "record %s[%d]@%d cannot be parsed (%s): dead-lettered, skipped",
+                    tp.topic,
+                    tp.partition,
+                    offset,
+                    exc,
+                )
                 self.tracker.track(Position(tp.topic, tp.partition, offset))
                 self.metrics.labelled(self.metrics.dead_letters, "unreadable_record").inc()
-                self._publish([unreadable_dead_letter(tp, offset, exc,
-                                                      self.settings.topics.deadletter,
-                                                      self.clock())])
+                self._publish(
+                    [
+                        unreadable_dead_letter(
+                            tp, offset, exc, self.settings.topics.deadletter, self.clock()
+                        )
+                    ]
+                )
                 self.consumer.seek(tp, offset + 1)
             return {}
 
@@ -192,10 +202,16 @@ class KafkaWorker:
         w = self.engine.windower
         log.info(
             "status: consumed=%d aligning=%d (%d bytes) open_windows=%d buffered_bytes=%d "
-            "queued=%d emitted=%d held_offsets=%d paused=%d", self._consumed,
-            self.aligner.buffered, self.aligner.buffered_bytes, w.open_windows, w.buffered_bytes,
-            self.engine.queued(), int(self.metrics.value("iotfuse_windows_emitted_total")),
-            self.tracker.held(), len(self._held_back),
+            "queued=%d emitted=%d held_offsets=%d paused=%d",
+            self._consumed,
+            self.aligner.buffered,
+            self.aligner.buffered_bytes,
+            w.open_windows,
+            w.buffered_bytes,
+            self.engine.queued(),
+            int(self.metrics.value("iotfuse_windows_emitted_total")),
+            self.tracker.held(),
+            len(self._held_back),
         )
 
     def drain(self) -> None:
@@ -226,11 +242,15 @@ class KafkaWorker:
             return out
         fitted = fit_dead_letter(out, self._deadletter_max)
         if fitted is not out:
-            log.warning("a dead letter of %d bytes is over the %d bytes %s takes (its "
-                        "max.message.bytes, and at most what this worker's producer sends): "
-                        "sent without its value. `iotfuse topics` creates the topic with 10 "
-                        "MiB, enough for every image the camera limits admit",
-                        len(out.value or b""), self._deadletter_max, out.topic)
+            log.warning(
+                "a dead letter of %d bytes is over the %d bytes %s takes (its "
+                "max.message.bytes, and at most what this worker's producer sends): "
+                "sent without its value. `iotfuse topics` creates the topic with 10 "
+                "MiB, enough for every image the camera limits admit",
+                len(out.value or b""),
+                self._deadletter_max,
+                out.topic,
+            )
         return fitted
 
     def _drain_acks(self) -> None:
@@ -308,8 +328,9 @@ class KafkaWorker:
             self.tracker.forget(keys)
             self.aligner.drop(keys)
             self._held_back -= lost
-            log.info("partitions lost: %s; %d open windows left to the new owner",
-                     sorted(keys), dropped)
+            log.info(
+                "partitions lost: %s; %d open windows left to the new owner", sorted(keys), dropped
+            )
         for tp in gained:
             # read a gained partition from its commit point, whatever the client buffered
             # or skipped while the group was rebalancing (offsets already seen are ignored)
@@ -350,9 +371,13 @@ class KafkaWorker:
         now = self.clock()
         if now - self._last_broker_warning_ms >= 10_000:
             self._last_broker_warning_ms = now
-            log.warning("%s failed (%r); retrying. Is the broker reachable at %s? Nothing is "
-                        "lost: uncommitted input is read again after a restart", call, exc,
-                        self.settings.kafka.bootstrap_servers)
+            log.warning(
+                "%s failed (%r); retrying. Is the broker reachable at %s? Nothing is "
+                "lost: uncommitted input is read again after a restart",
+                call,
+                exc,
+                self.settings.kafka.bootstrap_servers,
+            )
 
     def _backpressure(self, progressed: bool) -> None:
         """Pause everything while windows are over capacity and the worker can free some
@@ -381,14 +406,20 @@ class KafkaWorker:
                 "over capacity: %d open windows, %d buffered bytes (windows.max_open_windows "
                 "%d, windows.max_buffered_bytes %d), and they close only with more input; "
                 "reading on. Raise the limits if memory allows, or spread the devices over "
-                "more workers (more partitions)", windows, nbytes,
-                self.engine.cfg.max_open_windows, self.engine.cfg.max_buffered_bytes,
+                "more workers (more partitions)",
+                windows,
+                nbytes,
+                self.engine.cfg.max_open_windows,
+                self.engine.cfg.max_buffered_bytes,
             )
         self._over_capacity = full and (self._over_capacity or not paused)
         if paused and not self._paused:
             self.metrics.pauses.inc()
-            log.info("back-pressure: %d open windows, %d buffered bytes; pausing consumption",
-                     windows, nbytes)
+            log.info(
+                "back-pressure: %d open windows, %d buffered bytes; pausing consumption",
+                windows,
+                nbytes,
+            )
         self._paused = paused
         self.metrics.paused.set(1 if paused else 0)
         pause = set(self._owned) if paused else set()

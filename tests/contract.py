@@ -44,8 +44,12 @@ class Published:
 def _png_header_only(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     chunk = b"IHDR" + ihdr
-    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk
-            + struct.pack(">I", zlib.crc32(chunk)))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + struct.pack(">I", len(ihdr))
+        + chunk
+        + struct.pack(">I", zlib.crc32(chunk))
+    )
 
 
 def bad_inputs(ts: int) -> list[tuple[Record, str]]:
@@ -62,9 +66,16 @@ def bad_inputs(ts: int) -> list[tuple[Record, str]]:
         (record(cam, "bad-cam", ts, b""), "empty_value"),
         (record(aud, "bad-mic", ts, b"RIFF....WAVEjunk"), "audio_bad_header"),
         (record(aud, "bad-mic", ts, wav(seconds=11.0, rate=8000)), "audio_too_long"),
-        (record(aud, "bad-mic", ts, b"\x00\x01" * 100,
-                (("content-type", b"audio/pcm;rate=1000;channels=1;format=s16le"),)),
-         "audio_bad_rate"),
+        (
+            record(
+                aud,
+                "bad-mic",
+                ts,
+                b"\x00\x01" * 100,
+                (("content-type", b"audio/pcm;rate=1000;channels=1;format=s16le"),),
+            ),
+            "audio_bad_rate",
+        ),
         (record(tel, "bad-tel", ts, b'{"t": NaN}'), "telemetry_non_finite"),
         (record(tel, "bad-tel", ts, b'{"t": 1e999}'), "telemetry_non_finite"),
         (record(tel, "bad-tel", ts, b"[1, 2]"), "telemetry_not_object"),
@@ -87,12 +98,16 @@ def scenario() -> tuple[list[Record], list[tuple[Record, str]]]:
     return numbered, bad
 
 
-def expected_windows(records: list[Record], bad: list[tuple[Record, str]],
-                     topics: TopicSettings = TOPICS) -> Counter[tuple]:
+def expected_windows(
+    records: list[Record], bad: list[tuple[Record, str]], topics: TopicSettings = TOPICS
+) -> Counter[tuple]:
     """(device, start, modality) -> record count, for every valid input record."""
     bad_ids = {(r.topic, r.partition, r.offset) for r, _ in bad}
-    topic_mod = {topics.camera: Modality.CAMERA, topics.audio: Modality.AUDIO,
-                 topics.telemetry: Modality.TELEMETRY}
+    topic_mod = {
+        topics.camera: Modality.CAMERA,
+        topics.audio: Modality.AUDIO,
+        topics.telemetry: Modality.TELEMETRY,
+    }
     out: Counter[tuple] = Counter()
     for r in records:
         if (r.topic, r.partition, r.offset) not in bad_ids:
@@ -102,15 +117,21 @@ def expected_windows(records: list[Record], bad: list[tuple[Record, str]],
 
 
 def check_contract(
-    records: list[Record], bad: list[tuple[Record, str]], published: list[Published],
-    classes: tuple[str, ...], model_version: str, topics: TopicSettings = TOPICS,
+    records: list[Record],
+    bad: list[tuple[Record, str]],
+    published: list[Published],
+    classes: tuple[str, ...],
+    model_version: str,
+    topics: TopicSettings = TOPICS,
 ) -> None:
     events = [p for p in published if p.topic == topics.events]
     dead = [p for p in published if p.topic == topics.deadletter]
     counts = expected_windows(records, bad, topics)
     windows = {(d, s) for d, s, _ in counts}
-    seen = Counter((json.loads(e.value or b"")["device_id"],
-                    json.loads(e.value or b"")["window"]["start_ms"]) for e in events)
+    seen = Counter(
+        (json.loads(e.value or b"")["device_id"], json.loads(e.value or b"")["window"]["start_ms"])
+        for e in events
+    )
     assert set(seen) == windows, "every window with a record yields an event"
     assert all(n == 1 for n in seen.values()), f"duplicate events: {seen.most_common(3)}"
     for e in events:
@@ -118,8 +139,9 @@ def check_contract(
     check_dead_letters(bad, dead)
 
 
-def check_event(e: Published, counts: Counter[tuple], classes: tuple[str, ...],
-                model_version: str) -> None:
+def check_event(
+    e: Published, counts: Counter[tuple], classes: tuple[str, ...], model_version: str
+) -> None:
     v = json.loads(e.value or b"")
     device, start, end = v["device_id"], v["window"]["start_ms"], v["window"]["end_ms"]
     assert v["schema"] == "iotfuse.event/v1"
@@ -153,4 +175,5 @@ def check_dead_letters(bad: list[tuple[Record, str]], dead: list[Published]) -> 
         assert int(d.header("iotfuse.error.offset")) >= 0
         assert d.header("iotfuse.error.message")
         assert tuple(h for h in d.headers if not h[0].startswith("iotfuse.error.")) == tuple(
-            original.headers)
+            original.headers
+        )

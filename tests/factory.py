@@ -58,8 +58,13 @@ def telemetry(**metrics: float) -> bytes:
 
 
 def record(
-    topic: str, device: str | bytes | None, ts: int, value: bytes | None,
-    headers: Headers = (), offset: int = -1, partition: int = 0,
+    topic: str,
+    device: str | bytes | None,
+    ts: int,
+    value: bytes | None,
+    headers: Headers = (),
+    offset: int = -1,
+    partition: int = 0,
 ) -> Record:
     key = device.encode() if isinstance(device, str) else device
     return Record(topic, partition, offset, ts, key, value, headers)
@@ -76,16 +81,24 @@ def number(records: list[Record]) -> list[Record]:
     return out
 
 
-def device_stream(device: str, start: int, seconds: int,
-                  modalities: tuple[Modality, ...] = ALL_MODALITIES) -> list[Record]:
+def device_stream(
+    device: str, start: int, seconds: int, modalities: tuple[Modality, ...] = ALL_MODALITIES
+) -> list[Record]:
     """5 fps camera, 0.5 s audio chunks, 10 Hz telemetry for one device."""
     recs: list[Record] = []
     for ms in range(0, seconds * 1000, 100):
         ts = start + ms
         if Modality.TELEMETRY in modalities:
-            recs.append(record(TOPICS.telemetry, device, ts,
-                               telemetry(temperature_c=20 + ms / 1000, vibration_rms=0.1,
-                                         door_open=False, note=1.0)))
+            recs.append(
+                record(
+                    TOPICS.telemetry,
+                    device,
+                    ts,
+                    telemetry(
+                        temperature_c=20 + ms / 1000, vibration_rms=0.1, door_open=False, note=1.0
+                    ),
+                )
+            )
         if Modality.CAMERA in modalities and ms % 200 == 0:
             recs.append(record(TOPICS.camera, device, ts, jpeg(seed=ms)))
         if Modality.AUDIO in modalities and ms % 500 == 0:
@@ -93,8 +106,9 @@ def device_stream(device: str, start: int, seconds: int,
     return recs
 
 
-def make_model(directory: Path, modalities: tuple[Modality, ...] = ALL_MODALITIES,
-               seed: int = 0) -> Path:
+def make_model(
+    directory: Path, modalities: tuple[Modality, ...] = ALL_MODALITIES, seed: int = 0
+) -> Path:
     """A small random model saved like `iotfuse train` would (same code path)."""
     from fusion.config import CameraConfig, FusionConfig, ModelConfig, TelemetryConfig
     from fusion.model import FusionClassifier
@@ -102,11 +116,12 @@ def make_model(directory: Path, modalities: tuple[Modality, ...] = ALL_MODALITIE
 
     torch.manual_seed(seed)
     cfg = ModelConfig(
-        name="test-model", classes=CLASSES, window_ms=2000, modalities=modalities,
-        camera=CameraConfig(image_size=32, num_frames=2) if Modality.CAMERA in modalities
-        else None,
-        telemetry=TelemetryConfig(metrics=METRICS) if Modality.TELEMETRY in modalities
-        else None,
+        name="test-model",
+        classes=CLASSES,
+        window_ms=2000,
+        modalities=modalities,
+        camera=CameraConfig(image_size=32, num_frames=2) if Modality.CAMERA in modalities else None,
+        telemetry=TelemetryConfig(metrics=METRICS) if Modality.TELEMETRY in modalities else None,
         fusion=FusionConfig(dim=32, layers=1, heads=2),
     )
     save_model(FusionClassifier(cfg), directory)

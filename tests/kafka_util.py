@@ -17,9 +17,13 @@ from tests.factory import TOPICS
 def settings_for(bootstrap: str, names: object, **runtime: object) -> Settings:
     """Settings pointing at a test's own topics (names: a TopicNames)."""
     s = Settings()
-    topics = replace(s.topics, **{f: getattr(names, f) for f in
-                                  ("camera", "audio", "telemetry", "labels", "events",
-                                   "deadletter")})
+    topics = replace(
+        s.topics,
+        **{
+            f: getattr(names, f)
+            for f in ("camera", "audio", "telemetry", "labels", "events", "deadletter")
+        },
+    )
     return replace(
         s,
         kafka=replace(s.kafka, bootstrap_servers=bootstrap, group_id=f"g-{names.camera}"),  # type: ignore[attr-defined]
@@ -31,17 +35,35 @@ def settings_for(bootstrap: str, names: object, **runtime: object) -> Settings:
 
 def to_topics(records: Iterable[Record], names: object) -> list[Record]:
     """Map the default topic names of factory-made records to a test's own topics."""
-    mapping = {TOPICS.camera: names.camera, TOPICS.audio: names.audio,  # type: ignore[attr-defined]
-               TOPICS.telemetry: names.telemetry}  # type: ignore[attr-defined]
+    mapping = {
+        TOPICS.camera: names.camera,
+        TOPICS.audio: names.audio,  # type: ignore[attr-defined]
+        TOPICS.telemetry: names.telemetry,
+    }  # type: ignore[attr-defined]
     return [replace(r, topic=mapping.get(r.topic, r.topic)) for r in records]
 
 
 def produce(bootstrap: str, records: Iterable[Record]) -> list[Record]:
     """Produce records (keyed, timestamped, with headers); returns them with real offsets."""
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5,
-                             max_request_size=10 * 1024 * 1024 + 512 * 1024)
-    futures = [(r, producer.send(r.topic, key=r.key, value=r.value, headers=list(r.headers),
-                                 timestamp_ms=r.timestamp_ms)) for r in records]
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        linger_ms=5,
+        max_request_size=10 * 1024 * 1024 + 512 * 1024,
+    )
+    futures = [
+        (
+            r,
+            producer.send(
+                r.topic,
+                key=r.key,
+                value=r.value,
+                headers=list(r.headers),
+                timestamp_ms=r.timestamp_ms,
+            ),
+        )
+        for r in records
+    ]
     producer.flush()
     out = []
     for r, f in futures:
@@ -60,23 +82,38 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> No
 
 
 def read_until(
-    bootstrap: str, topics: list[str], done: Callable[[list[Published]], bool],
-    timeout_s: float = 60.0, isolation_level: str = "read_uncommitted",
+    bootstrap: str,
+    topics: list[str],
+    done: Callable[[list[Published]], bool],
+    timeout_s: float = 60.0,
+    isolation_level: str = "read_uncommitted",
     poll: Callable[[], None] | None = None,
 ) -> list[Published]:
     """Read topics from the beginning until `done(records)` holds or the deadline passes."""
-    consumer = KafkaConsumer(*topics, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                             enable_auto_commit=False, group_id=None,
-                             isolation_level=isolation_level,
-                             max_partition_fetch_bytes=11 * 1024 * 1024)
+    consumer = KafkaConsumer(
+        *topics,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+        isolation_level=isolation_level,
+        max_partition_fetch_bytes=11 * 1024 * 1024,
+    )
     got: list[Published] = []
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
             for msgs in consumer.poll(timeout_ms=200).values():
-                got += [Published(m.topic, m.key, m.value,
-                                  tuple((k, v) for k, v in m.headers or ()), m.timestamp)
-                        for m in msgs]
+                got += [
+                    Published(
+                        m.topic,
+                        m.key,
+                        m.value,
+                        tuple((k, v) for k, v in m.headers or ()),
+                        m.timestamp,
+                    )
+                    for m in msgs
+                ]
             if poll is not None:
                 poll()
             if done(got):

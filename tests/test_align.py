@@ -21,7 +21,12 @@ def test_backlog_of_one_topic_waits_for_the_others_then_merges_by_time() -> None
     out = a.pop_ready(lambda t, p: False)
     # releases while both topics have a head; stops when cam is empty and not caught up
     assert [(r.topic, r.timestamp_ms) for r in out] == [
-        ("tel", 0), ("cam", 50), ("tel", 100), ("tel", 200), ("cam", 250)]
+        ("tel", 0),
+        ("cam", 50),
+        ("tel", 100),
+        ("tel", 200),
+        ("cam", 250),
+    ]
     assert [r.timestamp_ms for r in a.pop_ready(lambda t, p: True)] == [300]
     assert a.buffered == 0
 
@@ -69,7 +74,11 @@ def test_a_backlog_of_large_records_is_bounded_in_bytes_largest_partition_first(
     # over by 50 bytes; partition 0 has both topics now and merges them in event time
     out = a.pop_ready(lambda t, p: False)
     assert [(r.topic, r.timestamp_ms) for r in out] == [
-        ("cam", 1), ("cam", 2), ("cam", 3), ("tel", 3)]
+        ("cam", 1),
+        ("cam", 2),
+        ("cam", 3),
+        ("tel", 3),
+    ]
     assert (a.buffered, a.buffered_bytes) == (7, 700)
 
 

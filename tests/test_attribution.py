@@ -79,8 +79,7 @@ def test_absent_modality_gets_exactly_zero_and_is_a_null_player() -> None:
         if not sets[s, i]:
             with_i = s | (1 << i)
             absent_rows = ~present[:, i]  # adding an absent slot changes nothing
-            torch.testing.assert_close(v[with_i, absent_rows], v[s, absent_rows],
-                                       rtol=0, atol=1e-6)
+            torch.testing.assert_close(v[with_i, absent_rows], v[s, absent_rows], rtol=0, atol=1e-6)
 
 
 def test_matches_brute_force_permutation_shapley() -> None:
@@ -93,8 +92,10 @@ def test_matches_brute_force_permutation_shapley() -> None:
         v = coalition_values(model, tokens, present, target).double()
     sets = coalitions(3)
     for b in range(6):
-        value = {frozenset(int(i) for i in torch.nonzero(sets[s]).flatten()): float(v[s, b])
-                 for s in range(8)}
+        value = {
+            frozenset(int(i) for i in torch.nonzero(sets[s]).flatten()): float(v[s, b])
+            for s in range(8)
+        }
         expected = torch.tensor(brute_force_shapley(value, 3), dtype=torch.float32)
         torch.testing.assert_close(phi[b], expected, rtol=0, atol=1e-6)
 

@@ -208,8 +208,11 @@ def leader_of(bootstrap: str, topic: str, partition: int, timeout_s: float = 30.
     with KafkaAdminClient(bootstrap_servers=bootstrap) as admin:
         while True:
             (described,) = admin.describe_topics([topic])
-            leaders = [int(p["leader_id"]) for p in described["partitions"]
-                       if p["partition_index"] == partition and int(p["leader_id"]) >= 0]
+            leaders = [
+                int(p["leader_id"])
+                for p in described["partitions"]
+                if p["partition_index"] == partition and int(p["leader_id"]) >= 0
+            ]
             if leaders:
                 return leaders[0]
             if time.monotonic() > deadline:

@@ -13,7 +13,8 @@ def test_every_subcommand_has_help(capsys: pytest.CaptureFixture[str]) -> None:
     parser = build_parser()
     names = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     assert {"broker", "topics", "run", "record", "replay", "inspect", "demo", "config"} <= set(
-        names)
+        names
+    )
     for name in names:
         with pytest.raises(SystemExit) as exc:
             main([name, "--help"])
@@ -22,8 +23,9 @@ def test_every_subcommand_has_help(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_flags_and_set_reach_the_settings(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["config", "--set", "kafka.group_id=from-flag",
-                 "--set", "runtime.max_batch=7"]) == 0
+    assert (
+        main(["config", "--set", "kafka.group_id=from-flag", "--set", "runtime.max_batch=7"]) == 0
+    )
     shown = json.loads(capsys.readouterr().out)
     assert shown["kafka"]["group_id"] == "from-flag"
     assert shown["runtime"]["max_batch"] == 7
@@ -35,8 +37,7 @@ def test_bad_setting_is_one_clear_line(capsys: pytest.CaptureFixture[str]) -> No
     assert "runtime.max_batch: expected int" in err and "Traceback" not in err
 
 
-def test_run_without_a_model_says_what_to_do(capsys: pytest.CaptureFixture[str],
-                                             tmp_path) -> None:
+def test_run_without_a_model_says_what_to_do(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
     assert main(["run", "--model", str(tmp_path), "--metrics-port", "0"]) == 1
     assert "no iotfuse model" in capsys.readouterr().err
 

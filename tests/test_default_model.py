@@ -43,7 +43,12 @@ def test_the_shipped_model_classifies_unseen_simulated_windows(tmp_path: Path) -
             writer.write(record)
     runner = ModelRunner.load(None, "cpu")
     windows = windows_from_recordings([path], Settings(), runner.features)
-    got = evaluate_windows(model_classifier(runner.model, 64), windows, runner.config.classes,
-                           runner.config.modalities, with_ablation=False)
+    got = evaluate_windows(
+        model_classifier(runner.model, 64),
+        windows,
+        runner.config.classes,
+        runner.config.modalities,
+        with_ablation=False,
+    )
     assert got["windows"] == 40
     assert got["accuracy"] >= 0.7  # chance is 1/6; the held-out bar is macro-F1 >= 0.9

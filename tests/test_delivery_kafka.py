@@ -37,13 +37,31 @@ class Workers:
 
     def start(self, *extra: str) -> subprocess.Popen[bytes]:
         t = self.topics
-        sets = [f"topics.{f}={getattr(t, f)}" for f in
-                ("camera", "audio", "telemetry", "events", "deadletter")]
-        sets += ["windows.idle_timeout_ms=1500", "runtime.commit_interval_ms=200",
-                 f"kafka.group_id=g-{t.camera}"]
-        cmd = [sys.executable, "-m", "pipeline.cli", "run", "--bootstrap-servers",
-               self.bootstrap, "--model", str(self.model), "--metrics-port", "0",
-               "--device", "cpu", *[a for s in sets for a in ("--set", s)], *extra]
+        sets = [
+            f"topics.{f}={getattr(t, f)}"
+            for f in ("camera", "audio", "telemetry", "events", "deadletter")
+        ]
+        sets += [
+            "windows.idle_timeout_ms=1500",
+            "runtime.commit_interval_ms=200",
+            f"kafka.group_id=g-{t.camera}",
+        ]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "run",
+            "--bootstrap-servers",
+            self.bootstrap,
+            "--model",
+            str(self.model),
+            "--metrics-port",
+            "0",
+            "--device",
+            "cpu",
+            *[a for s in sets for a in ("--set", s)],
+            *extra,
+        ]
         log = open(self.log_dir / f"worker-{len(self.procs)}.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(proc)
@@ -68,8 +86,9 @@ class Workers:
 
 
 @pytest.fixture
-def workers(bootstrap: str, topics: TopicNames, model_dir: Path,
-            tmp_path: Path) -> Iterator[Workers]:
+def workers(
+    bootstrap: str, topics: TopicNames, model_dir: Path, tmp_path: Path
+) -> Iterator[Workers]:
     w = Workers(bootstrap, topics, model_dir, tmp_path)
     yield w
     w.stop_all()
@@ -78,15 +97,18 @@ def workers(bootstrap: str, topics: TopicNames, model_dir: Path,
 def fleet(seconds: int, devices: int = 6, start: int = T0) -> list:
     recs = []
     for d in range(devices):
-        recs += device_stream(f"dev-{d}", start + 37 * d, seconds,
-                              (Modality.TELEMETRY, Modality.AUDIO))
+        recs += device_stream(
+            f"dev-{d}", start + 37 * d, seconds, (Modality.TELEMETRY, Modality.AUDIO)
+        )
     recs.sort(key=lambda r: r.timestamp_ms)
     return number(recs)
 
 
 def windows_of(events: list[Published]) -> Counter[tuple[str, int]]:
-    return Counter((json.loads(e.value)["device_id"], json.loads(e.value)["window"]["start_ms"])
-                   for e in events)
+    return Counter(
+        (json.loads(e.value)["device_id"], json.loads(e.value)["window"]["start_ms"])
+        for e in events
+    )
 
 
 def assert_whole_windows(events: list[Published], sent: list, topics: TopicNames) -> None:
@@ -100,22 +122,33 @@ def assert_whole_windows(events: list[Published], sent: list, topics: TopicNames
             assert v["modalities"][m]["records"] == counts[key], f"split window {key}"
 
 
-def run_kill_restart(bootstrap: str, topics: TopicNames, workers: Workers,
-                     *extra: str) -> tuple[list, list[Published]]:
+def run_kill_restart(
+    bootstrap: str, topics: TopicNames, workers: Workers, *extra: str
+) -> tuple[list, list[Published]]:
     first, second = fleet(8), fleet(6, start=T0 + 10000)  # no window spans both
     sent = produce(bootstrap, to_topics(first, topics))
     victim = workers.start(*extra)
-    read_until(bootstrap, [topics.events], lambda got: len(got) >= 6, timeout_s=90,
-               poll=workers.check_alive)
+    read_until(
+        bootstrap,
+        [topics.events],
+        lambda got: len(got) >= 6,
+        timeout_s=90,
+        poll=workers.check_alive,
+    )
     os.kill(victim.pid, signal.SIGKILL)  # mid-stream: windows open, offsets uncommitted
     victim.wait(timeout=30)
     sent += produce(bootstrap, to_topics(second, topics))
     workers.start(*extra)
     expected = {(d, s) for d, s, _ in expected_windows(sent, [], settings_for("x", topics).topics)}
     isolation = "read_committed" if extra else "read_uncommitted"
-    events = read_until(bootstrap, [topics.events],
-                        lambda got: expected <= set(windows_of(got)), timeout_s=120,
-                        isolation_level=isolation, poll=workers.check_alive)
+    events = read_until(
+        bootstrap,
+        [topics.events],
+        lambda got: expected <= set(windows_of(got)),
+        timeout_s=120,
+        isolation_level=isolation,
+        poll=workers.check_alive,
+    )
     return sent, events
 
 
@@ -125,11 +158,13 @@ def test_sigkill_and_restart_loses_no_window(bootstrap, topics, workers) -> None
 
 
 def test_exactly_once_survives_sigkill_without_duplicates(bootstrap, topics, workers) -> None:
-    sent, events = run_kill_restart(bootstrap, topics, workers, "--exactly-once",
-                                    "--transactional-id", f"tx-{topics.camera}")
+    sent, events = run_kill_restart(
+        bootstrap, topics, workers, "--exactly-once", "--transactional-id", f"tx-{topics.camera}"
+    )
     workers.stop_all()  # SIGTERM: commits the last transaction
-    events = read_until(bootstrap, [topics.events], lambda got: True, timeout_s=5,
-                        isolation_level="read_committed")
+    events = read_until(
+        bootstrap, [topics.events], lambda got: True, timeout_s=5, isolation_level="read_committed"
+    )
     assert_whole_windows(events, sent, topics)
     dupes = [k for k, n in windows_of(events).items() if n > 1]
     assert dupes == [], f"read_committed consumer saw duplicates: {dupes[:5]}"
@@ -144,14 +179,23 @@ def test_two_workers_share_partitions_and_hand_over(bootstrap, topics, workers) 
     expected = {(d, s) for d, s, _ in expected_windows(sent, [], settings_for("x", topics).topics)}
     a = workers.start()
     b = workers.start()
-    early = read_until(bootstrap, [topics.events], lambda got: len(got) >= 9, timeout_s=120,
-                       poll=workers.check_alive)
+    early = read_until(
+        bootstrap,
+        [topics.events],
+        lambda got: len(got) >= 9,
+        timeout_s=120,
+        poll=workers.check_alive,
+    )
     a.send_signal(signal.SIGTERM)  # graceful: publishes closed windows, commits, leaves
     assert a.wait(timeout=60) == 0
     assert len(set(windows_of(early))) < len(expected), "handover happened after the backlog"
-    events = read_until(bootstrap, [topics.events],
-                        lambda got: expected <= set(windows_of(got)), timeout_s=120,
-                        poll=workers.check_alive)
+    events = read_until(
+        bootstrap,
+        [topics.events],
+        lambda got: expected <= set(windows_of(got)),
+        timeout_s=120,
+        poll=workers.check_alive,
+    )
     assert_whole_windows(events, sent, topics)
     dupes = [k for k, n in windows_of(events).items() if n > 1]
     assert dupes == [], f"windows emitted twice across the handover: {dupes[:5]}"
@@ -185,8 +229,13 @@ def test_a_broker_outage_is_waited_out_without_losing_a_window(
         try:
             sent = produce(bootstrap, to_topics(fleet(8), topics))
             workers.start()
-            read_until(bootstrap, [topics.events], lambda got: len(got) >= 6, timeout_s=90,
-                       poll=workers.check_alive)
+            read_until(
+                bootstrap,
+                [topics.events],
+                lambda got: len(got) >= 6,
+                timeout_s=90,
+                poll=workers.check_alive,
+            )
             kafka.stop_node(0, kill=True)
             log = tmp_path / "worker-0.log"
 
@@ -197,11 +246,16 @@ def test_a_broker_outage_is_waited_out_without_losing_a_window(
             wait_until(noticed, 60, "the worker to report the unreachable broker")
             kafka.start_node(0)
             sent += produce(bootstrap, to_topics(fleet(6, start=T0 + 10000), topics))
-            expected = {(d, s) for d, s, _ in
-                        expected_windows(sent, [], settings_for("x", topics).topics)}
-            events = read_until(bootstrap, [topics.events],
-                                lambda got: expected <= set(windows_of(got)), timeout_s=120,
-                                poll=workers.check_alive)
+            expected = {
+                (d, s) for d, s, _ in expected_windows(sent, [], settings_for("x", topics).topics)
+            }
+            events = read_until(
+                bootstrap,
+                [topics.events],
+                lambda got: expected <= set(windows_of(got)),
+                timeout_s=120,
+                poll=workers.check_alive,
+            )
         finally:
             workers.stop_all()
     assert_whole_windows(events, sent, topics)

@@ -26,8 +26,11 @@ def expected_windows(devices: int, duration_s: float, start_ms: int) -> set[tupl
     window_ms = json.loads((default_model_dir() / "config.json").read_text())["window_ms"]
     inputs = {DEFAULT_TOPICS[m] for m in ("camera", "audio", "telemetry")}
     cfg = ScenarioConfig(seed=7, devices=devices, duration_s=duration_s, start_ms=start_ms)
-    return {(r.key.decode(), _hms(r.timestamp_ms // window_ms * window_ms))
-            for r in simulate(cfg) if r.topic in inputs and r.key is not None}
+    return {
+        (r.key.decode(), _hms(r.timestamp_ms // window_ms * window_ms))
+        for r in simulate(cfg)
+        if r.topic in inputs and r.key is not None
+    }
 
 
 def _hms(ms: int) -> str:
@@ -50,21 +53,59 @@ def check_demo_output(out: str, expected: set[tuple[str, str]], png: Path) -> No
 
 
 def test_offline_demo_shows_every_window_and_writes_the_timeline(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--offline", "--devices", "2", "--duration", "6", "--seed", "7",
-                 "--start-ms", str(START_MS), "--device", "cpu", "--out", str(tmp_path)]) == 0
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (
+        main(
+            [
+                "demo",
+                "--offline",
+                "--devices",
+                "2",
+                "--duration",
+                "6",
+                "--seed",
+                "7",
+                "--start-ms",
+                str(START_MS),
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "Kafka at" not in out
     check_demo_output(out, expected_windows(2, 6, START_MS), tmp_path / "timeline.png")
 
 
 def test_without_java_the_demo_says_so_and_runs_offline(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("JAVA_HOME", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))  # no java, no mvn
-    assert main(["demo", "--devices", "1", "--duration", "2", "--seed", "7",
-                 "--start-ms", str(START_MS), "--device", "cpu", "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--devices",
+                "1",
+                "--duration",
+                "2",
+                "--seed",
+                "7",
+                "--start-ms",
+                str(START_MS),
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     notes = [line for line in out.splitlines() if "no local Kafka" in line]
     assert len(notes) == 1 and "Java" in notes[0] and "offline" in notes[0]
@@ -72,24 +113,48 @@ def test_without_java_the_demo_says_so_and_runs_offline(
 
 
 @pytest.mark.kafka
-def test_live_demo_through_a_local_kafka(tmp_path: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_live_demo_through_a_local_kafka(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     start = time.time_ns() // 1_000_000  # stamped with the present, as the demo does
-    assert main(["demo", "--max-speed", "--devices", "2", "--duration", "6", "--seed", "7",
-                 "--start-ms", str(start), "--device", "cpu", "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--max-speed",
+                "--devices",
+                "2",
+                "--duration",
+                "6",
+                "--seed",
+                "7",
+                "--start-ms",
+                str(start),
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "local Kafka at 127.0.0.1:" in out and "no local Kafka" not in out
     check_demo_output(out, expected_windows(2, 6, start), tmp_path / "timeline.png")
 
 
 def test_timeline_and_summary_of_known_results(tmp_path: Path) -> None:
-    truth = {"cell-00": [Episode(0, 3000, "normal"), Episode(3000, 6000, "fire")],
-             "cell-01": [Episode(0, 6000, "intrusion")]}
-    results = [WindowResult("cell-00", 0, 2000, "normal", 0.9, "normal"),
-               WindowResult("cell-00", 2000, 4000, "normal", 0.6, "fire"),
-               WindowResult("cell-00", 4000, 6000, "fire", 0.8, "fire"),
-               WindowResult("cell-01", 0, 2000, "intrusion", 0.7, "intrusion"),
-               WindowResult("cell-01", 6000, 8000, "normal", 0.5, None)]
+    truth = {
+        "cell-00": [Episode(0, 3000, "normal"), Episode(3000, 6000, "fire")],
+        "cell-01": [Episode(0, 6000, "intrusion")],
+    }
+    results = [
+        WindowResult("cell-00", 0, 2000, "normal", 0.9, "normal"),
+        WindowResult("cell-00", 2000, 4000, "normal", 0.6, "fire"),
+        WindowResult("cell-00", 4000, 6000, "fire", 0.8, "fire"),
+        WindowResult("cell-01", 0, 2000, "intrusion", 0.7, "intrusion"),
+        WindowResult("cell-01", 6000, 8000, "normal", 0.5, None),
+    ]
     lines = summary_lines(results, expected=6)
     assert lines[0] == "5 events for 6 expected windows"
     assert lines[1] == "4 windows with ground truth, 3 matching: accuracy 0.75"

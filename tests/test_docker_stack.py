@@ -49,8 +49,10 @@ def interpolate(value: Any, env: Mapping[str, str]) -> Any:
     if isinstance(value, list):
         return [interpolate(v, env) for v in value]
     if isinstance(value, str):
-        return _VAR.sub(lambda m: "$" if m.group(0) == "$$"
-                        else env.get(m.group(1)) or (m.group(2) or ""), value)
+        return _VAR.sub(
+            lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1)) or (m.group(2) or ""),
+            value,
+        )
     return value
 
 
@@ -77,8 +79,11 @@ def environment(service: Mapping[str, Any]) -> dict[str, str]:
 
 
 def iotfuse_services(stack: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    return {name: s for name, s in stack["services"].items()
-            if str(s.get("image", "")).startswith("iotfuse")}
+    return {
+        name: s
+        for name, s in stack["services"].items()
+        if str(s.get("image", "")).startswith("iotfuse")
+    }
 
 
 def effective_settings(service: Mapping[str, Any]) -> tuple[Any, Settings]:
@@ -97,7 +102,8 @@ def effective_settings(service: Mapping[str, Any]) -> tuple[Any, Settings]:
     env = environment(service)
     for name in env:
         assert name.startswith("IOTFUSE_") and "__" in name[8:], (
-            f"{name}: iotfuse reads IOTFUSE_<SECTION>__<FIELD> only; this one is ignored")
+            f"{name}: iotfuse reads IOTFUSE_<SECTION>__<FIELD> only; this one is ignored"
+        )
     return args, load_settings(None, environ=env, cli=cli)
 
 
@@ -122,8 +128,11 @@ def published(service: Mapping[str, Any]) -> dict[int, int]:
 
 def dockerfile() -> list[list[tuple[str, str]]]:
     """Stages of docker/Dockerfile, each a list of (INSTRUCTION, arguments)."""
-    lines = [ln for ln in (DOCKER / "Dockerfile").read_text().splitlines()
-             if not ln.lstrip().startswith("#")]
+    lines = [
+        ln
+        for ln in (DOCKER / "Dockerfile").read_text().splitlines()
+        if not ln.lstrip().startswith("#")
+    ]
     logical = re.sub(r"\\\n", " ", "\n".join(lines)).splitlines()
     stages: list[list[tuple[str, str]]] = [[]]
     for line in filter(str.strip, logical):
@@ -152,8 +161,12 @@ def dockerignored(path: str) -> bool:
             continue
         negate = pattern.startswith("!")
         regex = re.escape(pattern.lstrip("!").strip("/"))
-        regex = (regex.replace(r"\*\*/", "(?:.*/)?").replace(r"\*\*", ".*")
-                 .replace(r"\*", "[^/]*").replace(r"\?", "[^/]"))
+        regex = (
+            regex.replace(r"\*\*/", "(?:.*/)?")
+            .replace(r"\*\*", ".*")
+            .replace(r"\*", "[^/]*")
+            .replace(r"\?", "[^/]")
+        )
         parts = path.split("/")
         if any(re.fullmatch(regex, "/".join(parts[:i])) for i in range(1, len(parts) + 1)):
             excluded = not negate
@@ -167,7 +180,8 @@ STACKS = {"cpu": ("compose.yaml",), "gpu": ("compose.yaml", "compose.gpu.yaml")}
 
 @pytest.mark.parametrize("files", STACKS.values(), ids=STACKS.keys())
 def test_every_service_runs_a_real_iotfuse_command_with_valid_settings(
-        files: tuple[str, ...]) -> None:
+    files: tuple[str, ...],
+) -> None:
     stack = compose(*files)
     services = iotfuse_services(stack)
     assert {"topics", "worker", "simulator"} <= set(services)
@@ -176,8 +190,9 @@ def test_every_service_runs_a_real_iotfuse_command_with_valid_settings(
         assert (DOCKER / build["context"]).resolve() == REPO, name
         assert (REPO / build["dockerfile"]).resolve() == DOCKER / "Dockerfile", name
         args, settings = effective_settings(service)
-        assert args.command == {"topics": "topics", "worker": "run",
-                                "simulator": "simulate"}.get(name, args.command)
+        assert args.command == {"topics": "topics", "worker": "run", "simulator": "simulate"}.get(
+            name, args.command
+        )
         # every service speaks the contract's topic names
         assert tuple(getattr(settings.topics, r) for r in ROLES) == TopicNames().all, name
     if "compose.gpu.yaml" in files:
@@ -202,9 +217,11 @@ def test_topics_are_created_first_co_partitioned_and_only_by_iotfuse() -> None:
     assert str(environment(s["kafka"])["KAFKA_AUTO_CREATE_TOPICS_ENABLE"]).lower() == "false"
 
 
-@pytest.mark.parametrize("env", [{}, {"KAFKA_HOST_PORT": "29092",
-                                      "KAFKA_ADVERTISED_HOST": "gateway.lan"}],
-                         ids=["defaults", "other-host-port"])
+@pytest.mark.parametrize(
+    "env",
+    [{}, {"KAFKA_HOST_PORT": "29092", "KAFKA_ADVERTISED_HOST": "gateway.lan"}],
+    ids=["defaults", "other-host-port"],
+)
 def test_listeners_ports_and_bootstrap_servers_agree(env: dict[str, str]) -> None:
     stack = compose("compose.yaml", env=env)
     kafka = stack["services"]["kafka"]
@@ -216,8 +233,9 @@ def test_listeners_ports_and_bootstrap_servers_agree(env: dict[str, str]) -> Non
     assert set(bound) == set(protocols) and controller in bound
     assert controller not in advertised and set(advertised) == set(bound) - {controller}
     node, _, voter = kenv["KAFKA_CONTROLLER_QUORUM_VOTERS"].partition("@")
-    assert node == str(kenv["KAFKA_NODE_ID"]) and int(voter.rpartition(":")[2]) == bound[
-        controller][1]
+    assert (
+        node == str(kenv["KAFKA_NODE_ID"]) and int(voter.rpartition(":")[2]) == bound[controller][1]
+    )
     hostname = kafka.get("hostname", "kafka")
     internal = [n for n, (host, _) in advertised.items() if host == hostname]
     external = [n for n in advertised if n not in internal]
@@ -235,8 +253,10 @@ def test_listeners_ports_and_bootstrap_servers_agree(env: dict[str, str]) -> Non
     cluster_id = kenv["CLUSTER_ID"]  # Kafka's Uuid: 16 bytes in 22 base64url characters
     assert len(base64.urlsafe_b64decode(cluster_id + "==")) == 16 and len(cluster_id) == 22
     if "KAFKA_ADVERTISED_HOST" in env:
-        assert advertised[external[0]] == (env["KAFKA_ADVERTISED_HOST"],
-                                           int(env["KAFKA_HOST_PORT"]))
+        assert advertised[external[0]] == (
+            env["KAFKA_ADVERTISED_HOST"],
+            int(env["KAFKA_HOST_PORT"]),
+        )
 
 
 def test_workers_scale_in_one_group_with_metrics_on_the_network() -> None:
@@ -254,6 +274,7 @@ def test_workers_scale_in_one_group_with_metrics_on_the_network() -> None:
 
 
 # --- Dockerfile and build context -------------------------------------------------------
+
 
 def test_dockerfile_builds_a_non_root_image_with_model_healthcheck_and_entrypoint() -> None:
     stages = dockerfile()
@@ -279,28 +300,47 @@ def test_dockerfile_builds_a_non_root_image_with_model_healthcheck_and_entrypoin
     pyproject = (REPO / "pyproject.toml").read_text()
     assert re.search(r'fusion\s*=\s*\[[^]]*"default_model/\*"', pyproject)
     assert any(op == "RUN" and "default_model_dir" in a for op, a in final)
-    args = {a.partition("=")[0]: a.partition("=")[2] for st in stages for op, a in st
-            if op == "ARG"}
+    args = {
+        a.partition("=")[0]: a.partition("=")[2] for st in stages for op, a in st if op == "ARG"
+    }
     assert args["TORCH_VARIANT"] == "cpu"
 
 
 def test_build_context_holds_the_packages_and_model_but_no_venv_git_or_recordings() -> None:
     stages = dockerfile()
-    sources = [[w for w in a.split()[:-1] if not w.startswith("--")] for st in stages
-               for op, a in st if op == "COPY" and "--from=" not in a]
+    sources = [
+        [w for w in a.split()[:-1] if not w.startswith("--")]
+        for st in stages
+        for op, a in st
+        if op == "COPY" and "--from=" not in a
+    ]
     for path in (p for group in sources for p in group):
         assert (REPO / path).exists(), f"Dockerfile copies {path}, which does not exist"
         assert not dockerignored(path), f"Dockerfile copies {path}, which .dockerignore drops"
-    for kept in ("pipeline/cli.py", "encoders/modality.py", "pipeline/kafka/pom.xml",
-                 "fusion/default_model/config.json", "fusion/default_model/model.safetensors"):
+    for kept in (
+        "pipeline/cli.py",
+        "encoders/modality.py",
+        "pipeline/kafka/pom.xml",
+        "fusion/default_model/config.json",
+        "fusion/default_model/model.safetensors",
+    ):
         assert not dockerignored(kept), kept
-    for dropped in (".venv/bin/python", ".git/HEAD", "tests/test_cli.py", "bench/x.py",
-                    "run.iotrec", "recordings/a.iotrec", "fusion/tmp/a.iotrec",
-                    "pipeline/__pycache__/cli.cpython-311.pyc", ".pytest_cache/v/x"):
+    for dropped in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "tests/test_cli.py",
+        "bench/x.py",
+        "run.iotrec",
+        "recordings/a.iotrec",
+        "fusion/tmp/a.iotrec",
+        "pipeline/__pycache__/cli.cpython-311.pyc",
+        ".pytest_cache/v/x",
+    ):
         assert dockerignored(dropped), dropped
 
 
 # --- live: the compose commands against the local broker --------------------------------
+
 
 def _iotfuse() -> list[str]:
     script = Path(sys.executable).with_name("iotfuse")
@@ -317,9 +357,13 @@ def _with(command: list[Any], flag: str, value: str) -> list[str]:
 def _assignments(admin: Any, group: str) -> list[dict[str, list[int]]]:
     """Per member of `group`: topic -> the partitions it holds."""
     members = admin.describe_groups([group])[group]["members"]
-    return [{a["topic"]: sorted(a["partitions"])
-             for a in (m["member_assignment"] or {}).get("assigned_partitions", [])}
-            for m in members]
+    return [
+        {
+            a["topic"]: sorted(a["partitions"])
+            for a in (m["member_assignment"] or {}).get("assigned_partitions", [])
+        }
+        for m in members
+    ]
 
 
 def _env(service: Mapping[str, Any], **overrides: str) -> dict[str, str]:
@@ -337,12 +381,14 @@ class Processes:
         self.logs = logs
         self.started: list[tuple[subprocess.Popen[bytes], Path]] = []
 
-    def start(self, name: str, command: list[str], env: Mapping[str, str]
-              ) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, command: list[str], env: Mapping[str, str]
+    ) -> subprocess.Popen[bytes]:
         log = self.logs / f"{name}-{len(self.started)}.log"
         with log.open("wb") as out:
-            proc = subprocess.Popen(command, env=dict(env), stdout=out,
-                                    stderr=subprocess.STDOUT, cwd=self.logs)
+            proc = subprocess.Popen(
+                command, env=dict(env), stdout=out, stderr=subprocess.STDOUT, cwd=self.logs
+            )
         self.started.append((proc, log))
         return proc
 
@@ -350,8 +396,7 @@ class Processes:
         try:
             return proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"still running after {timeout_s} s\n{self.tail(proc)}"
-                                 ) from None
+            raise AssertionError(f"still running after {timeout_s} s\n{self.tail(proc)}") from None
 
     def tail(self, proc: subprocess.Popen[bytes]) -> str:
         log = next(log for p, log in self.started if p is proc)
@@ -396,23 +441,32 @@ def test_the_compose_commands_run_the_pipeline(bootstrap: str, processes: Proces
     with KafkaAdminClient(bootstrap_servers=bootstrap) as admin:
         described = admin.describe_topics(list(names.all))
     assert {t["name"]: len(t["partitions"]) for t in described} == {
-        t: partitions for t in names.all}
+        t: partitions for t in names.all
+    }
 
     # 2. the simulator (short and fast) and two workers of one group, together
     devices = 2
-    sim = _with(_with(_with(command("simulator"), "--duration", "6"), "--speed", "3"),
-                "--devices", str(devices))
+    sim = _with(
+        _with(_with(command("simulator"), "--duration", "6"), "--speed", "3"),
+        "--devices",
+        str(devices),
+    )
     simulator = processes.start("simulator", sim, _env(s["simulator"]))
-    envs = [_env(s["worker"], IOTFUSE_RUNTIME__METRICS_PORT=str(port))
-            for port in free_ports("127.0.0.1", 2, exclude=set())]
+    envs = [
+        _env(s["worker"], IOTFUSE_RUNTIME__METRICS_PORT=str(port))
+        for port in free_ports("127.0.0.1", 2, exclude=set())
+    ]
     workers = [processes.start("worker", command("worker"), env) for env in envs]
 
     try:
-        events = read_until(bootstrap, [names.events],
-                            lambda got: len({e.key for e in got}) >= devices, timeout_s=90)
+        events = read_until(
+            bootstrap,
+            [names.events],
+            lambda got: len({e.key for e in got}) >= devices,
+            timeout_s=90,
+        )
     except AssertionError as exc:
-        raise AssertionError(f"{exc}\n" + "\n".join(processes.tail(w) for w in workers)
-                             ) from None
+        raise AssertionError(f"{exc}\n" + "\n".join(processes.tail(w) for w in workers)) from None
     for e in events:
         body = json.loads(e.value or b"")
         assert body["schema"] == "iotfuse.event/v1" and body["device_id"].encode() == e.key
@@ -423,8 +477,9 @@ def test_the_compose_commands_run_the_pipeline(bootstrap: str, processes: Proces
     deadline = time.monotonic() + 30
     with KafkaAdminClient(bootstrap_servers=bootstrap) as admin:
         while not all(held := _assignments(admin, group)) or len(held) < 2:
-            assert time.monotonic() < deadline, (
-                f"group {group}: {held}\n" + "\n".join(processes.tail(w) for w in workers))
+            assert time.monotonic() < deadline, f"group {group}: {held}\n" + "\n".join(
+                processes.tail(w) for w in workers
+            )
             time.sleep(0.2)
     for member in held:
         assert len({tuple(member.get(t, ())) for t in names.inputs}) == 1, held

@@ -23,6 +23,7 @@ WINDOW_MS = 500  # 4000 samples at 8 kHz -> 4000 // 80 + 1 = 51 frames
 
 # --- camera -----------------------------------------------------------------------------------
 
+
 def test_camera_preprocessor_normalises_and_moves_channels_first() -> None:
     raw = torch.zeros(3, 2, 32, 32, 3, dtype=torch.uint8)
     raw[..., 0] = 255  # pure red
@@ -41,12 +42,18 @@ def test_camera_preprocessor_per_channel_statistics() -> None:
         torch.testing.assert_close(got, want.permute(0, 1, 4, 2, 3))
 
 
-@pytest.mark.parametrize("raw, message", [
-    (torch.zeros(1, 2, 48, 48, 3, dtype=torch.uint8), r"expected rows of shape \[2, 32, 32, 3\]"),
-    (torch.zeros(1, 3, 32, 32, 3, dtype=torch.uint8), r"got batch \[1, 3, 32, 32, 3\]"),
-    (torch.zeros(1, 2, 32, 32, 4, dtype=torch.uint8), "expected rows of shape"),
-    (torch.zeros(1, 2, 32, 32, 3, dtype=torch.float32), "expected dtype torch.uint8"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (
+            torch.zeros(1, 2, 48, 48, 3, dtype=torch.uint8),
+            r"expected rows of shape \[2, 32, 32, 3\]",
+        ),
+        (torch.zeros(1, 3, 32, 32, 3, dtype=torch.uint8), r"got batch \[1, 3, 32, 32, 3\]"),
+        (torch.zeros(1, 2, 32, 32, 4, dtype=torch.uint8), "expected rows of shape"),
+        (torch.zeros(1, 2, 32, 32, 3, dtype=torch.float32), "expected dtype torch.uint8"),
+    ],
+)
 def test_camera_preprocessor_refuses_wrong_input(raw: torch.Tensor, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         CameraPreprocessor(CAMERA)(raw, INFO)
@@ -62,6 +69,7 @@ def test_camera_cnn_shape_and_frame_order_invariance() -> None:
 
 
 # --- audio ------------------------------------------------------------------------------------
+
 
 def test_audio_preprocessor_gives_log_mel() -> None:
     pre = AudioPreprocessor(AUDIO, WINDOW_MS)
@@ -87,13 +95,16 @@ def test_audio_preprocessor_refuses_wrong_sample_rate_with_advice() -> None:
         pre(torch.zeros(1, 4000), RawInfo(audio_sample_rate=44100))
 
 
-@pytest.mark.parametrize("raw, message", [
-    (torch.zeros(1, 3999), r"expected rows of shape \[4000\]"),
-    (torch.zeros(1, 4000, 2), "expected rows of shape"),
-    (torch.zeros(1, 4000, dtype=torch.float64), "expected dtype torch.float32"),
-    (torch.zeros(1, 4000, dtype=torch.int16), "expected dtype torch.float32"),
-    (torch.full((1, 4000), float("nan")), "NaN or infinity"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (torch.zeros(1, 3999), r"expected rows of shape \[4000\]"),
+        (torch.zeros(1, 4000, 2), "expected rows of shape"),
+        (torch.zeros(1, 4000, dtype=torch.float64), "expected dtype torch.float32"),
+        (torch.zeros(1, 4000, dtype=torch.int16), "expected dtype torch.float32"),
+        (torch.full((1, 4000), float("nan")), "NaN or infinity"),
+    ],
+)
 def test_audio_preprocessor_refuses_wrong_input(raw: torch.Tensor, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         AudioPreprocessor(AUDIO, WINDOW_MS)(raw, INFO)
@@ -107,13 +118,13 @@ def test_audio_cnn_shape() -> None:
 
 # --- telemetry --------------------------------------------------------------------------------
 
+
 def test_telemetry_preprocessor_normalises_and_masks_missing() -> None:
     cfg = TelemetryConfig(metrics=("a", "b"), steps=3, mean=(10.0, 0.0), std=(2.0, 4.0))
     raw = torch.tensor([[[12.0, float("nan")], [10.0, 8.0], [float("nan"), float("nan")]]])
     x = TelemetryPreprocessor(cfg)(raw, INFO)
     assert x.shape == (1, 3, 4)
-    expected = torch.tensor([[[1.0, 0.0, 1.0, 0.0], [0.0, 2.0, 1.0, 1.0],
-                              [0.0, 0.0, 0.0, 0.0]]])
+    expected = torch.tensor([[[1.0, 0.0, 1.0, 0.0], [0.0, 2.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]])
     torch.testing.assert_close(x, expected)
 
 
@@ -128,12 +139,15 @@ def test_telemetry_far_out_of_range_stays_finite_through_the_trunk() -> None:
         assert torch.isfinite(build_telemetry_trunk(cfg).eval()(x)).all()
 
 
-@pytest.mark.parametrize("raw, message", [
-    (torch.zeros(1, 3, 3), r"expected rows of shape \[3, 2\]"),
-    (torch.zeros(1, 4, 2), r"expected rows of shape \[3, 2\]"),
-    (torch.zeros(1, 3, 2, dtype=torch.float64), "expected dtype torch.float32"),
-    (torch.full((1, 3, 2), float("inf")), "infinite; use NaN"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (torch.zeros(1, 3, 3), r"expected rows of shape \[3, 2\]"),
+        (torch.zeros(1, 4, 2), r"expected rows of shape \[3, 2\]"),
+        (torch.zeros(1, 3, 2, dtype=torch.float64), "expected dtype torch.float32"),
+        (torch.full((1, 3, 2), float("inf")), "infinite; use NaN"),
+    ],
+)
 def test_telemetry_preprocessor_refuses_wrong_input(raw: torch.Tensor, message: str) -> None:
     cfg = TelemetryConfig(metrics=("a", "b"), steps=3)
     with pytest.raises(ValueError, match=message):
@@ -147,17 +161,20 @@ def test_telemetry_cnn_shape() -> None:
         assert trunk(torch.randn(4, 20, 6)).shape == (4, 12)
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: CameraConfig(image_size=16), "camera.image_size must be >= 32"),
-    (lambda: CameraConfig(trunk="hf"), "needs camera.hf_path"),
-    (lambda: CameraConfig(hf_path="/x"), 'only used with camera.trunk="hf"'),
-    (lambda: AudioConfig(n_mels=500), "audio.n_mels"),
-    (lambda: AudioConfig(sample_rate=1000), "audio.sample_rate"),
-    (lambda: TelemetryConfig(metrics=()), "telemetry.metrics is empty"),
-    (lambda: TelemetryConfig(metrics=("a", "a")), "duplicates"),
-    (lambda: TelemetryConfig(metrics=("a",), std=(0.0,)), "telemetry.std"),
-    (lambda: TelemetryConfig(metrics=("a", "b"), mean=(1.0,)), "one value per metric"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: CameraConfig(image_size=16), "camera.image_size must be >= 32"),
+        (lambda: CameraConfig(trunk="hf"), "needs camera.hf_path"),
+        (lambda: CameraConfig(hf_path="/x"), 'only used with camera.trunk="hf"'),
+        (lambda: AudioConfig(n_mels=500), "audio.n_mels"),
+        (lambda: AudioConfig(sample_rate=1000), "audio.sample_rate"),
+        (lambda: TelemetryConfig(metrics=()), "telemetry.metrics is empty"),
+        (lambda: TelemetryConfig(metrics=("a", "a")), "duplicates"),
+        (lambda: TelemetryConfig(metrics=("a",), std=(0.0,)), "telemetry.std"),
+        (lambda: TelemetryConfig(metrics=("a", "b"), mean=(1.0,)), "one value per metric"),
+    ],
+)
 def test_modality_configs_refuse_bad_values(make: object, message: str) -> None:
     with pytest.raises(ModelConfigError, match=message):
         make()  # type: ignore[operator]
@@ -165,12 +182,19 @@ def test_modality_configs_refuse_bad_values(make: object, message: str) -> None:
 
 # --- transformers trunks (tiny models built here, never downloaded) ---------------------------
 
+
 def tiny_vit(directory: Path) -> str:
     """Save a 1-layer ViT (32x32 images) into directory; returns its path."""
     from transformers import ViTConfig, ViTModel
 
-    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
-                    num_attention_heads=2, intermediate_size=64)
+    cfg = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
     ViTModel(cfg).save_pretrained(directory)
     return str(directory)
 
@@ -178,9 +202,17 @@ def tiny_vit(directory: Path) -> str:
 def tiny_ast(directory: Path, n_mels: int = 16) -> str:
     from transformers import ASTConfig, ASTModel
 
-    cfg = ASTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                    intermediate_size=64, patch_size=16, frequency_stride=16, time_stride=16,
-                    max_length=64, num_mel_bins=n_mels)
+    cfg = ASTConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=16,
+        frequency_stride=16,
+        time_stride=16,
+        max_length=64,
+        num_mel_bins=n_mels,
+    )
     ASTModel(cfg).save_pretrained(directory)
     return str(directory)
 
@@ -198,8 +230,9 @@ def test_hf_vision_trunk_resizes_frames_and_pools(tmp_path: Path) -> None:
 
 
 def test_hf_audio_trunk_pads_time_to_max_length(tmp_path: Path) -> None:
-    cfg = AudioConfig(sample_rate=8000, n_fft=256, n_mels=16, trunk="hf",
-                      hf_path=tiny_ast(tmp_path))
+    cfg = AudioConfig(
+        sample_rate=8000, n_fft=256, n_mels=16, trunk="hf", hf_path=tiny_ast(tmp_path)
+    )
     trunk = build_audio_trunk(cfg).eval()
     with torch.no_grad():
         short = trunk(torch.randn(2, 16, 51))  # 51 frames padded to 64
@@ -212,13 +245,15 @@ def test_hf_audio_trunk_pads_time_to_max_length(tmp_path: Path) -> None:
 def test_hf_audio_trunk_refuses_mel_mismatch(tmp_path: Path) -> None:
     path = tiny_ast(tmp_path, n_mels=32)
     with pytest.raises(ModelConfigError, match="num_mel_bins=32 but audio.n_mels=16"):
-        build_audio_trunk(AudioConfig(sample_rate=8000, n_fft=256, n_mels=16, trunk="hf",
-                                      hf_path=path))
+        build_audio_trunk(
+            AudioConfig(sample_rate=8000, n_fft=256, n_mels=16, trunk="hf", hf_path=path)
+        )
 
 
 def test_hf_freeze_and_missing_directory(tmp_path: Path) -> None:
-    frozen = build_camera_trunk(CameraConfig(trunk="hf", hf_path=tiny_vit(tmp_path),
-                                             freeze_trunk=True))
+    frozen = build_camera_trunk(
+        CameraConfig(trunk="hf", hf_path=tiny_vit(tmp_path), freeze_trunk=True)
+    )
     assert not any(p.requires_grad for p in frozen.parameters())
     with pytest.raises(ModelConfigError, match="is not a directory.*Nothing is downloaded"):
         build_camera_trunk(CameraConfig(trunk="hf", hf_path=str(tmp_path / "nope")))

@@ -62,7 +62,8 @@ def test_every_output_holds_exactly_the_positions_it_derives_from(runner: ModelR
     outputs = list(run_offline(engine, records))
     held = [p for o in outputs for p in o.holds] + engine.take_released()
     assert sorted((p.topic, p.partition, p.offset) for p in held) == sorted(
-        (r.topic, r.partition, r.offset) for r in records)
+        (r.topic, r.partition, r.offset) for r in records
+    )
 
 
 def test_windows_closing_together_are_classified_in_one_batch(runner: ModelRunner) -> None:
@@ -100,8 +101,10 @@ def test_late_records_are_counted_released_and_not_published(runner: ModelRunner
     engine = build_engine(Settings(), runner, metrics)
     recs = number(device_stream("d", T0, 4, (Modality.TELEMETRY,)))
     late = number(device_stream("d", T0, 1, (Modality.TELEMETRY,)))[:3]
-    late = [type(r)(r.topic, r.partition, 1000 + i, r.timestamp_ms, r.key, r.value, r.headers)
-            for i, r in enumerate(late)]
+    late = [
+        type(r)(r.topic, r.partition, 1000 + i, r.timestamp_ms, r.key, r.value, r.headers)
+        for i, r in enumerate(late)
+    ]
     outputs = list(run_offline(engine, recs + late))
     assert len([o for o in outputs if o.topic == TOPICS.events]) == 2
     assert metrics.value("iotfuse_late_records_total", {"modality": "telemetry"}) == 3
@@ -117,6 +120,7 @@ def test_a_model_without_a_modality_ignores_it_but_still_counts_it(tmp_path: Pat
     assert event["attribution"]["camera"] == 0.0
     # one modality present: its Shapley value is p(full) - p(no modality) for the label
     import torch
+
     k = CLASSES.index(event["label"])
     empty = torch.zeros(1, 1, runner.config.fusion.dim)  # [B=1, M=1, D]
     with torch.inference_mode():
@@ -134,14 +138,14 @@ def test_metrics_endpoint_serves_the_pipeline_counters(runner: ModelRunner) -> N
     list(run_offline(build_engine(Settings(), runner, metrics), records))
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     telemetry_in = sum(1 for r in records if r.topic == TOPICS.telemetry) - sum(
-        1 for r, _ in bad if r.topic == TOPICS.telemetry)
+        1 for r, _ in bad if r.topic == TOPICS.telemetry
+    )
     assert f'iotfuse_records_in_total{{modality="telemetry"}} {float(telemetry_in)}' in body
     assert 'iotfuse_dead_letters_total{reason="telemetry_non_finite"} 2.0' in body
     assert "iotfuse_stage_seconds_bucket" in body and "iotfuse_windows_emitted_total" in body
 
 
-def test_open_windows_and_buffered_bytes_are_capped_for_back_pressure(
-        runner: ModelRunner) -> None:
+def test_open_windows_and_buffered_bytes_are_capped_for_back_pressure(runner: ModelRunner) -> None:
     s = Settings()
     engine = build_engine(replace(s, windows=replace(s.windows, max_open_windows=3)), runner)
     for d in range(3):
@@ -201,8 +205,7 @@ def test_a_large_batch_split_over_threads_gives_the_same_decisions(runner: Model
         calls: list[int] = []
         classify = engine.classify
         engine.classify = lambda raws: calls.append(len(raws)) or classify(raws)
-        got = [json.loads(o.value) for o in run_offline(engine, recs)
-               if o.topic == TOPICS.events]
+        got = [json.loads(o.value) for o in run_offline(engine, recs) if o.topic == TOPICS.events]
         assert sum(calls) == 24 and (len(calls) > 1) == (threads > 1)  # split, or one call
         return {e["device_id"]: e for e in got}
 
@@ -213,15 +216,23 @@ def test_a_large_batch_split_over_threads_gives_the_same_decisions(runner: Model
         assert abs(e["confidence"] - three[device]["confidence"]) < 1e-5
 
 
-def engine_with_early(runner: ModelRunner, early: bool, metrics: Metrics | None = None
-                      ) -> Engine:
+def engine_with_early(runner: ModelRunner, early: bool, metrics: Metrics | None = None) -> Engine:
     s = Settings()
-    return build_engine(replace(s, runtime=replace(s.runtime, early_inference=early)),
-                        runner, metrics, clock=FakeClock())
+    return build_engine(
+        replace(s, runtime=replace(s.runtime, early_inference=early)),
+        runner,
+        metrics,
+        clock=FakeClock(),
+    )
 
 
-def live(runner: ModelRunner, records: list, early: bool, metrics: Metrics | None = None,
-         polls: list[int] | None = None) -> tuple[list[dict], list[int]]:
+def live(
+    runner: ModelRunner,
+    records: list,
+    early: bool,
+    metrics: Metrics | None = None,
+    polls: list[int] | None = None,
+) -> tuple[list[dict], list[int]]:
     """Drive the engine as the Kafka worker does, one record per poll (or `polls[i]`
     records in poll i); returns the events (without processed_at_ms) and the sizes of the
     model calls."""
@@ -246,9 +257,11 @@ def live(runner: ModelRunner, records: list, early: bool, metrics: Metrics | Non
 
 
 def test_a_window_classified_before_it_closes_publishes_that_result_at_close(
-        runner: ModelRunner) -> None:
-    recs = number(sorted(device_stream("a", T0, 3) + device_stream("b", T0, 3),
-                         key=lambda r: r.timestamp_ms))
+    runner: ModelRunner,
+) -> None:
+    recs = number(
+        sorted(device_stream("a", T0, 3) + device_stream("b", T0, 3), key=lambda r: r.timestamp_ms)
+    )
     metrics = Metrics()
     early, calls = live(runner, recs, True, metrics)
     late, late_calls = live(runner, recs, False)
@@ -261,7 +274,8 @@ def test_a_window_classified_before_it_closes_publishes_that_result_at_close(
 
 
 def test_a_record_joining_after_early_inference_gets_the_window_classified_again(
-        runner: ModelRunner) -> None:
+    runner: ModelRunner,
+) -> None:
     tel = (Modality.TELEMETRY,)
     recs = device_stream("a", T0, 2, tel) + device_stream("a", T0 + 2000, 1, tel)[:1]
     joining = device_stream("a", T0 + 1000, 1, tel)[-1:]  # at 1.9 s, within lateness
@@ -295,8 +309,11 @@ def test_a_closed_window_classified_early_does_not_wait_for_company(runner: Mode
 
 def test_a_dead_letter_too_large_for_its_topic_goes_without_its_value() -> None:
     bad = number([record(TOPICS.camera, "cam-1", T0, b"\x00" * 5000)])[0]
-    out = dead_letter(bad, RejectedRecord("validate", Reason.UNSUPPORTED_FORMAT, "not an image"),
-                      TOPICS.deadletter)
+    out = dead_letter(
+        bad,
+        RejectedRecord("validate", Reason.UNSUPPORTED_FORMAT, "not an image"),
+        TOPICS.deadletter,
+    )
     size = 5 + 5000 + sum(len(k) + len(v) for k, v in out.headers) + RECORD_OVERHEAD_BYTES
     assert fit_dead_letter(out, size) is out  # fits: unchanged
     slim = fit_dead_letter(out, size - 1)
@@ -333,8 +350,17 @@ def test_readings_beyond_float32_give_a_valid_event_not_a_crash(
     """Telemetry takes any finite JSON number. 1e300 is infinite in float32: the model's
     input check raised and the worker stopped at every restart. 3e38 fits, but normalised
     by the shipped model's statistics it overflowed: scores NaN, an event not valid JSON."""
-    records = number([record(TOPICS.telemetry, "dev-1", T0 + 100 * i, telemetry(
-        temperature_c=reading if i == 3 else 21.0, vibration_rms=0.2)) for i in range(20)])
+    records = number(
+        [
+            record(
+                TOPICS.telemetry,
+                "dev-1",
+                T0 + 100 * i,
+                telemetry(temperature_c=reading if i == 3 else 21.0, vibration_rms=0.2),
+            )
+            for i in range(20)
+        ]
+    )
     outputs = list(run_offline(build_engine(Settings(), shipped), records))
     [event] = [strict_json(o.value) for o in outputs]
     assert event["modalities"]["telemetry"]["records"] == 20

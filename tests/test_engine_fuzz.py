@@ -23,24 +23,55 @@ from pipeline.settings import Settings
 from tests.factory import T0, TOPICS, jpeg, number, png, strict_json, wav
 from tests.test_decode_image import mutate
 
-EXTREMES = [0.0, -0.0, 1e-320, 5e-324, 1e300, -1e300, 3.4e38, -3.5e38, 1.7e308, 10**40,
-            2**63, -(2**63), True, False, None, "21.5", [], {"nested": 1e308}]
-CONTENT_TYPES = [None, b"image/jpeg", b"image/png", b"audio/wav", b"audio/pcm",
-                 b"audio/pcm;rate=16000;channels=1;format=s16le", b"application/json",
-                 b"\xff\xfe", b"text/plain; charset=utf-8"]
+EXTREMES = [
+    0.0,
+    -0.0,
+    1e-320,
+    5e-324,
+    1e300,
+    -1e300,
+    3.4e38,
+    -3.5e38,
+    1.7e308,
+    10**40,
+    2**63,
+    -(2**63),
+    True,
+    False,
+    None,
+    "21.5",
+    [],
+    {"nested": 1e308},
+]
+CONTENT_TYPES = [
+    None,
+    b"image/jpeg",
+    b"image/png",
+    b"audio/wav",
+    b"audio/pcm",
+    b"audio/pcm;rate=16000;channels=1;format=s16le",
+    b"application/json",
+    b"\xff\xfe",
+    b"text/plain; charset=utf-8",
+]
 
 
 def hostile_telemetry(rng: random.Random) -> bytes:
-    metrics = {name: rng.choice(EXTREMES) for name in
-               rng.sample(["temperature_c", "vibration_rms", "smoke_ppm", "door_open", "x"], 3)}
+    metrics = {
+        name: rng.choice(EXTREMES)
+        for name in rng.sample(["temperature_c", "vibration_rms", "smoke_ppm", "door_open", "x"], 3)
+    }
     value = json.dumps(metrics).encode()
     return mutate(value, rng) if rng.random() < 0.3 else value
 
 
 def hostile_record(rng: random.Random, media: dict[Modality, list[bytes]]) -> Record:
     modality = rng.choice(list(Modality))
-    topic = {Modality.CAMERA: TOPICS.camera, Modality.AUDIO: TOPICS.audio,
-             Modality.TELEMETRY: TOPICS.telemetry}[modality]
+    topic = {
+        Modality.CAMERA: TOPICS.camera,
+        Modality.AUDIO: TOPICS.audio,
+        Modality.TELEMETRY: TOPICS.telemetry,
+    }[modality]
     if modality is Modality.TELEMETRY:
         value: bytes | None = hostile_telemetry(rng)
     else:
@@ -62,8 +93,10 @@ def test_hostile_streams_never_stop_the_engine_and_give_strict_events(
     shipped: ModelRunner, seed: int
 ) -> None:
     rng = random.Random(seed)
-    media = {Modality.CAMERA: [jpeg(seed=1), jpeg(320, 240, seed=2), png()],
-             Modality.AUDIO: [wav(), wav(0.5, 8000), wav(0.25, 44100)]}
+    media = {
+        Modality.CAMERA: [jpeg(seed=1), jpeg(320, 240, seed=2), png()],
+        Modality.AUDIO: [wav(), wav(0.5, 8000), wav(0.25, 44100)],
+    }
     records = number([hostile_record(rng, media) for _ in range(600)])
     engine = build_engine(Settings(), shipped, clock=lambda: T0 + 40_000)
     outputs = list(run_offline(engine, records))
@@ -78,4 +111,5 @@ def test_hostile_streams_never_stop_the_engine_and_give_strict_events(
         assert all(math.isfinite(a) for a in value["attribution"].values())
     accounted = [p for o in outputs for p in o.holds] + engine.take_released()
     assert sorted((p.topic, p.partition, p.offset) for p in accounted) == sorted(
-        (r.topic, r.partition, r.offset) for r in records)
+        (r.topic, r.partition, r.offset) for r in records
+    )

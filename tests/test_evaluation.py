@@ -69,8 +69,14 @@ def test_ablation_removes_modalities_from_the_inputs_and_skips_emptied_windows()
     y_true = np.array([1, 1, 1, 0])
     fake = RecordingClassifier()
     got = ablation(fake, windows, y_true, ALL_MODALITIES, ("x", "y"))
-    assert list(got) == ["without_camera", "only_camera", "without_audio", "only_audio",
-                         "without_telemetry", "only_telemetry"]
+    assert list(got) == [
+        "without_camera",
+        "only_camera",
+        "without_audio",
+        "only_audio",
+        "without_telemetry",
+        "only_telemetry",
+    ]
     assert fake.calls == [
         [frozenset({A, T})] * 2 + [frozenset({T}), frozenset({A})],  # without camera
         [frozenset({C})] * 3,  # only camera: the audio-only window is left out
@@ -92,8 +98,10 @@ def test_keep_modalities_never_mutates_the_windows() -> None:
 
 
 def test_evaluate_windows_puts_the_ablation_macro_f1_at_the_top_level() -> None:
-    windows = [LabelledWindow("d", T0, _inputs(A, T), "y"), LabelledWindow("d", T0, _inputs(A),
-                                                                           "x")]
+    windows = [
+        LabelledWindow("d", T0, _inputs(A, T), "y"),
+        LabelledWindow("d", T0, _inputs(A), "x"),
+    ]
     got = evaluate_windows(RecordingClassifier(), windows, ("x", "y"), (A, T))
     assert got["macro_f1"] == 1.0
     assert got["without_telemetry"] == got["ablation"]["without_telemetry"]["macro_f1"]
@@ -109,19 +117,36 @@ def test_specs_merge_only_when_shared_modalities_agree() -> None:
     tel = FeatureSpec(2000, (T,), metrics=("a",))
     assert merged_spec([full, tel]) == full
     assert merged_spec([tel, FeatureSpec(2000, (C,), image_size=32)]) == FeatureSpec(
-        2000, (C, T), image_size=32, metrics=("a",))
+        2000, (C, T), image_size=32, metrics=("a",)
+    )
     assert merged_spec([full, FeatureSpec(2000, (T,), metrics=("b",))]) is None
     assert merged_spec([full, FeatureSpec(1000, (A,))]) is None
 
 
 def _metrics() -> dict[str, Any]:
     s = scores([0, 1, 1], [0, 1, 0], ("normal", "fire"))
-    return {"schema": "iotfuse.evaluation/v1", "data": ["t.iotrec"],
-            "model": {"name": "m", "version": "sha256:" + "a" * 64, "path": "m",
-                      "modalities": ["audio"]},
-            "classes": ["normal", "fire"], **s,
-            "compare": [{"name": "other", "version": "sha256:" + "b" * 64, "path": "o",
-                         "modalities": ["telemetry"], **s, "macro_f1": 0.25}]}
+    return {
+        "schema": "iotfuse.evaluation/v1",
+        "data": ["t.iotrec"],
+        "model": {
+            "name": "m",
+            "version": "sha256:" + "a" * 64,
+            "path": "m",
+            "modalities": ["audio"],
+        },
+        "classes": ["normal", "fire"],
+        **s,
+        "compare": [
+            {
+                "name": "other",
+                "version": "sha256:" + "b" * 64,
+                "path": "o",
+                "modalities": ["telemetry"],
+                **s,
+                "macro_f1": 0.25,
+            }
+        ],
+    }
 
 
 def test_best_single_modality_takes_only_scores_and_one_modality_models() -> None:
@@ -151,22 +176,43 @@ def test_report_files(tmp_path: Path) -> None:
 
 def _random_model(directory: Path, modalities: tuple[Modality, ...]) -> Path:
     torch.manual_seed(0)
-    cfg = ModelConfig(name="rand-" + "-".join(m.value for m in modalities), classes=CLASSES,
-                      modalities=modalities,
-                      telemetry=TelemetryConfig(metrics=DEFAULT_METRICS) if T in modalities
-                      else None, fusion=FusionConfig(dim=16, layers=1, heads=2))
+    cfg = ModelConfig(
+        name="rand-" + "-".join(m.value for m in modalities),
+        classes=CLASSES,
+        modalities=modalities,
+        telemetry=TelemetryConfig(metrics=DEFAULT_METRICS) if T in modalities else None,
+        fusion=FusionConfig(dim=16, layers=1, heads=2),
+    )
     save_model(FusionClassifier(cfg), directory)
     return directory
 
 
 def test_evaluate_cli_writes_the_report_with_comparisons(tmp_path: Path) -> None:
     rec = tmp_path / "t.iotrec"
-    assert main(["simulate", "--seed", "31", "--devices", "1", "--duration", "8",
-                 "--out", str(rec)]) == 0
+    assert (
+        main(["simulate", "--seed", "31", "--devices", "1", "--duration", "8", "--out", str(rec)])
+        == 0
+    )
     full = _random_model(tmp_path / "full", ALL_MODALITIES)
     tel = _random_model(tmp_path / "tel", (T,))
-    assert main(["evaluate", "--model", str(full), "--data", str(rec), "--out",
-                 str(tmp_path / "rep"), "--compare", str(tel), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(full),
+                "--data",
+                str(rec),
+                "--out",
+                str(tmp_path / "rep"),
+                "--compare",
+                str(tel),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((tmp_path / "rep" / "metrics.json").read_text())
     assert metrics["model"]["name"] == "rand-camera-audio-telemetry"
     assert metrics["classes"] == list(CLASSES) and metrics["windows"] == 4

@@ -19,30 +19,41 @@ from fusion.modelfile import save_model
 RATE = 8000
 
 
-def tiny_config(modalities: Sequence[Modality] = ALL_MODALITIES,
-                classes: tuple[str, ...] = ("a", "b", "c"), dropout: float = 0.0,
-                **sections: object) -> ModelConfig:
+def tiny_config(
+    modalities: Sequence[Modality] = ALL_MODALITIES,
+    classes: tuple[str, ...] = ("a", "b", "c"),
+    dropout: float = 0.0,
+    **sections: object,
+) -> ModelConfig:
     """A model small enough for fast CPU tests: 32x32x2 frames, 0.5 s audio, 3x8 telemetry."""
     defaults: dict[str, object] = {
         "camera": CameraConfig(image_size=32, num_frames=2, width=4, embed_dim=8),
-        "audio": AudioConfig(sample_rate=RATE, n_fft=256, hop_ms=10, n_mels=16, width=4,
-                             embed_dim=8),
+        "audio": AudioConfig(
+            sample_rate=RATE, n_fft=256, hop_ms=10, n_mels=16, width=4, embed_dim=8
+        ),
         "telemetry": TelemetryConfig(metrics=("t", "v", "p"), steps=8, width=8, embed_dim=8),
     }
     defaults.update(sections)
     chosen = {m.value: defaults[m.value] for m in modalities}
-    return ModelConfig(name="tiny", classes=classes, window_ms=500, modalities=tuple(modalities),
-                       fusion=FusionConfig(dim=16, layers=1, heads=2, dropout=dropout),
-                       **chosen)  # type: ignore[arg-type]
+    return ModelConfig(
+        name="tiny",
+        classes=classes,
+        window_ms=500,
+        modalities=tuple(modalities),
+        fusion=FusionConfig(dim=16, layers=1, heads=2, dropout=dropout),
+        **chosen,
+    )  # type: ignore[arg-type]
 
 
-def random_window(rng: np.random.Generator, cfg: ModelConfig,
-                  modalities: Sequence[Modality]) -> dict[Modality, np.ndarray]:
+def random_window(
+    rng: np.random.Generator, cfg: ModelConfig, modalities: Sequence[Modality]
+) -> dict[Modality, np.ndarray]:
     window: dict[Modality, np.ndarray] = {}
     if Modality.CAMERA in modalities and cfg.camera is not None:
         c = cfg.camera
-        window[Modality.CAMERA] = rng.integers(0, 256, (c.num_frames, c.image_size,
-                                                        c.image_size, 3), dtype=np.uint8)
+        window[Modality.CAMERA] = rng.integers(
+            0, 256, (c.num_frames, c.image_size, c.image_size, 3), dtype=np.uint8
+        )
     if Modality.AUDIO in modalities and cfg.audio is not None:
         n = cfg.audio.window_samples(cfg.window_ms)
         window[Modality.AUDIO] = (0.1 * rng.standard_normal(n)).astype(np.float32)
@@ -92,8 +103,10 @@ def test_every_subset_of_modalities_per_row(model: FusionClassifier) -> None:
 def test_collate_keeps_only_rows_with_the_modality() -> None:
     cfg = tiny_config()
     rng = np.random.default_rng(1)
-    windows = [random_window(rng, cfg, s) for s in
-               [(Modality.CAMERA,), (Modality.AUDIO, Modality.TELEMETRY), ALL_MODALITIES]]
+    windows = [
+        random_window(rng, cfg, s)
+        for s in [(Modality.CAMERA,), (Modality.AUDIO, Modality.TELEMETRY), ALL_MODALITIES]
+    ]
     batch = WindowBatch.collate(windows, RATE)
     assert batch.size == 3
     assert batch.rows[Modality.CAMERA].tolist() == [0, 2]
@@ -118,8 +131,10 @@ def test_collate_refuses_mixed_shapes_and_unknown_keys() -> None:
 
 def test_missing_modality_of_another_row_changes_nothing(model: FusionClassifier) -> None:
     rng = np.random.default_rng(2)
-    windows = [random_window(rng, model.config, (Modality.AUDIO, Modality.TELEMETRY)),
-               random_window(rng, model.config, ALL_MODALITIES)]
+    windows = [
+        random_window(rng, model.config, (Modality.AUDIO, Modality.TELEMETRY)),
+        random_window(rng, model.config, ALL_MODALITIES),
+    ]
     with torch.inference_mode():
         before = model(WindowBatch.collate(windows, RATE))["logits"]
         windows[1][Modality.CAMERA] = 255 - windows[1][Modality.CAMERA]  # row 0 has no camera
@@ -143,14 +158,16 @@ def test_row_output_is_independent_of_batch_composition(model: FusionClassifier)
 
 def test_absent_slots_are_masked_not_zero_filled(model: FusionClassifier) -> None:
     tokens = torch.randn(4, 3, 16)
-    present = torch.tensor([[True, False, True], [False, False, False],
-                            [True, True, True], [False, True, False]])
+    present = torch.tensor(
+        [[True, False, True], [False, False, False], [True, True, True], [False, True, False]]
+    )
     garbage = torch.where(present[..., None], tokens, 1e3 * torch.randn(4, 3, 16))
     with torch.inference_mode():
         torch.testing.assert_close(model.fuse(garbage, present), model.fuse(tokens, present))
         # presence matters: the same tokens with everything unmasked give other logits
-        assert not torch.allclose(model.fuse(tokens, torch.ones_like(present)),
-                                  model.fuse(tokens, present))
+        assert not torch.allclose(
+            model.fuse(tokens, torch.ones_like(present)), model.fuse(tokens, present)
+        )
 
 
 def test_model_refuses_modality_it_was_not_built_for() -> None:
@@ -172,8 +189,9 @@ def test_empty_batch_gives_empty_outputs(model: FusionClassifier) -> None:
 def test_gradients_reach_every_stage(model: FusionClassifier) -> None:
     model.train()
     rng = np.random.default_rng(5)
-    batch = WindowBatch.collate([random_window(rng, model.config, ALL_MODALITIES)
-                                 for _ in range(3)], RATE)
+    batch = WindowBatch.collate(
+        [random_window(rng, model.config, ALL_MODALITIES) for _ in range(3)], RATE
+    )
     loss = model(batch)["logits"].logsumexp(dim=1).sum()
     loss.backward()
     for part in ("trunks", "heads", "postprocess"):
@@ -183,18 +201,20 @@ def test_gradients_reach_every_stage(model: FusionClassifier) -> None:
 
 
 def test_preprocessors_hold_no_parameters_and_state_dict_has_no_buffers_of_theirs(
-        model: FusionClassifier) -> None:
+    model: FusionClassifier,
+) -> None:
     keys = model.state_dict().keys()
     assert not any(k.startswith("preprocess") for k in keys)
     assert {k.split(".")[1] for k in keys if k.startswith("trunks.")} == {
-        "camera", "audio", "telemetry"}
+        "camera",
+        "audio",
+        "telemetry",
+    }
 
 
-def test_predict_restores_training_mode_and_gives_probabilities(
-        model: FusionClassifier) -> None:
+def test_predict_restores_training_mode_and_gives_probabilities(model: FusionClassifier) -> None:
     rng = np.random.default_rng(6)
-    batch = WindowBatch.collate([random_window(rng, model.config, s) for s in all_subsets()],
-                                RATE)
+    batch = WindowBatch.collate([random_window(rng, model.config, s) for s in all_subsets()], RATE)
     model.train()
     pred = model.predict(batch)
     assert model.training
@@ -204,19 +224,20 @@ def test_predict_restores_training_mode_and_gives_probabilities(
 
 
 def test_folding_batchnorm_keeps_outputs_and_refuses_training(
-        model: FusionClassifier, tmp_path: Path) -> None:
+    model: FusionClassifier, tmp_path: Path
+) -> None:
     rng = np.random.default_rng(7)
     for bn in (m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)):
         bn.running_mean.uniform_(-1, 1)  # statistics a trained model would have
         bn.running_var.uniform_(0.5, 2)
         bn.weight.data.uniform_(0.5, 1.5)
         bn.bias.data.uniform_(-0.5, 0.5)
-    batch = WindowBatch.collate([random_window(rng, model.config, s) for s in all_subsets()],
-                                RATE)
+    batch = WindowBatch.collate([random_window(rng, model.config, s) for s in all_subsets()], RATE)
     before = model.predict(batch)
     folded = model.fold_for_inference()
-    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                   for m in folded.trunks.modules())
+    assert not any(
+        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in folded.trunks.modules()
+    )
     after = folded.predict(batch)
     torch.testing.assert_close(after.probs, before.probs, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(after.attribution, before.attribution, rtol=1e-4, atol=1e-5)

@@ -25,8 +25,9 @@ TOPICS = {role: f"run7.{role}" for role in ("camera", "audio", "telemetry", "lab
 
 
 @pytest.fixture(scope="module")
-def simulated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ScenarioConfig,
-                                                                 list[Record]]:
+def simulated(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, ScenarioConfig, list[Record]]:
     """A recording of 3 simulated devices over 6 s, on prefixed topic names, plus one
     record that is not a label on the labels topic."""
     cfg = ScenarioConfig(seed=3, devices=3, duration_s=6, topics=TOPICS)
@@ -51,12 +52,16 @@ def test_inspect_json_gives_counts_devices_and_labels(
     assert {t: v["records"] for t, v in got["topics"].items()} == counts
     assert {t: v["role"] for t, v in got["topics"].items()} == {t: r for r, t in TOPICS.items()}
     assert got["topics"][TOPICS["camera"]]["value_bytes"] == sum(
-        len(r.value or b"") for r in records if r.topic == TOPICS["camera"])
+        len(r.value or b"") for r in records if r.topic == TOPICS["camera"]
+    )
     truth = schedules(cfg)
     assert got["devices"] == sorted(truth)
     stamps = [r.timestamp_ms for r in records]
-    assert got["time_span"] == {"start_ms": min(stamps), "end_ms": max(stamps),
-                                "duration_ms": max(stamps) - min(stamps)}
+    assert got["time_span"] == {
+        "start_ms": min(stamps),
+        "end_ms": max(stamps),
+        "duration_ms": max(stamps) - min(stamps),
+    }
     expected: dict[str, dict[str, int]] = {}
     for episodes in truth.values():
         for ep in episodes:
@@ -65,9 +70,13 @@ def test_inspect_json_gives_counts_devices_and_labels(
             e["duration_ms"] += ep.end_ms - ep.start_ms
     for label in expected:
         expected[label]["devices"] = sum(
-            any(ep.label == label for ep in eps) for eps in truth.values())
-    assert got["labels"] == {"topics": [TOPICS["labels"]], "by_label": expected,
-                             "invalid_records": 1}
+            any(ep.label == label for ep in eps) for eps in truth.values()
+        )
+    assert got["labels"] == {
+        "topics": [TOPICS["labels"]],
+        "by_label": expected,
+        "invalid_records": 1,
+    }
     assert got["digest"].startswith("sha256:")
 
 
@@ -86,7 +95,8 @@ def test_inspect_table_is_readable(
 
 
 def test_plot_is_a_png_with_a_mark_colour_per_modality(
-    simulated: tuple[Path, ScenarioConfig, list[Record]], tmp_path: Path,
+    simulated: tuple[Path, ScenarioConfig, list[Record]],
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     path, _cfg, _records = simulated
@@ -119,8 +129,9 @@ def test_inspect_memory_does_not_grow_with_records(tmp_path: Path) -> None:
     rng = random.Random(0)
     with RecordingWriter(path) as writer:  # ~24 MB of incompressible records, 8 devices
         for i in range(12_000):
-            writer.write(Record("x.camera", i % 3, i, 1000 * i, b"dev-%d" % (i % 8),
-                                rng.randbytes(2048)))
+            writer.write(
+                Record("x.camera", i % 3, i, 1000 * i, b"dev-%d" % (i % 8), rng.randbytes(2048))
+            )
     assert path.stat().st_size > 24_000_000
     tracemalloc.start()
     try:

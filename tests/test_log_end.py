@@ -29,8 +29,9 @@ class Clients:
     def highwater(self, tp: TopicPartition) -> int:
         return self.high[tp]
 
-    def end_offsets(self, partitions: list[TopicPartition], timeout_ms: int | None = None
-                    ) -> dict[TopicPartition, int]:
+    def end_offsets(
+        self, partitions: list[TopicPartition], timeout_ms: int | None = None
+    ) -> dict[TopicPartition, int]:
         self.asked.append(list(partitions))
         return {tp: self.log_end[tp] for tp in partitions}
 

@@ -41,7 +41,8 @@ def saved(tmp_path: Path) -> tuple[FusionClassifier, Path, str]:
 
 
 def test_round_trip_gives_identical_outputs_and_version(
-        saved: tuple[FusionClassifier, Path, str], tmp_path: Path) -> None:
+    saved: tuple[FusionClassifier, Path, str], tmp_path: Path
+) -> None:
     model, directory, version = saved
     assert sorted(p.name for p in directory.iterdir()) == ["config.json", "model.safetensors"]
     digest = hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()
@@ -58,7 +59,8 @@ def test_round_trip_gives_identical_outputs_and_version(
 
 
 def test_different_weights_give_a_different_version(
-        saved: tuple[FusionClassifier, Path, str], tmp_path: Path) -> None:
+    saved: tuple[FusionClassifier, Path, str], tmp_path: Path
+) -> None:
     model, _, version = saved
     with torch.no_grad():
         model.classifier.bias.add_(1e-3)
@@ -84,7 +86,8 @@ def test_pickle_checkpoint_is_refused(tmp_path: Path) -> None:
 
 
 def test_weights_that_do_not_fit_the_config_are_refused(
-        saved: tuple[FusionClassifier, Path, str]) -> None:
+    saved: tuple[FusionClassifier, Path, str],
+) -> None:
     _, directory, _ = saved
     config = json.loads((directory / "config.json").read_text())
     config["fusion"]["layers"] = 2  # architecture no longer matches the (unchanged) weights
@@ -105,24 +108,32 @@ def edit(config: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
     return config
 
 
-@pytest.mark.parametrize("path, value, message", [
-    ("classes", [], "at least 2 class names"),
-    ("classes", ["a", "a"], "duplicates"),
-    ("colour", "red", r"config: unknown key\(s\) \['colour'\]"),
-    ("camera.lens", 3, r"config.camera: unknown key\(s\) \['lens'\]"),
-    ("camera.image_size", "16", "config.camera.image_size: expected an integer, got str"),
-    ("camera.freeze_trunk", 1, "config.camera.freeze_trunk: expected true or false"),
-    ("window_ms", True, "config.window_ms: expected an integer, got bool"),
-    ("modalities", ["camera", "lidar"], r"config.modalities\[1\]: expected one of"),
-    ("modalities", ["audio", "telemetry"], "a camera section is given but camera is not in"),
-    ("telemetry.metrics", KeyError, r"config.telemetry: missing required key\(s\) \['metrics'\]"),
-    ("telemetry.std", [1.0, 0.0, 1.0], "telemetry.std must be finite and > 0"),
-    ("fusion.heads", 3, "fusion.heads=3 must divide fusion.dim=16"),
-    ("name", None, "config.name: expected a string"),
-    ("camera.trunk", "resnet", r"config.camera.trunk: expected one of \['cnn', 'hf'\]"),
-])
-def test_bad_config_is_refused(saved: tuple[FusionClassifier, Path, str], path: str,
-                               value: Any, message: str) -> None:
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        ("classes", [], "at least 2 class names"),
+        ("classes", ["a", "a"], "duplicates"),
+        ("colour", "red", r"config: unknown key\(s\) \['colour'\]"),
+        ("camera.lens", 3, r"config.camera: unknown key\(s\) \['lens'\]"),
+        ("camera.image_size", "16", "config.camera.image_size: expected an integer, got str"),
+        ("camera.freeze_trunk", 1, "config.camera.freeze_trunk: expected true or false"),
+        ("window_ms", True, "config.window_ms: expected an integer, got bool"),
+        ("modalities", ["camera", "lidar"], r"config.modalities\[1\]: expected one of"),
+        ("modalities", ["audio", "telemetry"], "a camera section is given but camera is not in"),
+        (
+            "telemetry.metrics",
+            KeyError,
+            r"config.telemetry: missing required key\(s\) \['metrics'\]",
+        ),
+        ("telemetry.std", [1.0, 0.0, 1.0], "telemetry.std must be finite and > 0"),
+        ("fusion.heads", 3, "fusion.heads=3 must divide fusion.dim=16"),
+        ("name", None, "config.name: expected a string"),
+        ("camera.trunk", "resnet", r"config.camera.trunk: expected one of \['cnn', 'hf'\]"),
+    ],
+)
+def test_bad_config_is_refused(
+    saved: tuple[FusionClassifier, Path, str], path: str, value: Any, message: str
+) -> None:
     _, directory, _ = saved
     config = edit(json.loads((directory / "config.json").read_text()), path, value)
     (directory / "config.json").write_text(json.dumps(config))
@@ -154,9 +165,10 @@ def test_config_dict_round_trip_and_defaults() -> None:
 
 def test_hf_trunks_round_trip_without_hf_path(tmp_path: Path) -> None:
     vit, ast = tiny_vit(tmp_path / "vit"), tiny_ast(tmp_path / "ast")
-    cfg = tiny_config(camera=CameraConfig(image_size=48, num_frames=2, trunk="hf", hf_path=vit),
-                      audio=AudioConfig(sample_rate=RATE, n_fft=256, n_mels=16, trunk="hf",
-                                        hf_path=ast))
+    cfg = tiny_config(
+        camera=CameraConfig(image_size=48, num_frames=2, trunk="hf", hf_path=vit),
+        audio=AudioConfig(sample_rate=RATE, n_fft=256, n_mels=16, trunk="hf", hf_path=ast),
+    )
     torch.manual_seed(0)
     model = FusionClassifier(cfg).eval()
     assert model.config.camera is not None and model.config.camera.hf_config is not None

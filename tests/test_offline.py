@@ -33,8 +33,20 @@ def write_recording(path: Path, records: Iterable[Record]) -> Path:
 
 
 def offline(recording: Path, model: Path, out: Path, *extra: str) -> int:
-    return main(["replay", str(recording), "--offline", "--out", str(out), "--model",
-                 str(model), "--device", "cpu", *extra])
+    return main(
+        [
+            "replay",
+            str(recording),
+            "--offline",
+            "--out",
+            str(out),
+            "--model",
+            str(model),
+            "--device",
+            "cpu",
+            *extra,
+        ]
+    )
 
 
 def lines(path: Path) -> list[dict[str, Any]]:
@@ -62,14 +74,25 @@ def test_one_event_per_window_with_its_counts_and_dead_letters_without_payload(
     got = lines(events)
     counts = expected_windows(records, bad)
     assert sorted((e["device_id"], e["window"]["start_ms"]) for e in got) == sorted(
-        {(d, s) for d, s, _ in counts}), "exactly one event per window"
+        {(d, s) for d, s, _ in counts}
+    ), "exactly one event per window"
     for e in got:
-        check_event(Published(TOPICS.events, e["device_id"].encode(),
-                              json.dumps(e).encode(), (), e["window"]["end_ms"]),
-                    counts, CLASSES, version)
+        check_event(
+            Published(
+                TOPICS.events,
+                e["device_id"].encode(),
+                json.dumps(e).encode(),
+                (),
+                e["window"]["end_ms"],
+            ),
+            counts,
+            CLASSES,
+            version,
+        )
     dead_letters = lines(dead)
     assert sorted((d["reason"], d["topic"], d["offset"]) for d in dead_letters) == sorted(
-        (reason, r.topic, r.offset) for r, reason in bad), "offsets numbered as a broker would"
+        (reason, r.topic, r.offset) for r, reason in bad
+    ), "offsets numbered as a broker would"
     for d in dead_letters:
         assert d["stage"] in ("validate", "decode") and d["message"] and d["partition"] == -1
         assert "value" not in d
@@ -98,9 +121,7 @@ def test_a_frame_that_fails_to_decode_in_an_unnumbered_recording_is_dead_lettere
     assert second[0]["modalities"]["camera"]["records"] == 10, "the damaged frame is excluded"
 
 
-def test_two_runs_give_the_same_events_except_processed_at(
-    tmp_path: Path, model_dir: Path
-) -> None:
+def test_two_runs_give_the_same_events_except_processed_at(tmp_path: Path, model_dir: Path) -> None:
     recs: list[Record] = []
     for d in range(3):
         recs += device_stream(f"dev-{d}", T0 + 300 * d, 3)
@@ -108,8 +129,9 @@ def test_two_runs_give_the_same_events_except_processed_at(
     runs = []
     for name in ("a.jsonl", "b.jsonl"):
         assert offline(path, model_dir, tmp_path / name) == 0
-        runs.append([{k: v for k, v in e.items() if k != "processed_at_ms"}
-                     for e in lines(tmp_path / name)])
+        runs.append(
+            [{k: v for k, v in e.items() if k != "processed_at_ms"} for e in lines(tmp_path / name)]
+        )
     assert len(runs[0]) == len({(r.key, r.timestamp_ms // 2000) for r in recs})
     assert runs[0] == runs[1]
 
@@ -131,7 +153,8 @@ def test_topic_map_feeds_recorded_topics_to_the_pipeline(
     [event] = lines(tmp_path / "mapped.jsonl")
     modality = {TOPICS.camera: "camera", TOPICS.audio: "audio", TOPICS.telemetry: "telemetry"}
     assert {m: event["modalities"][m]["records"] for m in ALL_MODALITIES} == Counter(
-        modality[r.topic] for r in original)
+        modality[r.topic] for r in original
+    )
 
 
 def test_offline_argument_mistakes_are_one_clear_line(
@@ -142,13 +165,19 @@ def test_offline_argument_mistakes_are_one_clear_line(
     existing.write_text("keep me\n")
     cases = [
         (["replay", str(path), "--offline"], "--offline needs --out"),
-        (["replay", str(path), "--offline", "--out", str(existing), "--model", str(model_dir)],
-         "already exists"),
+        (
+            ["replay", str(path), "--offline", "--out", str(existing), "--model", str(model_dir)],
+            "already exists",
+        ),
         (["replay", str(path), "--out", str(tmp_path / "x.jsonl")], "only apply with --offline"),
-        (["replay", str(path), "--offline", "--speed", "2", "--out", str(tmp_path / "y")],
-         "--speed does not apply"),
-        (["replay", str(tmp_path / "missing.iotrec"), "--offline", "--out",
-          str(tmp_path / "z")], "missing.iotrec"),
+        (
+            ["replay", str(path), "--offline", "--speed", "2", "--out", str(tmp_path / "y")],
+            "--speed does not apply",
+        ),
+        (
+            ["replay", str(tmp_path / "missing.iotrec"), "--offline", "--out", str(tmp_path / "z")],
+            "missing.iotrec",
+        ),
     ]
     for argv, message in cases:
         assert main(argv) == 1, argv

@@ -36,15 +36,20 @@ def recorded_streams() -> tuple[list[Record], list[Record]]:
     records: list[Record] = []
     for n, start in enumerate((130, 700, 1500)):
         records += device_stream(f"cell-{n:02d}", T0 + start, 10)
-    bad = [record(TOPICS.telemetry, None, T0 + 4321, telemetry(temperature_c=1.0)),
-           record(TOPICS.camera, "cell-01", T0 + 5555, b"not an image at all")]
+    bad = [
+        record(TOPICS.telemetry, None, T0 + 4321, telemetry(temperature_c=1.0)),
+        record(TOPICS.camera, "cell-01", T0 + 5555, b"not an image at all"),
+    ]
     records = sorted(records + bad, key=lambda r: r.timestamp_ms)
     return [replace(r, partition=-1, offset=-1) for r in records], bad
 
 
 def windows_of(records: list[Record], bad: list[Record]) -> set[Window]:
-    return {(r.key.decode(), r.timestamp_ms // 2000 * 2000)
-            for r in records if r.key is not None and r.value not in {b.value for b in bad}}
+    return {
+        (r.key.decode(), r.timestamp_ms // 2000 * 2000)
+        for r in records
+        if r.key is not None and r.value not in {b.value for b in bad}
+    }
 
 
 def by_window(events: list[dict[str, Any]]) -> dict[Window, dict[str, Any]]:
@@ -54,12 +59,15 @@ def by_window(events: list[dict[str, Any]]) -> dict[Window, dict[str, Any]]:
 
 
 def differences(live: dict[str, Any], offline: dict[str, Any]) -> list[str]:
-    out = [f"{field}: live {live[field]} offline {offline[field]}"
-           for field in ("schema", "window", "label", "modalities", "model")
-           if live[field] != offline[field]]
+    out = [
+        f"{field}: live {live[field]} offline {offline[field]}"
+        for field in ("schema", "window", "label", "modalities", "model")
+        if live[field] != offline[field]
+    ]
     for field in ("scores", "attribution"):
         if set(live[field]) != set(offline[field]) or any(
-                abs(live[field][k] - offline[field][k]) > TOLERANCE for k in live[field]):
+            abs(live[field][k] - offline[field][k]) > TOLERANCE for k in live[field]
+        ):
             out.append(f"{field}: live {live[field]} offline {offline[field]}")
     if abs(live["confidence"] - offline["confidence"]) > TOLERANCE:
         out.append(f"confidence: live {live['confidence']} offline {offline['confidence']}")
@@ -82,39 +90,73 @@ def test_offline_replay_publishes_what_the_live_pipeline_publishes(
     expected = windows_of(records, bad)
 
     # live: replay into this test's topics at max speed, then a worker consumes them
-    to_test = {TOPICS.camera: topics.camera, TOPICS.audio: topics.audio,
-               TOPICS.telemetry: topics.telemetry}
-    sent = replay_to_kafka(path, KafkaSettings(bootstrap_servers=bootstrap),
-                           ReplayOptions(speed=None, topic_map=to_test), threading.Event())
+    to_test = {
+        TOPICS.camera: topics.camera,
+        TOPICS.audio: topics.audio,
+        TOPICS.telemetry: topics.telemetry,
+    }
+    sent = replay_to_kafka(
+        path,
+        KafkaSettings(bootstrap_servers=bootstrap),
+        ReplayOptions(speed=None, topic_map=to_test),
+        threading.Event(),
+    )
     assert sent.records == len(records)
     worker = WorkerThread(settings_for(bootstrap, topics), ModelRunner.load(model_dir, "cpu"))
 
     def complete(got: list[Published]) -> bool:
-        windows = {(json.loads(p.value or b"")["device_id"],
-                    json.loads(p.value or b"")["window"]["start_ms"])
-                   for p in got if p.topic == topics.events}
+        windows = {
+            (
+                json.loads(p.value or b"")["device_id"],
+                json.loads(p.value or b"")["window"]["start_ms"],
+            )
+            for p in got
+            if p.topic == topics.events
+        }
         return windows >= expected and sum(p.topic == topics.deadletter for p in got) >= len(bad)
 
-    published = read_until(bootstrap, [topics.events, topics.deadletter], complete,
-                           timeout_s=120, poll=worker.check)
+    published = read_until(
+        bootstrap, [topics.events, topics.deadletter], complete, timeout_s=120, poll=worker.check
+    )
     worker.close()
     live = by_window([json.loads(p.value or b"") for p in published if p.topic == topics.events])
     live_dead = sorted(
         (p.key or b"", p.header("iotfuse.error.reason"), p.header("iotfuse.error.stage"))
-        for p in published if p.topic == topics.deadletter)
+        for p in published
+        if p.topic == topics.deadletter
+    )
 
     # offline: the same recording and model, no broker
     events, dead = tmp_path / "events.jsonl", tmp_path / "dead.jsonl"
-    assert main(["replay", str(path), "--offline", "--out", str(events), "--deadletters",
-                 str(dead), "--model", str(model_dir), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "replay",
+                str(path),
+                "--offline",
+                "--out",
+                str(events),
+                "--deadletters",
+                str(dead),
+                "--model",
+                str(model_dir),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     offline = by_window([json.loads(line) for line in events.read_text().splitlines()])
-    offline_dead = sorted(((d["key"] or "").encode(), d["reason"], d["stage"])
-                          for d in map(json.loads, dead.read_text().splitlines()))
+    offline_dead = sorted(
+        ((d["key"] or "").encode(), d["reason"], d["stage"])
+        for d in map(json.loads, dead.read_text().splitlines())
+    )
 
     assert set(offline) == expected
     assert set(live) == set(offline), (
         f"only live: {sorted(set(live) - set(offline))}; "
-        f"only offline: {sorted(set(offline) - set(live))}")
+        f"only offline: {sorted(set(offline) - set(live))}"
+    )
     differ = {w: d for w in sorted(live) if (d := differences(live[w], offline[w]))}
     assert not differ, f"{len(differ)} of {len(live)} windows differ: {differ}"
     assert live_dead == offline_dead

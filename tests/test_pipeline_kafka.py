@@ -81,8 +81,11 @@ def start_worker(runner: ModelRunner) -> Iterator:
 
 
 def event_windows(published: list[Published], topic: str) -> list[tuple[str, int]]:
-    return [(json.loads(p.value)["device_id"], json.loads(p.value)["window"]["start_ms"])
-            for p in published if p.topic == topic]
+    return [
+        (json.loads(p.value)["device_id"], json.loads(p.value)["window"]["start_ms"])
+        for p in published
+        if p.topic == topic
+    ]
 
 
 def test_contract_through_the_broker(bootstrap, topics, runner, start_worker) -> None:
@@ -90,17 +93,24 @@ def test_contract_through_the_broker(bootstrap, topics, runner, start_worker) ->
     settings = settings_for(bootstrap, topics)
     sent = produce(bootstrap, to_topics(records, topics))
     worker = start_worker(settings)
-    n_windows = len({(r.key, r.timestamp_ms // 2000) for r in sent} - {
-        (r.key, r.timestamp_ms // 2000) for r, _ in bad})
+    n_windows = len(
+        {(r.key, r.timestamp_ms // 2000) for r in sent}
+        - {(r.key, r.timestamp_ms // 2000) for r, _ in bad}
+    )
     got = read_until(
-        bootstrap, [topics.events, topics.deadletter],
-        lambda got: len([p for p in got if p.topic == topics.events]) >= n_windows
-        and len([p for p in got if p.topic == topics.deadletter]) >= len(bad),
+        bootstrap,
+        [topics.events, topics.deadletter],
+        lambda got: (
+            len([p for p in got if p.topic == topics.events]) >= n_windows
+            and len([p for p in got if p.topic == topics.deadletter]) >= len(bad)
+        ),
         poll=worker.check,
     )
     worker.close()
-    bad_sent = [(next(s for s in sent if s.key == r.key and s.value == r.value), reason)
-                for r, reason in bad]
+    bad_sent = [
+        (next(s for s in sent if s.key == r.key and s.value == r.value), reason)
+        for r, reason in bad
+    ]
     check_contract(sent, bad_sent, got, CLASSES, runner.version, settings.topics)
 
 
@@ -113,23 +123,29 @@ def test_back_pressure_pauses_and_reads_on_without_losing_a_record(
     Every window gets an event with every record it was sent (waiting for the paused
     partitions: a few of the 48 windows, then nothing; taking them as caught up: frames late)."""
     devices = [f"dev-{i:02d}" for i in range(12)]
-    records = sorted((r for d in devices for r in device_stream(d, T0, 8)),
-                     key=lambda r: r.timestamp_ms)
+    records = sorted(
+        (r for d in devices for r in device_stream(d, T0, 8)), key=lambda r: r.timestamp_ms
+    )
     produce(bootstrap, to_topics(records, topics))
     settings = settings_for(bootstrap, topics)
-    settings = replace(settings, windows=replace(settings.windows, max_open_windows=6),
-                       kafka=replace(settings.kafka, max_poll_records=20))  # many steps
+    settings = replace(
+        settings,
+        windows=replace(settings.windows, max_open_windows=6),
+        kafka=replace(settings.kafka, max_poll_records=20),
+    )  # many steps
     worker = start_worker(settings)
     windows = len(devices) * 4
-    got = read_until(bootstrap, [topics.events], lambda got: len(got) >= windows,
-                     poll=worker.check)
+    got = read_until(bootstrap, [topics.events], lambda got: len(got) >= windows, poll=worker.check)
     worker.close()
-    counts = Counter((e["device_id"], e["window"]["start_ms"], m, d["records"])
-                     for e in map(json.loads, (p.value for p in got))
-                     for m, d in e["modalities"].items())
+    counts = Counter(
+        (e["device_id"], e["window"]["start_ms"], m, d["records"])
+        for e in map(json.loads, (p.value for p in got))
+        for m, d in e["modalities"].items()
+    )
     per_window = {"camera": 10, "audio": 4, "telemetry": 20}
-    assert counts == Counter((d, T0 + 2000 * k, m, n) for d in devices for k in range(4)
-                             for m, n in per_window.items())
+    assert counts == Counter(
+        (d, T0 + 2000 * k, m, n) for d in devices for k in range(4) for m, n in per_window.items()
+    )
     metrics = worker.worker.metrics
     assert metrics.value("iotfuse_backpressure_pauses_total") > 0
     assert metrics.value("iotfuse_over_capacity_total") > 0
@@ -146,24 +162,35 @@ def test_a_dead_letter_too_large_to_send_goes_without_its_value(
     without its value and the stream goes on."""
     names = TopicNames.prefixed(f"big-dlq-{uuid.uuid4().hex[:8]}")
     with KafkaAdminClient(bootstrap_servers=bootstrap) as admin:
-        admin.create_topics([NewTopic(t, 3, 1, topic_configs={"max.message.bytes": str(mib << 20)})
-                             for t, mib in ((names.camera, 20), (names.deadletter, topic_mib))])
+        admin.create_topics(
+            [
+                NewTopic(t, 3, 1, topic_configs={"max.message.bytes": str(mib << 20)})
+                for t, mib in ((names.camera, 20), (names.deadletter, topic_mib))
+            ]
+        )
     ensure_topics(bootstrap, names, partitions=3, replication_factor=1)  # keeps those
     producer = KafkaProducer(bootstrap_servers=bootstrap, max_request_size=21 << 20)
-    producer.send(names.camera, key=b"cam-9", value=b"\x00" * (value_mib << 20),
-                  partition=0, timestamp_ms=T0 + 500).get(timeout=30)
+    producer.send(
+        names.camera,
+        key=b"cam-9",
+        value=b"\x00" * (value_mib << 20),
+        partition=0,
+        timestamp_ms=T0 + 500,
+    ).get(timeout=30)
     producer.close()
     stream = [replace(r, partition=0) for r in to_topics(device_stream("cam-9", T0, 4), names)]
     produce(bootstrap, stream)
     worker = start_worker(settings_for(bootstrap, names))
-    got = read_until(bootstrap, [names.events, names.deadletter],
-                     lambda got: len(got) >= 3, poll=worker.check)  # 2 windows, 1 dead letter
+    got = read_until(
+        bootstrap, [names.events, names.deadletter], lambda got: len(got) >= 3, poll=worker.check
+    )  # 2 windows, 1 dead letter
     worker.close()
     [letter] = [p for p in got if p.topic == names.deadletter]
     assert letter.key == b"cam-9" and letter.value == b""
     too_large = value_mib > 8  # the camera limit: refused on its size before its format
     assert letter.header("iotfuse.error.reason") == (
-        "image_too_large_bytes" if too_large else "unsupported_format")
+        "image_too_large_bytes" if too_large else "unsupported_format"
+    )
     assert letter.header("iotfuse.error.value_omitted") == str(value_mib << 20)
     assert len(event_windows(got, names.events)) == 2
 
@@ -184,22 +211,33 @@ def test_a_record_the_client_cannot_parse_is_dead_lettered_and_skipped(
     stream = to_topics(device_stream("dev-1", T0, 4), topics)
     first = produce(bootstrap, [r for r in stream if r.timestamp_ms < T0 + 2000])
     producer = KafkaProducer(bootstrap_servers=bootstrap)
-    bad = producer.send(topics.telemetry, key=b"dev-1", value=b"{}", timestamp_ms=T0 + 2050,
-                        headers=[(RawHeaderKey("x"), b"v")],
-                        partition=first[0].partition).get(timeout=30)
+    bad = producer.send(
+        topics.telemetry,
+        key=b"dev-1",
+        value=b"{}",
+        timestamp_ms=T0 + 2050,
+        headers=[(RawHeaderKey("x"), b"v")],
+        partition=first[0].partition,
+    ).get(timeout=30)
     producer.close()
     produce(bootstrap, [r for r in stream if r.timestamp_ms >= T0 + 2000])  # read after it
     worker = start_worker(settings_for(bootstrap, topics))
-    got = read_until(bootstrap, [topics.events, topics.deadletter],
-                     lambda got: len(got) >= 3, poll=worker.check)  # 2 windows, 1 dead letter
+    got = read_until(
+        bootstrap, [topics.events, topics.deadletter], lambda got: len(got) >= 3, poll=worker.check
+    )  # 2 windows, 1 dead letter
     worker.close()
     [letter] = [p for p in got if p.topic == topics.deadletter]
     assert letter.header("iotfuse.error.reason") == "unreadable_record"
-    assert (letter.header("iotfuse.error.topic"), letter.header("iotfuse.error.partition"),
-            letter.header("iotfuse.error.offset")) == (topics.telemetry, str(bad.partition),
-                                                        str(bad.offset))
-    telemetry = sorted(json.loads(p.value)["modalities"]["telemetry"]["records"]
-                       for p in got if p.topic == topics.events)
+    assert (
+        letter.header("iotfuse.error.topic"),
+        letter.header("iotfuse.error.partition"),
+        letter.header("iotfuse.error.offset"),
+    ) == (topics.telemetry, str(bad.partition), str(bad.offset))
+    telemetry = sorted(
+        json.loads(p.value)["modalities"]["telemetry"]["records"]
+        for p in got
+        if p.topic == topics.events
+    )
     assert telemetry == [20, 20]  # every record after the skipped one was read
 
 
@@ -234,16 +272,17 @@ def test_a_missing_output_topic_is_named_when_the_broker_creates_none(
         with KafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers) as admin:
             assert auto_creates_topics(admin) is False
             admin.create_topics([NewTopic(t, 1, 1) for t in (*names.inputs, names.events)])
-            with pytest.raises(UserError, match=rf"output topics {names.deadletter} do not "
-                               r"exist.*auto.create.topics.enable=false.*iotfuse topics"):
+            with pytest.raises(
+                UserError,
+                match=rf"output topics {names.deadletter} do not "
+                r"exist.*auto.create.topics.enable=false.*iotfuse topics",
+            ):
                 KafkaWorker(settings, build_engine(settings, runner))
             admin.create_topics([NewTopic(names.deadletter, 1, 1)])
         KafkaWorker(settings, build_engine(settings, runner)).close()
 
 
-def test_missing_output_topics_are_left_to_a_broker_that_creates_them(
-    bootstrap, runner
-) -> None:
+def test_missing_output_topics_are_left_to_a_broker_that_creates_them(bootstrap, runner) -> None:
     names = TopicNames.prefixed(f"autocreate-{uuid.uuid4().hex[:8]}")
     with KafkaAdminClient(bootstrap_servers=bootstrap) as admin:
         assert auto_creates_topics(admin) is True  # the local broker's default
@@ -255,24 +294,21 @@ def test_missing_output_topics_are_left_to_a_broker_that_creates_them(
 def test_input_topics_of_different_partition_counts_are_refused(bootstrap, runner) -> None:
     names = TopicNames.prefixed(f"uneven-{uuid.uuid4().hex[:8]}")
     with KafkaAdminClient(bootstrap_servers=bootstrap) as admin:
-        admin.create_topics([NewTopic(t, 3 if t == names.audio else 2, 1)
-                             for t in names.inputs])
+        admin.create_topics([NewTopic(t, 3 if t == names.audio else 2, 1) for t in names.inputs])
     settings = with_topic_wait(settings_for(bootstrap, names), 30_000)
     with pytest.raises(UserError, match=rf"not co-partitioned.*{names.audio}: 3"):
         KafkaWorker(settings, build_engine(settings, runner))
 
 
-
-def test_acknowledgements_carry_the_time_they_arrived_not_when_drained(
-    bootstrap, topics
-) -> None:
+def test_acknowledgements_carry_the_time_they_arrived_not_when_drained(bootstrap, topics) -> None:
     from kafka import KafkaProducer
 
     from pipeline.producer import BoundedProducer
 
     now = {"ms": 1_000}
     out: BoundedProducer[int] = BoundedProducer(
-        KafkaProducer(bootstrap_servers=bootstrap, acks="all"), 1 << 20, lambda: now["ms"])
+        KafkaProducer(bootstrap_servers=bootstrap, acks="all"), 1 << 20, lambda: now["ms"]
+    )
     for i in range(3):
         out.send(i, topics.events, b"k", b"v%d" % i)
     out.flush()  # every acknowledgement has arrived, at 1000

@@ -23,8 +23,9 @@ def runner(tmp_path_factory: pytest.TempPathFactory) -> ModelRunner:
 
 def engine_with(runner: ModelRunner, threads: int) -> Engine:
     s = Settings()
-    engine = build_engine(replace(s, runtime=replace(s.runtime, feature_threads=threads)),
-                          runner, clock=lambda: 1_000)
+    engine = build_engine(
+        replace(s, runtime=replace(s.runtime, feature_threads=threads)), runner, clock=lambda: 1_000
+    )
     engine.prefetch.threads = threads  # 0: no prefetch (build_engine reads 0 as "auto")
     return engine
 
@@ -35,15 +36,20 @@ def stream_with_a_bad_frame() -> list:
     comes out of the prefetch and another frame is decoded in its place."""
     records = [r for d in range(3) for r in device_stream(f"dev-{d}", T0, 8)]
     bad_ts = T0 + 4000
-    records = [r for r in records
-               if not (r.topic == TOPICS.camera and r.key == b"dev-1" and r.timestamp_ms == bad_ts)]
+    records = [
+        r
+        for r in records
+        if not (r.topic == TOPICS.camera and r.key == b"dev-1" and r.timestamp_ms == bad_ts)
+    ]
     records.append(record(TOPICS.camera, "dev-1", bad_ts, jpeg_header_only(160, 120)))
     return number(sorted(records, key=lambda r: r.timestamp_ms))
 
 
 def outputs(engine: Engine, records: list) -> list[Published]:
-    return [Published(o.topic, o.key, o.value, o.headers, o.timestamp_ms)
-            for o in run_offline(engine, records)]
+    return [
+        Published(o.topic, o.key, o.value, o.headers, o.timestamp_ms)
+        for o in run_offline(engine, records)
+    ]
 
 
 def test_prefetched_frames_give_the_outputs_of_decoding_at_close(runner: ModelRunner) -> None:

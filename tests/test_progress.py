@@ -60,9 +60,15 @@ def test_progress_names_the_partitions_devices_and_forgets_revoked_ones(
     runner: ModelRunner,
 ) -> None:
     engine = build_engine(Settings(), runner)
-    records = number([record(TOPICS.telemetry, f"dev-{d}", T0 + ts, telemetry(temperature_c=20),
-                             partition=d % 2)
-                      for ts in (0, 500, 2600) for d in range(4)])
+    records = number(
+        [
+            record(
+                TOPICS.telemetry, f"dev-{d}", T0 + ts, telemetry(temperature_c=20), partition=d % 2
+            )
+            for ts in (0, 500, 2600)
+            for d in range(4)
+        ]
+    )
     for r in records:
         engine.process(r)
     while engine.queued():
@@ -94,8 +100,12 @@ def test_forgotten_devices_keep_their_progress_for_commits(runner: ModelRunner) 
     engine.process(number([record(TOPICS.telemetry, "dev-1", T0 + 4000, telemetry(t=1))])[0])
     tick(now[0] + 20_000)
     assert sorted(engine.windower.devices()) == ["dev-1"]  # the others are forgotten
-    assert engine.progress(0) == {"dev-0": T0 + 2000, "dev-1": T0 + 6000, "dev-2": T0 + 2000,
-                                  "dev-9": T0 + 2000}
+    assert engine.progress(0) == {
+        "dev-0": T0 + 2000,
+        "dev-1": T0 + 6000,
+        "dev-2": T0 + 2000,
+        "dev-9": T0 + 2000,
+    }
 
 
 def test_a_forgotten_device_is_not_split_when_its_records_are_read_again(
@@ -110,8 +120,10 @@ def test_a_forgotten_device_is_not_split_when_its_records_are_read_again(
     settings = replace(settings, windows=replace(settings.windows, forget_after_ms=60_000))
     now = [T0]
     engine = build_engine(settings, runner, clock=lambda: now[0])
-    log = [record(TOPICS.telemetry, "D", T0 + 100, telemetry(t=1)),
-           record(TOPICS.telemetry, "E", T0 + 7_200_000, telemetry(t=1))]
+    log = [
+        record(TOPICS.telemetry, "D", T0 + 100, telemetry(t=1)),
+        record(TOPICS.telemetry, "E", T0 + 7_200_000, telemetry(t=1)),
+    ]
     log += [record(TOPICS.telemetry, "D", T0 + ms, telemetry(t=1)) for ms in range(300, 3100, 200)]
     log = number(log)
     outputs = [o for r in log for o in engine.process(r)]
@@ -133,8 +145,10 @@ def test_a_forgotten_device_is_not_split_when_its_records_are_read_again(
 
 def test_resume_moves_boundaries_forward_only_and_skips_the_windows_before_them() -> None:
     progress = DeviceProgress()
-    assert progress.resume(0, {"a": T0 + 4000, "b": T0 + 2000}) == [("a", T0 + 4000),
-                                                                    ("b", T0 + 2000)]
+    assert progress.resume(0, {"a": T0 + 4000, "b": T0 + 2000}) == [
+        ("a", T0 + 4000),
+        ("b", T0 + 2000),
+    ]
     assert progress.resume(0, {"a": T0 + 2000, "b": T0 + 6000}) == [("b", T0 + 6000)]
     assert progress.of(0) == {"a": T0 + 4000, "b": T0 + 6000}
     assert progress.already_emitted("a", T0 + 2000)  # window [T0+2000, T0+4000)
@@ -166,8 +180,9 @@ def test_re_read_records_of_emitted_windows_are_counted_as_skipped_not_late(
 ) -> None:
     engine = build_engine(Settings(), runner)
     engine.resume(0, {"dev-0": T0 + 2000})
-    records = number([record(TOPICS.telemetry, "dev-0", T0 + ms, telemetry(t=1))
-                      for ms in (100, 1900, 2100)])
+    records = number(
+        [record(TOPICS.telemetry, "dev-0", T0 + ms, telemetry(t=1)) for ms in (100, 1900, 2100)]
+    )
     assert [o for r in records for o in engine.process(r)] == []
     assert engine.metrics.value("iotfuse_reread_skipped_total") == 2
     assert engine.metrics.value("iotfuse_late_records_total", {"modality": "telemetry"}) == 0

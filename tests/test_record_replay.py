@@ -50,8 +50,6 @@ T0 = (time.time_ns() // 1_000_000_000 - 600) * 1000
 HEADERS = (("content-type", b"image/jpeg"), ("dup", b""), ("dup", b"\x00\xff"))
 
 
-
-
 # -- unit tests: pacing, merging, options (no broker) ------------------------------------
 
 
@@ -98,14 +96,17 @@ def test_merge_orders_streams_by_time_and_keeps_each_stream_in_file_order() -> N
     odd = [Record("u", 0, 0, T0 + 100, None, b"z"), Record("u", 0, 1, T0 + 1, None, b"z")]
     merged = list(merge_by_time([p0, p1, odd], lookahead_bytes=1 << 20))
     assert [r.timestamp_ms for r in merged if r.topic == "t"] == sorted(
-        r.timestamp_ms for r in p0 + p1)
+        r.timestamp_ms for r in p0 + p1
+    )
     for stream in (p0, p1, odd):  # per-partition order is file order, even going back in time
-        assert [r for r in merged if (r.topic, r.partition) == (stream[0].topic,
-                                                                 stream[0].partition)] == stream
+        assert [
+            r for r in merged if (r.topic, r.partition) == (stream[0].topic, stream[0].partition)
+        ] == stream
     # a tiny look-ahead still emits everything, each stream in order
     small = list(merge_by_time([p0, p1, odd], lookahead_bytes=1))
     assert sorted(small, key=lambda r: (r.topic, r.partition, r.offset)) == sorted(
-        p0 + p1 + odd, key=lambda r: (r.topic, r.partition, r.offset))
+        p0 + p1 + odd, key=lambda r: (r.topic, r.partition, r.offset)
+    )
     assert [r for r in small if r.partition == 1 and r.topic == "t"] == p1
 
 
@@ -144,9 +145,17 @@ class FakeConsumer:
         log = self.logs[tp]
         for _ in range(n):
             offset = len(log)
-            log.append(SimpleNamespace(topic=tp.topic, partition=tp.partition, offset=offset,
-                                       timestamp=T0 + offset, key=b"k", value=b"v%d" % offset,
-                                       headers=[("h", None)]))
+            log.append(
+                SimpleNamespace(
+                    topic=tp.topic,
+                    partition=tp.partition,
+                    offset=offset,
+                    timestamp=T0 + offset,
+                    key=b"k",
+                    value=b"v%d" % offset,
+                    headers=[("h", None)],
+                )
+            )
 
     def partitions_for_topic(self, topic: str) -> set[int]:
         return {tp.partition for tp in self.logs if tp.topic == topic}
@@ -169,7 +178,7 @@ class FakeConsumer:
     def poll(self, timeout_ms: int) -> dict[TopicPartition, list[SimpleNamespace]]:
         out = {}
         for tp, log in self.logs.items():
-            batch = log[self.positions[tp]: self.positions[tp] + 2]
+            batch = log[self.positions[tp] : self.positions[tp] + 2]
             if batch and tp not in self.paused:
                 out[tp] = batch
                 self.positions[tp] += len(batch)
@@ -181,12 +190,12 @@ class FakeConsumer:
 def test_until_end_records_exactly_the_offsets_below_the_end_at_start(tmp_path: Path) -> None:
     consumer = FakeConsumer("t", partitions=3, records=5, grow=3)
     with RecordingWriter(tmp_path / "r.iotrec") as writer:
-        result = record(consumer, writer, RecordOptions(("t",), until_end=True),
-                        threading.Event())
+        result = record(consumer, writer, RecordOptions(("t",), until_end=True), threading.Event())
     assert result.stop_reason == "end" and result.records == 15
     got = streams(read_file(tmp_path / "r.iotrec"))
     assert {stream: [entry[0] for entry in entries] for stream, entries in got.items()} == {
-        ("t", p): [0, 1, 2, 3, 4] for p in range(3)}
+        ("t", p): [0, 1, 2, 3, 4] for p in range(3)
+    }
     assert consumer.paused == set(consumer.logs)  # finished partitions are not fetched
     assert got[("t", 0)][0][4] == (("h", b""),)  # a null header value is kept as empty
 
@@ -245,12 +254,21 @@ def create_topics(bootstrap: str, names: Iterable[str], partitions: int = 3) -> 
 def produce_exact(bootstrap: str, records: list[Record]) -> list[Record]:
     """Produce to the records' own partitions; returns them with the broker's offsets."""
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
-    futures = [producer.send(r.topic, key=r.key, value=r.value, headers=list(r.headers),
-                             timestamp_ms=r.timestamp_ms, partition=r.partition)
-               for r in records]
+    futures = [
+        producer.send(
+            r.topic,
+            key=r.key,
+            value=r.value,
+            headers=list(r.headers),
+            timestamp_ms=r.timestamp_ms,
+            partition=r.partition,
+        )
+        for r in records
+    ]
     producer.flush()
-    out = [replace(r, offset=f.get(timeout=30).offset) for r, f in zip(records, futures,
-                                                                       strict=True)]
+    out = [
+        replace(r, offset=f.get(timeout=30).offset) for r, f in zip(records, futures, strict=True)
+    ]
     producer.close()
     return out
 
@@ -265,8 +283,13 @@ def known_records(topics: list[str], per_partition: int = 12, seed: int = 7) -> 
             for i in range(per_partition):
                 ts = T0 + 250 * i + 40 * p + 7 * t_index - (600 if (p, i) == (1, 5) else 0)
                 key = None if i % 5 == 4 else f"cell-{(i + p) % 4}".encode()
-                value = (None if (i == 3 and key is not None) else b"" if i == 6
-                         else rng.randbytes(rng.randrange(1, 3000)))
+                value = (
+                    None
+                    if (i == 3 and key is not None)
+                    else b""
+                    if i == 6
+                    else rng.randbytes(rng.randrange(1, 3000))
+                )
                 out.append(Record(topic, p, -1, ts, key, value, HEADERS[: i % 4]))
     return out
 
@@ -278,14 +301,16 @@ def read_file(path: Path) -> list[Record]:
     return records
 
 
-def streams(records: Iterable[Record], rename: dict[str, str] | None = None
-            ) -> dict[tuple[str, int], list[tuple[object, ...]]]:
+def streams(
+    records: Iterable[Record], rename: dict[str, str] | None = None
+) -> dict[tuple[str, int], list[tuple[object, ...]]]:
     """(topic, partition) -> the records' (offset, timestamp, key, value, headers) in order."""
     out: dict[tuple[str, int], list[tuple[object, ...]]] = {}
     for r in records:
         topic = (rename or {}).get(r.topic, r.topic)
         out.setdefault((topic, r.partition), []).append(
-            (r.offset, r.timestamp_ms, r.key, r.value, r.headers))
+            (r.offset, r.timestamp_ms, r.key, r.value, r.headers)
+        )
     return out
 
 
@@ -317,15 +342,53 @@ def test_record_replay_record_reproduces_every_stream(
     assert {r.partition for r in produced} == {0, 1, 2}
 
     first, second = tmp_path / "first.iotrec", tmp_path / "second.iotrec"
-    assert main(["record", "--bootstrap-servers", bootstrap, "--topics", *sources,
-                 "--out", str(first), "--until-end"]) == 0
+    assert (
+        main(
+            [
+                "record",
+                "--bootstrap-servers",
+                bootstrap,
+                "--topics",
+                *sources,
+                "--out",
+                str(first),
+                "--until-end",
+            ]
+        )
+        == 0
+    )
     assert streams(read_file(first)) == streams(produced)
 
     mapping = [f"{s}={t}" for s, t in zip(sources, targets, strict=True)]
-    assert main(["replay", str(first), "--bootstrap-servers", bootstrap, "--max-speed",
-                 "--topic-map", *mapping]) == 0
-    assert main(["record", "--bootstrap-servers", bootstrap, "--topics", *targets,
-                 "--out", str(second), "--until-end"]) == 0
+    assert (
+        main(
+            [
+                "replay",
+                str(first),
+                "--bootstrap-servers",
+                bootstrap,
+                "--max-speed",
+                "--topic-map",
+                *mapping,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "record",
+                "--bootstrap-servers",
+                bootstrap,
+                "--topics",
+                *targets,
+                "--out",
+                str(second),
+                "--until-end",
+            ]
+        )
+        == 0
+    )
 
     back = dict(zip(targets, sources, strict=True))
     assert streams(read_file(second), rename=back) == streams(produced)
@@ -339,16 +402,25 @@ def test_replay_at_10x_asks_the_pacer_for_a_tenth_of_the_span(
     bootstrap: str, topics: TopicNames, tmp_path: Path
 ) -> None:
     path = tmp_path / "paced.iotrec"
-    records = [Record("src", p, i, T0 + 100 * p + 300 * i, b"k", b"v%d" % i)
-               for p in range(3) for i in range(10)]  # ~3 s of timestamps, a partition at a time
+    records = [
+        Record("src", p, i, T0 + 100 * p + 300 * i, b"k", b"v%d" % i)
+        for p in range(3)
+        for i in range(10)
+    ]  # ~3 s of timestamps, a partition at a time
     unsendable = Record("src", 0, 10, T0 + 50, None, None)  # kafka-python refuses these
     with RecordingWriter(path) as writer:
         for r in [*records, unsendable]:
             writer.write(r)
     clock = FakeClock()
     options = ReplayOptions(speed=10.0, topic_map={"src": topics.audio})
-    result = replay_to_kafka(path, KafkaSettings(bootstrap_servers=bootstrap), options,
-                             threading.Event(), clock=clock, sleep=clock.sleep)
+    result = replay_to_kafka(
+        path,
+        KafkaSettings(bootstrap_servers=bootstrap),
+        options,
+        threading.Event(),
+        clock=clock,
+        sleep=clock.sleep,
+    )
     assert result.records == 30 and result.skipped == 1
     assert not result.stopped and result.truncated_at is None
     stamps = [r.timestamp_ms for r in records]
@@ -357,8 +429,12 @@ def test_replay_at_10x_asks_the_pacer_for_a_tenth_of_the_span(
     assert clock.sleeps == pytest.approx([0.01] * 29)  # merged by time: every 100 ms
 
     out = tmp_path / "out.iotrec"
-    record_to_file(KafkaSettings(bootstrap_servers=bootstrap),
-                   RecordOptions((topics.audio,), until_end=True), out, threading.Event())
+    record_to_file(
+        KafkaSettings(bootstrap_servers=bootstrap),
+        RecordOptions((topics.audio,), until_end=True),
+        out,
+        threading.Event(),
+    )
     got = streams(read_file(out), rename={topics.audio: "src"})
     assert got == streams(records)
 
@@ -377,14 +453,30 @@ def test_truncated_recording_replays_its_whole_blocks_and_says_so(
     size = path.stat().st_size
     with open(path, "r+b") as f:
         f.truncate(size - 100)  # the last block is cut short
-    assert main(["replay", str(path), "--bootstrap-servers", bootstrap, "--max-speed",
-                 "--topic-map", f"src={topics.camera}"]) == 0
+    assert (
+        main(
+            [
+                "replay",
+                str(path),
+                "--bootstrap-servers",
+                bootstrap,
+                "--max-speed",
+                "--topic-map",
+                f"src={topics.camera}",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "cut short at byte" in err and "last whole block" in err
 
     out = tmp_path / "out.iotrec"
-    record_to_file(KafkaSettings(bootstrap_servers=bootstrap),
-                   RecordOptions((topics.camera,), until_end=True), out, threading.Event())
+    record_to_file(
+        KafkaSettings(bootstrap_servers=bootstrap),
+        RecordOptions((topics.camera,), until_end=True),
+        out,
+        threading.Event(),
+    )
     got = streams(read_file(out), rename={topics.camera: "src"})
     assert got == streams(records[:20])
 
@@ -399,16 +491,24 @@ def test_replay_refuses_topics_with_too_few_partitions(
     with RecordingWriter(path) as writer:
         for p in range(3):
             writer.write(Record("src", p, 0, T0, b"k", b"v"))
-    assert main(["replay", str(path), "--bootstrap-servers", bootstrap,
-                 "--topic-map", f"src={narrow}"]) == 1
+    assert (
+        main(
+            ["replay", str(path), "--bootstrap-servers", bootstrap, "--topic-map", f"src={narrow}"]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert f"{narrow} has 2 but the recording uses partitions 0..2" in err
     assert main(["replay", str(path), "--bootstrap-servers", bootstrap]) == 1
     assert "src do not exist" in capsys.readouterr().err
     # nothing was sent
     out = tmp_path / "out.iotrec"
-    result = record_to_file(KafkaSettings(bootstrap_servers=bootstrap),
-                            RecordOptions((narrow,), until_end=True), out, threading.Event())
+    result = record_to_file(
+        KafkaSettings(bootstrap_servers=bootstrap),
+        RecordOptions((narrow,), until_end=True),
+        out,
+        threading.Event(),
+    )
     assert result.records == 0
 
 
@@ -416,8 +516,14 @@ def test_replay_refuses_topics_with_too_few_partitions(
 def test_record_from_a_timestamp_and_stop_writes_the_pending_records(
     bootstrap: str, topics: TopicNames, tmp_path: Path
 ) -> None:
-    produced = produce_exact(bootstrap, [Record(topics.labels, p, -1, T0 + 1000 * i, b"k",
-                                                b"%d" % i) for p in range(3) for i in range(8)])
+    produced = produce_exact(
+        bootstrap,
+        [
+            Record(topics.labels, p, -1, T0 + 1000 * i, b"k", b"%d" % i)
+            for p in range(3)
+            for i in range(8)
+        ],
+    )
     stop = threading.Event()
     seen: list[int] = []
 
@@ -426,11 +532,13 @@ def test_record_from_a_timestamp_and_stop_writes_the_pending_records(
         if records >= 15:
             stop.set()  # like SIGTERM: no flush happened yet (interval one hour)
 
-    options = RecordOptions((topics.labels,), start=T0 + 3000, flush_interval_s=3600,
-                            duration_s=30)  # a bound, should progress never reach 15
+    options = RecordOptions(
+        (topics.labels,), start=T0 + 3000, flush_interval_s=3600, duration_s=30
+    )  # a bound, should progress never reach 15
     out = tmp_path / "from.iotrec"
-    result = record_to_file(KafkaSettings(bootstrap_servers=bootstrap), options, out, stop,
-                            progress)
+    result = record_to_file(
+        KafkaSettings(bootstrap_servers=bootstrap), options, out, stop, progress
+    )
     assert result.stop_reason == "stopped"
     expected = [r for r in produced if r.timestamp_ms >= T0 + 3000]
     assert streams(read_file(out)) == streams(expected)
@@ -440,18 +548,36 @@ def test_record_from_a_timestamp_and_stop_writes_the_pending_records(
 def test_record_command_stops_cleanly_on_sigterm(
     bootstrap: str, topics: TopicNames, tmp_path: Path
 ) -> None:
-    produced = produce_exact(bootstrap, [Record(topics.events, p, -1, T0 + i, b"k", b"v")
-                                         for p in range(3) for i in range(5)])
+    produced = produce_exact(
+        bootstrap,
+        [Record(topics.events, p, -1, T0 + i, b"k", b"v") for p in range(3) for i in range(5)],
+    )
     out = tmp_path / "live.iotrec"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "record", "--bootstrap-servers", bootstrap,
-         "--topics", topics.events, "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        cwd=Path(__file__).resolve().parents[1], env={**os.environ, "PYTHONPATH": "."},
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "record",
+            "--bootstrap-servers",
+            bootstrap,
+            "--topics",
+            topics.events,
+            "--out",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "PYTHONPATH": "."},
     )
     try:
-        wait_until(lambda: recorded_count(out) == len(produced) or proc.poll() is not None,
-                   30, "the recorder's first flush")
+        wait_until(
+            lambda: recorded_count(out) == len(produced) or proc.poll() is not None,
+            30,
+            "the recorder's first flush",
+        )
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=30)
     finally:

@@ -12,8 +12,10 @@ from pipeline.settings import SettingsError, load_settings, settings_markdown
 
 def test_precedence_defaults_file_env_cli(tmp_path: Path) -> None:
     cfg = tmp_path / "iotfuse.toml"
-    cfg.write_text('[kafka]\ngroup_id = "from-file"\nbootstrap_servers = "file:9092"\n'
-                   "[runtime]\nmax_batch = 8\n")
+    cfg.write_text(
+        '[kafka]\ngroup_id = "from-file"\nbootstrap_servers = "file:9092"\n'
+        "[runtime]\nmax_batch = 8\n"
+    )
     env = {"IOTFUSE_KAFKA__GROUP_ID": "from-env", "IOTFUSE_RUNTIME__MAX_BATCH": "16"}
     s = load_settings(cfg, environ=env, cli={"runtime": {"max_batch": 32}})
     assert s.kafka.bootstrap_servers == "file:9092"  # file over default
@@ -23,29 +25,40 @@ def test_precedence_defaults_file_env_cli(tmp_path: Path) -> None:
 
 
 def test_env_values_are_converted_to_the_field_type() -> None:
-    s = load_settings(environ={"IOTFUSE_KAFKA__EXACTLY_ONCE": "true",
-                               "IOTFUSE_LIMITS__AUDIO_MAX_SECONDS": "2.5"})
+    s = load_settings(
+        environ={"IOTFUSE_KAFKA__EXACTLY_ONCE": "true", "IOTFUSE_LIMITS__AUDIO_MAX_SECONDS": "2.5"}
+    )
     assert s.kafka.exactly_once is True
     assert s.limits.audio_max_seconds == 2.5
 
 
-@pytest.mark.parametrize("env,match", [
-    ({"IOTFUSE_KAFKA__NOPE": "1"}, "unknown setting kafka.nope"),
-    ({"IOTFUSE_NOPE__X": "1"}, r"unknown section \[nope\]"),
-    ({"IOTFUSE_RUNTIME__MAX_BATCH": "lots"}, "runtime.max_batch: expected int"),
-    ({"IOTFUSE_KAFKA__EXACTLY_ONCE": "maybe"}, "expected bool"),
-])
+@pytest.mark.parametrize(
+    "env,match",
+    [
+        ({"IOTFUSE_KAFKA__NOPE": "1"}, "unknown setting kafka.nope"),
+        ({"IOTFUSE_NOPE__X": "1"}, r"unknown section \[nope\]"),
+        ({"IOTFUSE_RUNTIME__MAX_BATCH": "lots"}, "runtime.max_batch: expected int"),
+        ({"IOTFUSE_KAFKA__EXACTLY_ONCE": "maybe"}, "expected bool"),
+    ],
+)
 def test_bad_settings_say_what_is_wrong(env: dict[str, str], match: str) -> None:
     with pytest.raises(SettingsError, match=match):
         load_settings(environ=env)
 
 
 def test_security_settings_pass_through_to_clients() -> None:
-    s = load_settings(environ={"IOTFUSE_KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
-                               "IOTFUSE_KAFKA__SASL_MECHANISM": "PLAIN",
-                               "IOTFUSE_KAFKA__SASL_USERNAME": "u"})
-    assert s.kafka.client_config() == {"security_protocol": "SASL_SSL",
-                                       "sasl_mechanism": "PLAIN", "sasl_plain_username": "u"}
+    s = load_settings(
+        environ={
+            "IOTFUSE_KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
+            "IOTFUSE_KAFKA__SASL_MECHANISM": "PLAIN",
+            "IOTFUSE_KAFKA__SASL_USERNAME": "u",
+        }
+    )
+    assert s.kafka.client_config() == {
+        "security_protocol": "SASL_SSL",
+        "sasl_mechanism": "PLAIN",
+        "sasl_plain_username": "u",
+    }
 
 
 def test_configuration_reference_is_up_to_date() -> None:

@@ -47,9 +47,9 @@ def decode_audio(r: Record) -> tuple[np.ndarray, int]:
     tag, channels, rate = struct.unpack("<HHI", v[20:28])
     bits = struct.unpack("<H", v[34:36])[0]
     i = 12
-    while v[i:i + 4] != b"data":
-        i += 8 + struct.unpack("<I", v[i + 4:i + 8])[0]
-    data = v[i + 8:i + 8 + struct.unpack("<I", v[i + 4:i + 8])[0]]
+    while v[i : i + 4] != b"data":
+        i += 8 + struct.unpack("<I", v[i + 4 : i + 8])[0]
+    data = v[i + 8 : i + 8 + struct.unpack("<I", v[i + 4 : i + 8])[0]]
     if tag == 3:
         x = np.frombuffer(data, "<f4").astype(np.float64)
     elif bits == 16:
@@ -67,8 +67,14 @@ def band_share(x: np.ndarray, rate: int, lo: float, hi: float) -> float:
     return float(spec[(freqs >= lo) & (freqs < hi)].sum() / (spec.sum() + 1e-12))
 
 
-def inside(labels: dict[str, list[Episode]], device: str, t0: int, t1: int,
-           skip_ms: int = 0, tail_ms: int = 0) -> str | None:
+def inside(
+    labels: dict[str, list[Episode]],
+    device: str,
+    t0: int,
+    t1: int,
+    skip_ms: int = 0,
+    tail_ms: int = 0,
+) -> str | None:
     """The label if [t0, t1] lies within one episode (trimmed by skip/tail), else None."""
     for ep in labels[device]:
         if ep.start_ms + skip_ms <= t0 and t1 < ep.end_ms - tail_ms:
@@ -79,8 +85,9 @@ def inside(labels: dict[str, list[Episode]], device: str, t0: int, t1: int,
 @pytest.fixture(scope="module")
 def long_run() -> tuple[ScenarioConfig, list[Record]]:
     """2 devices x 300 s of audio, telemetry and labels (every class shows up)."""
-    cfg = ScenarioConfig(seed=5, devices=2, duration_s=300,
-                         streams=("audio", "telemetry", "labels"))
+    cfg = ScenarioConfig(
+        seed=5, devices=2, duration_s=300, streams=("audio", "telemetry", "labels")
+    )
     return cfg, list(simulate(cfg))
 
 
@@ -141,7 +148,12 @@ def test_labels_tile_each_device_with_unaligned_balanced_episodes() -> None:
 def test_label_at_finds_the_episode_holding_a_time() -> None:
     labels = {"cell-00": [Episode(0, 10, "normal"), Episode(10, 25, "fire")]}
     assert [label_at(labels, "cell-00", t) for t in (0, 9, 10, 24, 25)] == [
-        "normal", "normal", "fire", "fire", None]
+        "normal",
+        "normal",
+        "fire",
+        "fire",
+        None,
+    ]
     assert label_at(labels, "cell-99", 5) is None
 
 
@@ -187,16 +199,22 @@ def test_invalid_config_says_what_is_wrong() -> None:
         ScenarioConfig(seed=1, devices=1, duration_s=1, device_prefix="bad id")
 
 
-def _telemetry(records: Iterable[Record], labels: dict[str, list[Episode]],
-               skip_ms: int = 0) -> dict[str, list[dict[str, float]]]:
+def _telemetry(
+    records: Iterable[Record], labels: dict[str, list[Episode]], skip_ms: int = 0
+) -> dict[str, list[dict[str, float]]]:
     by_label: dict[str, list[dict[str, float]]] = defaultdict(list)
     for r in records:
         if r.topic == "iot.telemetry" and r.key is not None and r.value is not None:
             label = inside(labels, r.key.decode(), r.timestamp_ms, r.timestamp_ms, skip_ms)
             if label is not None:
                 body = json.loads(r.value)
-                by_label[label].append({k: float(v) for k, v in body.items()
-                                        if isinstance(v, (int, float)) and k != "rssi_dbm"})
+                by_label[label].append(
+                    {
+                        k: float(v)
+                        for k, v in body.items()
+                        if isinstance(v, (int, float)) and k != "rssi_dbm"
+                    }
+                )
     return by_label
 
 
@@ -204,8 +222,9 @@ def _mean(rows: list[dict[str, float]], metric: str) -> float:
     return float(np.mean([row[metric] for row in rows if metric in row]))
 
 
-def test_telemetry_shows_heat_faults_stops_and_doors(long_run: tuple[ScenarioConfig, list[Record]]
-                                                     ) -> None:
+def test_telemetry_shows_heat_faults_stops_and_doors(
+    long_run: tuple[ScenarioConfig, list[Record]],
+) -> None:
     _, records = long_run
     labels = episodes_from_records(records, "iot.labels")
     late = _telemetry(records, labels, skip_ms=4000)  # fires have grown by then
@@ -226,14 +245,19 @@ def test_telemetry_shows_heat_faults_stops_and_doors(long_run: tuple[ScenarioCon
     for device, episodes in labels.items():  # the door opens at the start of each visit
         for ep in episodes:
             if ep.label == "maintenance" and ep.end_ms - ep.start_ms > 4000:
-                opened = [json.loads(r.value or b"")["door_open"] for r in records
-                          if r.topic == "iot.telemetry" and r.key == device.encode()
-                          and ep.start_ms <= r.timestamp_ms < ep.start_ms + 2500]
+                opened = [
+                    json.loads(r.value or b"")["door_open"]
+                    for r in records
+                    if r.topic == "iot.telemetry"
+                    and r.key == device.encode()
+                    and ep.start_ms <= r.timestamp_ms < ep.start_ms + 2500
+                ]
                 assert any(opened), f"no door_open at the start of {ep}"
 
 
-def test_audio_siren_hum_and_knocks_follow_the_classes(long_run: tuple[ScenarioConfig, list[Record]]
-                                                       ) -> None:
+def test_audio_siren_hum_and_knocks_follow_the_classes(
+    long_run: tuple[ScenarioConfig, list[Record]],
+) -> None:
     cfg, records = long_run
     labels = episodes_from_records(records, "iot.labels")
     siren: dict[str, list[float]] = defaultdict(list)
@@ -243,14 +267,19 @@ def test_audio_siren_hum_and_knocks_follow_the_classes(long_run: tuple[ScenarioC
         if r.topic != "iot.audio" or r.key is None:
             continue
         x, rate = decode_audio(r)
-        label = inside(labels, r.key.decode(), r.timestamp_ms - 60,
-                       r.timestamp_ms + x.size * 1000 // rate + 60, skip_ms=3000)
+        label = inside(
+            labels,
+            r.key.decode(),
+            r.timestamp_ms - 60,
+            r.timestamp_ms + x.size * 1000 // rate + 60,
+            skip_ms=3000,
+        )
         if label is None:
             continue
         siren[label].append(band_share(x, rate, 580, 1250))
         hum[label].append(band_share(x, rate, 45, 205))
         frames = x[: x.size // (rate // 100) * (rate // 100)].reshape(-1, rate // 100)
-        energy = (frames ** 2).mean(1) + 1e-12
+        energy = (frames**2).mean(1) + 1e-12
         crest[label].append(float(energy.max() / np.median(energy)))
     assert set(siren) == set(CLASSES)
     for label in ("fire", "alarm_test"):
@@ -263,8 +292,9 @@ def test_audio_siren_hum_and_knocks_follow_the_classes(long_run: tuple[ScenarioC
     assert np.median(crest["machine_fault"]) > 2 * np.median(crest["normal"])  # knocks
 
 
-def test_camera_shows_people_and_smoke_only_in_their_classes(camera_run: tuple[
-        ScenarioConfig, dict[str, list[Episode]], list[tuple[int, np.ndarray]]]) -> None:
+def test_camera_shows_people_and_smoke_only_in_their_classes(
+    camera_run: tuple[ScenarioConfig, dict[str, list[Episode]], list[tuple[int, np.ndarray]]],
+) -> None:
     cfg, labels, frames = camera_run
     device = cfg.device_id(0)
     normal = [img for ts, img in frames if inside(labels, device, ts, ts) == "normal"]

@@ -76,8 +76,13 @@ def test_learns_a_separable_toy_problem(make_data: object, n_train: int) -> None
     torch.manual_seed(0)
     model = FusionClassifier(cfg)
     seen: list[TrainProgress] = []
-    result = train(model, train_data, val_data,
-                   TrainConfig(epochs=epochs, batch_size=16, lr=3e-3, seed=0), seen.append)
+    result = train(
+        model,
+        train_data,
+        val_data,
+        TrainConfig(epochs=epochs, batch_size=16, lr=3e-3, seed=0),
+        seen.append,
+    )
     assert [p.epoch for p in seen] == list(range(1, epochs + 1)) and result.history == seen
     assert seen[-1].train_loss < 0.6 * seen[0].train_loss
     assert result.best_val_macro_f1 == max(p.val_macro_f1 for p in seen)

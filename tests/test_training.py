@@ -28,8 +28,11 @@ from tests.factory import T0
 
 
 def _windows(devices: int, count: int, window_ms: int = 2000) -> list[LabelledWindow]:
-    return [LabelledWindow(f"cell-{d:02d}", T0 + i * window_ms, {}, "normal")
-            for i in range(count) for d in range(devices)]
+    return [
+        LabelledWindow(f"cell-{d:02d}", T0 + i * window_ms, {}, "normal")
+        for i in range(count)
+        for d in range(devices)
+    ]
 
 
 def test_split_holds_out_every_kth_device_whole() -> None:
@@ -73,18 +76,38 @@ def test_parse_modalities_keeps_slot_order_and_refuses_unknown_names() -> None:
 @pytest.fixture(scope="module")
 def recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("train") / "tiny.iotrec"
-    assert main(["simulate", "--seed", "21", "--devices", "2", "--duration", "12",
-                 "--out", str(path)]) == 0
+    assert (
+        main(["simulate", "--seed", "21", "--devices", "2", "--duration", "12", "--out", str(path)])
+        == 0
+    )
     return path
 
 
 def _train(recording: Path, out: Path, *extra: str) -> None:
-    assert main(["train", "--data", str(recording), "--out", str(out), "--epochs", "2",
-                 "--device", "cpu", "--seed", "3", *extra]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(recording),
+                "--out",
+                str(out),
+                "--epochs",
+                "2",
+                "--device",
+                "cpu",
+                "--seed",
+                "3",
+                *extra,
+            ]
+        )
+        == 0
+    )
 
 
 def test_tiny_training_writes_a_loadable_model_named_by_its_hash(
-        recording: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recording: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _train(recording, tmp_path / "m")
     err = capsys.readouterr().err
     assert "epoch   2/2" in err and "macro-F1" in err and "loss" in err
@@ -106,8 +129,9 @@ def test_tiny_training_writes_a_loadable_model_named_by_its_hash(
     assert "not empty" in capsys.readouterr().err
 
 
-def test_one_modality_trains_a_baseline_with_only_that_section(recording: Path,
-                                                               tmp_path: Path) -> None:
+def test_one_modality_trains_a_baseline_with_only_that_section(
+    recording: Path, tmp_path: Path
+) -> None:
     _train(recording, tmp_path / "tel", "--modalities", "telemetry", "--name", "tel-only")
     cfg = load_model(tmp_path / "tel").config
     assert cfg.name == "tel-only" and cfg.modalities == (Modality.TELEMETRY,)
@@ -115,10 +139,16 @@ def test_one_modality_trains_a_baseline_with_only_that_section(recording: Path,
 
 
 def test_telemetry_stats_come_from_the_training_windows_only() -> None:
-    windows = [LabelledWindow("d", T0, {Modality.TELEMETRY: np.full((20, 5), v, np.float32)},
-                              "normal") for v in (1.0, 5.0)]
-    cfg = ModelConfig(name="t", classes=("a", "b"), modalities=(Modality.TELEMETRY,),
-                      telemetry=TelemetryConfig(metrics=DEFAULT_METRICS))
+    windows = [
+        LabelledWindow("d", T0, {Modality.TELEMETRY: np.full((20, 5), v, np.float32)}, "normal")
+        for v in (1.0, 5.0)
+    ]
+    cfg = ModelConfig(
+        name="t",
+        classes=("a", "b"),
+        modalities=(Modality.TELEMETRY,),
+        telemetry=TelemetryConfig(metrics=DEFAULT_METRICS),
+    )
     fitted = with_telemetry_stats(cfg, windows)
     assert fitted.telemetry.mean == fit_telemetry_stats([w.inputs for w in windows], 5)[0]
     assert fitted.telemetry.mean == (3.0,) * 5 and fitted.telemetry.std == (2.0,) * 5
@@ -128,8 +158,10 @@ def test_augmented_examples_vary_the_camera_anew_on_every_read_deterministically
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     audio = np.ones(16, np.float32)
-    examples = [({Modality.CAMERA: frames, Modality.AUDIO: audio}, 2),
-                ({Modality.TELEMETRY: np.zeros((20, 5), np.float32)}, 1)]
+    examples = [
+        ({Modality.CAMERA: frames, Modality.AUDIO: audio}, 2),
+        ({Modality.TELEMETRY: np.zeros((20, 5), np.float32)}, 1),
+    ]
     data = Augmented(examples, seed=5, p_hardware=0.0)
     first, second = data[0], data[0]
     assert first[1] == second[1] == 2 and len(data) == 2
@@ -145,23 +177,34 @@ def test_augmented_examples_vary_the_camera_anew_on_every_read_deterministically
     assert [label for _, label in data] == [2, 1]
 
 
-def test_a_local_transformers_camera_trunk_can_be_frozen(recording: Path, tmp_path: Path
-                                                         ) -> None:
+def test_a_local_transformers_camera_trunk_can_be_frozen(recording: Path, tmp_path: Path) -> None:
     import torch
     from transformers import ViTModel
 
     from tests.test_encoders import tiny_vit
 
     vit = tiny_vit(tmp_path / "vit")
-    _train(recording, tmp_path / "m", "--modalities", "camera", "--camera-hf", vit,
-           "--freeze-hf", "--epochs", "1")
+    _train(
+        recording,
+        tmp_path / "m",
+        "--modalities",
+        "camera",
+        "--camera-hf",
+        vit,
+        "--freeze-hf",
+        "--epochs",
+        "1",
+    )
     loaded = load_model(tmp_path / "m")
     cam = loaded.config.camera
     assert cam is not None and cam.trunk == "hf" and cam.freeze_trunk
     assert cam.hf_config is not None and cam.hf_config["model_type"] == "vit"
     pretrained = ViTModel.from_pretrained(vit).state_dict()
-    trunk = {k.split(".", 3)[-1]: v for k, v in loaded.model.state_dict().items()
-             if k.startswith("trunks.camera.")}
+    trunk = {
+        k.split(".", 3)[-1]: v
+        for k, v in loaded.model.state_dict().items()
+        if k.startswith("trunks.camera.")
+    }
     shared = [k for k in pretrained if k in trunk]
     assert shared and all(torch.equal(pretrained[k], trunk[k]) for k in shared)
 
@@ -172,8 +215,7 @@ def test_hardware_augmentation_looks_like_slower_or_narrower_devices() -> None:
     t = np.arange(32000) / 16000
     audio = (np.sin(2 * np.pi * 1000 * t) + np.sin(2 * np.pi * 7000 * t)).astype(np.float32)
     metrics = rng.normal(size=(20, 5)).astype(np.float32)
-    examples = [({Modality.CAMERA: frames, Modality.AUDIO: audio, Modality.TELEMETRY: metrics},
-                 0)]
+    examples = [({Modality.CAMERA: frames, Modality.AUDIO: audio, Modality.TELEMETRY: metrics}, 0)]
     for _ in range(5):
         inputs, _ = Augmented(examples, seed=int(rng.integers(1000)), p_hardware=1.0)[0]
         cam = inputs[Modality.CAMERA]

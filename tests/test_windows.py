@@ -15,8 +15,9 @@ class Feed:
     """Adds items with increasing offsets and a controllable wall clock."""
 
     def __init__(self, cfg: WindowConfig | None = None) -> None:
-        self.w = Windower(cfg or WindowConfig(window_ms=2000, allowed_lateness_ms=500,
-                                              idle_timeout_ms=5000))
+        self.w = Windower(
+            cfg or WindowConfig(window_ms=2000, allowed_lateness_ms=500, idle_timeout_ms=5000)
+        )
         self.offset = 0
         self.now = 0
         self.closed: list[Window] = []
@@ -124,8 +125,11 @@ def test_a_device_heard_again_is_not_expired_behind_one_that_stayed_silent() -> 
 
 
 def test_a_device_silent_past_forget_after_is_forgotten_watermark_included() -> None:
-    f = Feed(WindowConfig(window_ms=2000, allowed_lateness_ms=500, idle_timeout_ms=5000,
-                          forget_after_ms=60_000))
+    f = Feed(
+        WindowConfig(
+            window_ms=2000, allowed_lateness_ms=500, idle_timeout_ms=5000, forget_after_ms=60_000
+        )
+    )
     f.add(T0 + 100, device="gone")
     f.add(T0 + 4100, device="gone")  # its watermark closes [0, 2000)
     f.add(T0 + 100, device="back")
@@ -148,8 +152,11 @@ def test_a_device_silent_past_forget_after_is_forgotten_watermark_included() -> 
 def test_a_device_is_not_forgotten_in_the_tick_that_closed_its_windows() -> None:
     """Ticks an hour apart (a long backlog skips them): the windows closed by that tick may
     still be queued, and a record for one of them must be late, not reopen it."""
-    f = Feed(WindowConfig(window_ms=2000, allowed_lateness_ms=500, idle_timeout_ms=5000,
-                          forget_after_ms=60_000))
+    f = Feed(
+        WindowConfig(
+            window_ms=2000, allowed_lateness_ms=500, idle_timeout_ms=5000, forget_after_ms=60_000
+        )
+    )
     f.add(T0 + 100, device="d")
     assert spans(f.w.expire_idle(3_600_000)) == [("d", 0, 2000)]
     assert f.w.forget_silent(3_600_000) == []

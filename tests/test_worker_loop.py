@@ -26,7 +26,8 @@ class AllCaughtUp:
 
 
 def test_a_window_closing_with_its_early_result_is_published_before_the_rest_of_the_poll(
-        runner: ModelRunner) -> None:  # noqa: F811
+    runner: ModelRunner,  # noqa: F811
+) -> None:
     tel = (Modality.TELEMETRY,)
     recs = number(device_stream("a", T0, 3, tel) + device_stream("b", T0 + 2000, 1, tel))
     a, b = recs[:30], recs[30:]  # telemetry every 100 ms
@@ -45,7 +46,8 @@ def test_a_window_closing_with_its_early_result_is_published_before_the_rest_of_
     worker.aligner, worker.engine, worker.metrics = aligner, engine, Metrics()
     worker.log_end = AllCaughtUp()
     worker._publish = lambda outputs: order.extend(
-        "event" for o in outputs if o.topic == TOPICS.events)
+        "event" for o in outputs if o.topic == TOPICS.events
+    )
     worker._process_ready()
     assert order.index("event") == order.index("a@2500") + 1  # not after b's records
     assert order.count("event") == 1 and len(order) == 5 + 10 + 1
@@ -66,7 +68,8 @@ class PauseLog:
 
 
 def test_over_capacity_pauses_while_windows_can_close_then_reads_on_until_under_it(
-        runner: ModelRunner) -> None:  # noqa: F811
+    runner: ModelRunner,  # noqa: F811
+) -> None:
     engine = engine_with_early(runner, False)
     engine.cfg = replace(engine.cfg, max_open_windows=2)
     for device in ("a", "b", "c"):  # three open windows: over the cap of 2

@@ -37,22 +37,40 @@ Window = tuple[str, int]  # device id, window start (epoch ms)
 
 def demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", type=count, default=3, help="simulated devices (default 3)")
-    p.add_argument("--duration", type=positive, default=20.0, metavar="SECONDS",
-                   help="simulated seconds per device (default 20)")
+    p.add_argument(
+        "--duration",
+        type=positive,
+        default=20.0,
+        metavar="SECONDS",
+        help="simulated seconds per device (default 20)",
+    )
     p.add_argument("--seed", type=int, default=7, help="scenario seed (default 7)")
-    p.add_argument("--start-ms", type=int, metavar="EPOCH_MS",
-                   help="first simulated timestamp (default: now)")
+    p.add_argument(
+        "--start-ms", type=int, metavar="EPOCH_MS", help="first simulated timestamp (default: now)"
+    )
     p.add_argument("--model", metavar="DIR", help="model directory (default: shipped model)")
     p.add_argument("--device", help="torch device: auto (default), cpu, cuda, cuda:N")
     pace = p.add_mutually_exclusive_group()
-    pace.add_argument("--speed", type=positive, default=1.0,
-                      help="live pace factor: 10 = ten times faster than real time (default 1)")
+    pace.add_argument(
+        "--speed",
+        type=positive,
+        default=1.0,
+        help="live pace factor: 10 = ten times faster than real time (default 1)",
+    )
     pace.add_argument("--max-speed", action="store_true", help="produce without pacing")
-    p.add_argument("--offline", action="store_true",
-                   help="no Kafka: run the scenario through the offline pipeline "
-                        "(what the demo does where Java or Maven is missing)")
-    p.add_argument("--out", type=Path, default=Path("demo-output"), metavar="DIR",
-                   help="where the timeline PNG goes (default ./demo-output)")
+    p.add_argument(
+        "--offline",
+        action="store_true",
+        help="no Kafka: run the scenario through the offline pipeline "
+        "(what the demo does where Java or Maven is missing)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("demo-output"),
+        metavar="DIR",
+        help="where the timeline PNG goes (default ./demo-output)",
+    )
 
 
 class EventTable:
@@ -79,13 +97,14 @@ class EventTable:
         if not self.results:
             print(f"{'device':<10} {'window':<8}  {'label':<14} {'conf':>5}  truth")
         truth = label_at(self.truth, device, (start + end) // 2)
-        r = WindowResult(device, start, end, str(event["label"]), float(event["confidence"]),
-                         truth)
+        r = WindowResult(device, start, end, str(event["label"]), float(event["confidence"]), truth)
         self.results[(device, start)] = r
         mark = "  <- differs" if truth is not None and truth != r.label else ""
         hms = datetime.fromtimestamp(start / 1000, UTC).strftime("%H:%M:%S")
-        print(f"{device:<10} {hms:<8}  {r.label:<14} {r.confidence:>5.2f}  "
-              f"{truth or '-'}{mark}", flush=True)
+        print(
+            f"{device:<10} {hms:<8}  {r.label:<14} {r.confidence:>5.2f}  {truth or '-'}{mark}",
+            flush=True,
+        )
         return True
 
 
@@ -101,18 +120,24 @@ def demo(args: argparse.Namespace, settings: Settings) -> int:
     kafka = None if args.offline else _local_kafka()
     records = _scenario(args, settings)
     inputs = {settings.topics.camera, settings.topics.audio, settings.topics.telemetry}
-    expected = {(r.key.decode(), windows.start_of(r.timestamp_ms))
-                for r in records if r.topic in inputs and r.key is not None}
+    expected = {
+        (r.key.decode(), windows.start_of(r.timestamp_ms))
+        for r in records
+        if r.topic in inputs and r.key is not None
+    }
     devices = f"{args.devices} device{'s' if args.devices > 1 else ''}"
-    print(f"demo: {len(records)} records from {devices} x {args.duration:g} s; "
-          f"model {runner.model_id.name} ({runner.model_id.version[:19]}) on {runner.device}")
+    print(
+        f"demo: {len(records)} records from {devices} x {args.duration:g} s; "
+        f"model {runner.model_id.name} ({runner.model_id.version[:19]}) on {runner.device}"
+    )
     table = EventTable(episodes_from_records(records, settings.topics.labels), expected)
     if kafka is None:
         _run_offline(settings, runner, records, table)
     else:
         try:
-            _run_live(kafka, settings, runner, records, table,
-                      None if args.max_speed else args.speed)
+            _run_live(
+                kafka, settings, runner, records, table, None if args.max_speed else args.speed
+            )
         finally:
             kafka.close()
     _report(args.out, table, runner.config.classes)
@@ -130,8 +155,10 @@ def _local_kafka() -> LocalKafka | None:
         kafka.start()
     except KafkaRuntimeError as exc:
         reason = str(exc).split(": ", 1)[0].split(". ", 1)[0]
-        print(f"demo: no local Kafka ({reason}); running the same scenario offline instead, "
-              "the pipeline without a broker as `iotfuse replay --offline` runs it")
+        print(
+            f"demo: no local Kafka ({reason}); running the same scenario offline instead, "
+            "the pipeline without a broker as `iotfuse replay --offline` runs it"
+        )
         return None
     return kafka
 
@@ -143,13 +170,19 @@ def _scenario(args: argparse.Namespace, settings: Settings) -> list[Record]:
     t = settings.topics
     start = args.start_ms if args.start_ms is not None else time.time_ns() // 1_000_000
     topics = {role: getattr(t, role) for role in ("camera", "audio", "telemetry", "labels")}
-    cfg = ScenarioConfig(seed=args.seed, devices=args.devices, duration_s=args.duration,
-                         start_ms=start, topics=topics)
+    cfg = ScenarioConfig(
+        seed=args.seed,
+        devices=args.devices,
+        duration_s=args.duration,
+        start_ms=start,
+        topics=topics,
+    )
     return list(simulate(cfg))
 
 
-def _run_offline(settings: Settings, runner: ModelRunner, records: list[Record],
-                 table: EventTable) -> None:
+def _run_offline(
+    settings: Settings, runner: ModelRunner, records: list[Record], table: EventTable
+) -> None:
     from pipeline.app import build_engine, run_offline
 
     engine = build_engine(settings, runner)
@@ -177,23 +210,33 @@ class _Task(threading.Thread):
             raise self.error
 
 
-def _run_live(kafka: LocalKafka, settings: Settings, runner: ModelRunner,
-              records: list[Record], table: EventTable, speed: float | None) -> None:
+def _run_live(
+    kafka: LocalKafka,
+    settings: Settings,
+    runner: ModelRunner,
+    records: list[Record],
+    table: EventTable,
+    speed: float | None,
+) -> None:
     from pipeline.app import build_engine
     from pipeline.commands.learn import simulate_to_kafka
     from pipeline.kafka.admin import TopicNames, ensure_topics
     from pipeline.worker import KafkaWorker
 
     live = _live_settings(settings, kafka.bootstrap_servers, speed)
-    ensure_topics(kafka.bootstrap_servers, TopicNames.from_settings(live.topics),
-                  live.topics.partitions, 1)
+    ensure_topics(
+        kafka.bootstrap_servers, TopicNames.from_settings(live.topics), live.topics.partitions, 1
+    )
     pace = "as fast as possible" if speed is None else f"at {speed:g}x real time"
     print(f"demo: local Kafka at {kafka.bootstrap_servers}; producing {pace}", flush=True)
     stop = threading.Event()
     worker = KafkaWorker(live, build_engine(live, runner))
-    tasks = [_Task("worker", lambda: worker.run(stop)),
-             _Task("producer", lambda: simulate_to_kafka(records, live, speed, stop,
-                                                         lambda _n, _b: None))]
+    tasks = [
+        _Task("worker", lambda: worker.run(stop)),
+        _Task(
+            "producer", lambda: simulate_to_kafka(records, live, speed, stop, lambda _n, _b: None)
+        ),
+    ]
     for task in tasks:
         task.start()
     try:
@@ -217,14 +260,22 @@ def _live_settings(settings: Settings, bootstrap: str, speed: float | None) -> S
     )
 
 
-def _follow_events(settings: Settings, table: EventTable, tasks: list[_Task],
-                   clock: Callable[[], float] = time.monotonic) -> None:
+def _follow_events(
+    settings: Settings,
+    table: EventTable,
+    tasks: list[_Task],
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
     """Show events until each expected window has one, or QUIET_S without a new one."""
     from kafka import KafkaConsumer
 
-    consumer = KafkaConsumer(settings.topics.events, group_id=None,
-                             bootstrap_servers=settings.kafka.bootstrap_servers,
-                             auto_offset_reset="earliest", enable_auto_commit=False)
+    consumer = KafkaConsumer(
+        settings.topics.events,
+        group_id=None,
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
     deadline = clock() + QUIET_S
     try:
         while not table.complete and clock() < deadline:
@@ -238,8 +289,10 @@ def _follow_events(settings: Settings, table: EventTable, tasks: list[_Task],
     finally:
         consumer.close()
     if not table.complete:
-        print(f"demo: no new event for {QUIET_S:.0f} s; stopping with "
-              f"{len(table.results)} of {len(table.expected)} windows")
+        print(
+            f"demo: no new event for {QUIET_S:.0f} s; stopping with "
+            f"{len(table.results)} of {len(table.expected)} windows"
+        )
 
 
 def _report(out: Path, table: EventTable, classes: Sequence[str]) -> None:

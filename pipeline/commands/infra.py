@@ -89,12 +89,17 @@ def topics(args: argparse.Namespace, settings: Settings) -> int:
     t = settings.topics
     names = TopicNames.from_settings(t)
     ensure_topics(
-        settings.kafka.bootstrap_servers, names, t.partitions, t.replication_factor,
+        settings.kafka.bootstrap_servers,
+        names,
+        t.partitions,
+        t.replication_factor,
         client_config=settings.kafka.client_config(),
     )
-    print(f"topics ready on {settings.kafka.bootstrap_servers}: "
-          f"{', '.join(dataclasses.astuple(names))} ({t.partitions} partitions, "
-          f"replication factor {t.replication_factor})")
+    print(
+        f"topics ready on {settings.kafka.bootstrap_servers}: "
+        f"{', '.join(dataclasses.astuple(names))} ({t.partitions} partitions, "
+        f"replication factor {t.replication_factor})"
+    )
     return 0
 
 

@@ -30,26 +30,45 @@ if TYPE_CHECKING:
 Progress = Callable[[int, int], None]
 
 
-
-
 # --- simulate ----------------------------------------------------------------------------
+
 
 def simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, required=True, help="scenario seed (same seed, same data)")
     p.add_argument("--devices", type=count, required=True, help="simulated devices")
-    p.add_argument("--duration", type=positive, required=True, metavar="SECONDS",
-                   help="simulated seconds per device")
-    p.add_argument("--profile", choices=("train", "unseen"), default="train",
-                   help="device hardware profile; 'unseen' draws setups training never sees")
+    p.add_argument(
+        "--duration",
+        type=positive,
+        required=True,
+        metavar="SECONDS",
+        help="simulated seconds per device",
+    )
+    p.add_argument(
+        "--profile",
+        choices=("train", "unseen"),
+        default="train",
+        help="device hardware profile; 'unseen' draws setups training never sees",
+    )
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", type=Path, metavar="FILE", help="write a recording file")
-    target.add_argument("--bootstrap-servers", metavar="HOST:PORT",
-                        help="produce to the input and labels topics of this Kafka")
-    p.add_argument("--speed", type=positive, default=1.0,
-                   help="Kafka only: timing factor, 10 = ten times faster than real time")
+    target.add_argument(
+        "--bootstrap-servers",
+        metavar="HOST:PORT",
+        help="produce to the input and labels topics of this Kafka",
+    )
+    p.add_argument(
+        "--speed",
+        type=positive,
+        default=1.0,
+        help="Kafka only: timing factor, 10 = ten times faster than real time",
+    )
     p.add_argument("--max-speed", action="store_true", help="Kafka only: no pacing at all")
-    p.add_argument("--start-ms", type=int, metavar="EPOCH_MS",
-                   help="first timestamp (default: 2026-01-01T00:00Z for --out, now for Kafka)")
+    p.add_argument(
+        "--start-ms",
+        type=int,
+        metavar="EPOCH_MS",
+        help="first timestamp (default: 2026-01-01T00:00Z for --out, now for Kafka)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
@@ -64,31 +83,49 @@ def simulate(args: argparse.Namespace, settings: Settings) -> int:
         start = time.time_ns() // 1_000_000
     kw = {} if start is None else {"start_ms": start}
     try:
-        cfg = ScenarioConfig(seed=args.seed, devices=args.devices, duration_s=args.duration,
-                             profile=args.profile, **kw,
-                             topics={"camera": t.camera, "audio": t.audio,
-                                     "telemetry": t.telemetry, "labels": t.labels})
+        cfg = ScenarioConfig(
+            seed=args.seed,
+            devices=args.devices,
+            duration_s=args.duration,
+            profile=args.profile,
+            **kw,
+            topics={
+                "camera": t.camera,
+                "audio": t.audio,
+                "telemetry": t.telemetry,
+                "labels": t.labels,
+            },
+        )
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     progress = ProgressLine("simulate", sys.stderr)
     with stop_on_signals() as stop:
         if args.out is not None:
-            n, size = simulate_to_file(scenario_records(cfg), args.out, args.overwrite, stop,
-                                       progress)
+            n, size = simulate_to_file(
+                scenario_records(cfg), args.out, args.overwrite, stop, progress
+            )
             where = str(args.out)
         else:
-            n, size = simulate_to_kafka(scenario_records(cfg), settings, None if args.max_speed
-                                        else args.speed, stop, progress)
+            n, size = simulate_to_kafka(
+                scenario_records(cfg),
+                settings,
+                None if args.max_speed else args.speed,
+                stop,
+                progress,
+            )
             where = f"Kafka {settings.kafka.bootstrap_servers}"
     progress.finish(n, size)
     note = " (stopped by signal before the end)" if stop.is_set() else ""
-    print(f"simulated {n} records ({size / 1e6:.1f} MB) of {args.devices} devices x "
-          f"{args.duration:g} s (seed {args.seed}, profile {args.profile}) into {where}{note}")
+    print(
+        f"simulated {n} records ({size / 1e6:.1f} MB) of {args.devices} devices x "
+        f"{args.duration:g} s (seed {args.seed}, profile {args.profile}) into {where}{note}"
+    )
     return 0
 
 
-def simulate_to_file(records: Iterable[Record], out: Path, overwrite: bool,
-                     stop: threading.Event, progress: Progress) -> tuple[int, int]:
+def simulate_to_file(
+    records: Iterable[Record], out: Path, overwrite: bool, stop: threading.Event, progress: Progress
+) -> tuple[int, int]:
     """Write records to a new recording; returns (records, bytes)."""
     from pipeline.recording import RecordingError, RecordingWriter
 
@@ -108,8 +145,13 @@ def simulate_to_file(records: Iterable[Record], out: Path, overwrite: bool,
     return n, size
 
 
-def send_paced(records: Iterable[Record], send: Callable[[Record], None], pacer: Pacer,
-               stop: threading.Event, progress: Progress) -> tuple[int, int]:
+def send_paced(
+    records: Iterable[Record],
+    send: Callable[[Record], None],
+    pacer: Pacer,
+    stop: threading.Event,
+    progress: Progress,
+) -> tuple[int, int]:
     """Hand each record to `send` once the pacer says it is due; stops when `stop` is set.
     Returns (records, bytes) sent."""
     n = size = 0
@@ -123,8 +165,13 @@ def send_paced(records: Iterable[Record], send: Callable[[Record], None], pacer:
     return n, size
 
 
-def simulate_to_kafka(records: Iterable[Record], settings: Settings, speed: float | None,
-                      stop: threading.Event, progress: Progress) -> tuple[int, int]:
+def simulate_to_kafka(
+    records: Iterable[Record],
+    settings: Settings,
+    speed: float | None,
+    stop: threading.Event,
+    progress: Progress,
+) -> tuple[int, int]:
     """Produce records (Kafka partitions them by key) paced by their timestamps / speed."""
     from kafka import KafkaProducer
     from kafka.errors import KafkaError
@@ -136,28 +183,37 @@ def simulate_to_kafka(records: Iterable[Record], settings: Settings, speed: floa
     topics = [t.camera, t.audio, t.telemetry, t.labels]
     missing = sorted(set(topics) - set(topic_partition_counts(settings.kafka, topics)))
     if missing:
-        raise UserError(f"topic(s) {', '.join(missing)} do not exist on "
-                        f"{settings.kafka.bootstrap_servers}; create them with `iotfuse topics`")
-    config = {**producer_config(settings.kafka),
-              "client_id": f"{settings.kafka.client_id}-simulator"}
-    out: BoundedProducer[int] = BoundedProducer(KafkaProducer(**config),
-                                                settings.kafka.max_in_flight_bytes)
+        raise UserError(
+            f"topic(s) {', '.join(missing)} do not exist on "
+            f"{settings.kafka.bootstrap_servers}; create them with `iotfuse topics`"
+        )
+    config = {
+        **producer_config(settings.kafka),
+        "client_id": f"{settings.kafka.client_id}-simulator",
+    }
+    out: BoundedProducer[int] = BoundedProducer(
+        KafkaProducer(**config), settings.kafka.max_in_flight_bytes
+    )
     sent = [0]
 
     def send(record: Record) -> None:
-        out.send(sent[0], record.topic, record.key, record.value, record.headers,
-                 timestamp_ms=record.timestamp_ms)
+        out.send(
+            sent[0],
+            record.topic,
+            record.key,
+            record.value,
+            record.headers,
+            timestamp_ms=record.timestamp_ms,
+        )
         sent[0] += 1
         _check_sent(out)
 
     try:
-        result = send_paced(records, send, Pacer(speed, time.monotonic, stop.wait), stop,
-                            progress)
+        result = send_paced(records, send, Pacer(speed, time.monotonic, stop.wait), stop, progress)
         out.flush()
         _check_sent(out)
     except KafkaError as exc:
-        raise UserError(f"producing to {settings.kafka.bootstrap_servers} failed: {exc!r}"
-                        ) from exc
+        raise UserError(f"producing to {settings.kafka.bootstrap_servers} failed: {exc!r}") from exc
     finally:
         out.close()
     return result
@@ -166,43 +222,78 @@ def simulate_to_kafka(records: Iterable[Record], settings: Settings, speed: floa
 def _check_sent(out: BoundedProducer[int]) -> None:
     for index, exc in out.completed():
         if exc is not None:
-            raise UserError(f"the broker refused simulated record #{index} ({exc!r}); check "
-                            "the topics' max.message.bytes and that the broker is healthy")
+            raise UserError(
+                f"the broker refused simulated record #{index} ({exc!r}); check "
+                "the topics' max.message.bytes and that the broker is healthy"
+            )
 
 
 # --- train -------------------------------------------------------------------------------
 
+
 def train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", type=Path, nargs="+", required=True, metavar="REC",
-                   help="labelled recordings (labels on the labels topic)")
-    p.add_argument("--out", type=Path, required=True, metavar="MODEL_DIR",
-                   help="model directory to write (the best epoch, rewritten as it improves)")
-    p.add_argument("--modalities", default="camera,audio,telemetry",
-                   help="comma-separated; one modality trains a single-modality baseline")
+    p.add_argument(
+        "--data",
+        type=Path,
+        nargs="+",
+        required=True,
+        metavar="REC",
+        help="labelled recordings (labels on the labels topic)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="MODEL_DIR",
+        help="model directory to write (the best epoch, rewritten as it improves)",
+    )
+    p.add_argument(
+        "--modalities",
+        default="camera,audio,telemetry",
+        help="comma-separated; one modality trains a single-modality baseline",
+    )
     p.add_argument("--epochs", type=count, default=30, help="passes over the training windows")
     p.add_argument("--seed", type=int, default=0, help="weights, shuffling and dropout seed")
     p.add_argument("--batch-size", type=count, default=32, help="windows per training step")
     p.add_argument("--lr", type=positive, default=1e-3, help="AdamW learning rate")
     p.add_argument("--device", help="torch device: auto (CUDA when present, default), cpu, cuda")
     p.add_argument("--name", default="", help="model name (default: iotfuse-<modalities>)")
-    p.add_argument("--metrics", help="telemetry metric names, comma-separated "
-                                     "(default: the simulator's five)")
-    p.add_argument("--val-fraction", type=float, default=0.2,
-                   help="share of the devices held out for validation (with fewer devices "
-                        "than 1/share: of each device's time blocks)")
-    p.add_argument("--val-block-s", type=positive, default=30.0,
-                   help="length of the held-out time blocks, seconds")
-    p.add_argument("--modality-dropout", type=float,
-                   help="chance to drop each present modality of a training window "
-                        "(default 0.25)")
-    p.add_argument("--no-augment", action="store_true",
-                   help="train on the camera frames as recorded (default: mirrored, "
-                        "recoloured anew every epoch)")
-    p.add_argument("--camera-hf", metavar="DIR",
-                   help="local transformers vision model as the camera trunk")
+    p.add_argument(
+        "--metrics", help="telemetry metric names, comma-separated (default: the simulator's five)"
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="share of the devices held out for validation (with fewer devices "
+        "than 1/share: of each device's time blocks)",
+    )
+    p.add_argument(
+        "--val-block-s",
+        type=positive,
+        default=30.0,
+        help="length of the held-out time blocks, seconds",
+    )
+    p.add_argument(
+        "--modality-dropout",
+        type=float,
+        help="chance to drop each present modality of a training window (default 0.25)",
+    )
+    p.add_argument(
+        "--no-augment",
+        action="store_true",
+        help="train on the camera frames as recorded (default: mirrored, "
+        "recoloured anew every epoch)",
+    )
+    p.add_argument(
+        "--camera-hf", metavar="DIR", help="local transformers vision model as the camera trunk"
+    )
     p.add_argument("--audio-hf", metavar="DIR", help="local transformers AST as the audio trunk")
-    p.add_argument("--freeze-hf", action="store_true",
-                   help="freeze the transformers trunks (train heads and fusion only)")
+    p.add_argument(
+        "--freeze-hf",
+        action="store_true",
+        help="freeze the transformers trunks (train heads and fusion only)",
+    )
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
 
 
@@ -215,38 +306,74 @@ def train(args: argparse.Namespace, settings: Settings) -> int:
         train_from_recordings,
     )
 
-    metrics = (tuple(m.strip() for m in args.metrics.split(",") if m.strip())
-               if args.metrics else DEFAULT_METRICS)
+    metrics = (
+        tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+        if args.metrics
+        else DEFAULT_METRICS
+    )
     options = TrainOptions(
-        data=tuple(args.data), out=args.out, modalities=parse_modalities(args.modalities),
-        epochs=args.epochs, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
-        device=settings.runtime.device, name=args.name, metrics=metrics,
-        val_fraction=args.val_fraction, val_block_ms=round(args.val_block_s * 1000),
-        modality_dropout=args.modality_dropout, camera_hf=args.camera_hf,
-        audio_hf=args.audio_hf, freeze_hf=args.freeze_hf, augment=not args.no_augment,
-        overwrite=args.overwrite)
+        data=tuple(args.data),
+        out=args.out,
+        modalities=parse_modalities(args.modalities),
+        epochs=args.epochs,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        device=settings.runtime.device,
+        name=args.name,
+        metrics=metrics,
+        val_fraction=args.val_fraction,
+        val_block_ms=round(args.val_block_s * 1000),
+        modality_dropout=args.modality_dropout,
+        camera_hf=args.camera_hf,
+        audio_hf=args.audio_hf,
+        freeze_hf=args.freeze_hf,
+        augment=not args.no_augment,
+        overwrite=args.overwrite,
+    )
     try:
-        summary = train_from_recordings(options, settings, sys.stderr,
-                                        ProgressLine("reading", sys.stderr))
+        summary = train_from_recordings(
+            options, settings, sys.stderr, ProgressLine("reading", sys.stderr)
+        )
     except ValueError as exc:  # a model config or training option the user must change
         raise UserError(str(exc)) from exc
-    print(f"trained {summary.out} ({summary.version}): best epoch {summary.best_epoch} with "
-          f"validation macro-F1 {summary.best_val_macro_f1:.3f}; {summary.train_windows} "
-          f"training and {summary.val_windows} validation windows; windows "
-          f"{summary.window_seconds:.0f} s, training {summary.seconds:.0f} s")
+    print(
+        f"trained {summary.out} ({summary.version}): best epoch {summary.best_epoch} with "
+        f"validation macro-F1 {summary.best_val_macro_f1:.3f}; {summary.train_windows} "
+        f"training and {summary.val_windows} validation windows; windows "
+        f"{summary.window_seconds:.0f} s, training {summary.seconds:.0f} s"
+    )
     return 0
 
 
 # --- evaluate ----------------------------------------------------------------------------
 
+
 def evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="MODEL_DIR", help="model to score (default: shipped)")
-    p.add_argument("--data", type=Path, nargs="+", required=True, metavar="REC",
-                   help="labelled recordings to score on")
-    p.add_argument("--out", type=Path, required=True, metavar="REPORT_DIR",
-                   help="directory for metrics.json, confusion_matrix.png and report.md")
-    p.add_argument("--compare", type=Path, nargs="+", default=[], metavar="MODEL_DIR",
-                   help="other models to score on the same data, shown in the same report")
+    p.add_argument(
+        "--data",
+        type=Path,
+        nargs="+",
+        required=True,
+        metavar="REC",
+        help="labelled recordings to score on",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="REPORT_DIR",
+        help="directory for metrics.json, confusion_matrix.png and report.md",
+    )
+    p.add_argument(
+        "--compare",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="MODEL_DIR",
+        help="other models to score on the same data, shown in the same report",
+    )
     p.add_argument("--device", help="torch device: auto (default), cpu, cuda, cuda:N")
     p.add_argument("--batch-size", type=count, default=64, help="windows per forward pass")
 
@@ -256,17 +383,20 @@ def evaluate(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.evaluation import EvalOptions, evaluate_recordings
     from pipeline.report import write_report
 
-    options = EvalOptions(model=Path(settings.runtime.model) if settings.runtime.model else None,
-                          data=tuple(args.data), compare=tuple(args.compare),
-                          device=settings.runtime.device, batch_size=args.batch_size)
+    options = EvalOptions(
+        model=Path(settings.runtime.model) if settings.runtime.model else None,
+        data=tuple(args.data),
+        compare=tuple(args.compare),
+        device=settings.runtime.device,
+        batch_size=args.batch_size,
+    )
     metrics = evaluate_recordings(options, settings, ProgressLine("reading", sys.stderr))
     try:
         paths = write_report(args.out, metrics)
     except OSError as exc:
         raise UserError(f"cannot write the report into {args.out}: {exc}") from exc
     parts = [f"macro-F1 {metrics['macro_f1']:.3f}", f"accuracy {metrics['accuracy']:.3f}"]
-    parts += [f"{k} {v:.3f}" for k, v in metrics.items()
-              if k.startswith(("without_", "only_"))]
+    parts += [f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith(("without_", "only_"))]
     parts += [f"{c['name']} {c['macro_f1']:.3f}" for c in metrics["compare"]]
     print(f"{metrics['model']['name']} on {metrics['windows']} windows: " + ", ".join(parts))
     print("wrote " + ", ".join(str(p) for p in paths))

@@ -19,8 +19,12 @@ def run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="DIR", help="model directory (default: the shipped model)")
     p.add_argument("--device", help="torch device: auto, cpu, cuda, cuda:N")
     p.add_argument("--group-id", help="consumer group (workers with one id share partitions)")
-    p.add_argument("--exactly-once", action="store_true", default=None,
-                   help="publish events and commit offsets in Kafka transactions")
+    p.add_argument(
+        "--exactly-once",
+        action="store_true",
+        default=None,
+        help="publish events and commit offsets in Kafka transactions",
+    )
     p.add_argument("--transactional-id", help="stable, unique per worker (exactly-once)")
     p.add_argument("--metrics-port", type=int, help="Prometheus endpoint port; 0 = off")
     p.add_argument("--max-batch", type=int, help="windows per inference batch at most")
@@ -31,8 +35,10 @@ def install_stop_handlers() -> threading.Event:
     stop = threading.Event()
 
     def handle(signum: int, _frame: FrameType | None) -> None:
-        log.info("received %s: finishing closed windows, committing, exiting",
-                 signal.Signals(signum).name)
+        log.info(
+            "received %s: finishing closed windows, committing, exiting",
+            signal.Signals(signum).name,
+        )
         stop.set()
 
     signal.signal(signal.SIGTERM, handle)
@@ -56,9 +62,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     worker = KafkaWorker(settings, engine)
     log.info(
         "iotfuse run: model %s %s on %s; consuming %s from %s as group %s%s; metrics %s",
-        runner.model_id.name, runner.model_id.version[:19], runner.device,
+        runner.model_id.name,
+        runner.model_id.version[:19],
+        runner.device,
         ", ".join((settings.topics.camera, settings.topics.audio, settings.topics.telemetry)),
-        settings.kafka.bootstrap_servers, settings.kafka.group_id,
+        settings.kafka.bootstrap_servers,
+        settings.kafka.group_id,
         " (exactly-once)" if settings.kafka.exactly_once else "",
         f":{settings.runtime.metrics_port}/metrics" if settings.runtime.metrics_port else "off",
     )

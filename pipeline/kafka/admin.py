@@ -53,8 +53,14 @@ class TopicNames:
     @classmethod
     def from_settings(cls, topics: TopicSettings) -> TopicNames:
         """The names configured in `[topics]` (pipeline/settings.py)."""
-        return cls(topics.camera, topics.audio, topics.telemetry, topics.labels,
-                   topics.events, topics.deadletter)
+        return cls(
+            topics.camera,
+            topics.audio,
+            topics.telemetry,
+            topics.labels,
+            topics.events,
+            topics.deadletter,
+        )
 
     @property
     def inputs(self) -> tuple[str, str, str]:
@@ -240,24 +246,31 @@ def prepare_outputs(settings: Settings, clock: Clock = wall_clock_ms) -> int | N
         try:
             return max_message_bytes(admin, t.deadletter)
         except errors.KafkaError as exc:
-            log.warning("cannot read max.message.bytes of %s (%r): dead letters are cut to what "
-                        "the producer sends, and one the topic refuses below that would stop "
-                        "the worker. Allow DescribeConfigs on it, or create it with "
-                        "`iotfuse topics`", t.deadletter, exc)
+            log.warning(
+                "cannot read max.message.bytes of %s (%r): dead letters are cut to what "
+                "the producer sends, and one the topic refuses below that would stop "
+                "the worker. Allow DescribeConfigs on it, or create it with "
+                "`iotfuse topics`",
+                t.deadletter,
+                exc,
+            )
             return None
 
 
-def _await_outputs(admin: KafkaAdminClient, topics: list[str], wait_ms: int,
-                   clock: Clock) -> None:
+def _await_outputs(admin: KafkaAdminClient, topics: list[str], wait_ms: int, clock: Clock) -> None:
     deadline = clock() + wait_ms
     missing = _missing(admin, topics)
     if not missing:
         return
     creates = auto_creates_topics(admin)  # a static broker config: read once
     if creates is not False:
-        log.info("output topics %s do not exist yet: %s", ", ".join(missing),
-                 "the broker creates them on first use, with its default partition count"
-                 if creates else "the broker's auto.create.topics.enable is unknown")
+        log.info(
+            "output topics %s do not exist yet: %s",
+            ", ".join(missing),
+            "the broker creates them on first use, with its default partition count"
+            if creates
+            else "the broker's auto.create.topics.enable is unknown",
+        )
         return
     while missing:
         if clock() >= deadline:
@@ -296,8 +309,9 @@ def auto_creates_topics(admin: KafkaAdminClient) -> bool | None:
         return None
 
 
-def await_input_topics(consumer: KafkaConsumer, topics: list[str], wait_ms: int,
-                       clock: Clock = wall_clock_ms) -> None:
+def await_input_topics(
+    consumer: KafkaConsumer, topics: list[str], wait_ms: int, clock: Clock = wall_clock_ms
+) -> None:
     """Wait until the broker knows every input topic, co-partitioned, before joining the group.
 
     Joining first would let the group's range assignor see a topic without partitions and

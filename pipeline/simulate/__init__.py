@@ -31,8 +31,22 @@ from pipeline.simulate.stream import (
 )
 
 __all__ = [
-    "CLASSES", "DEFAULT_TOPICS", "EVENT_CLASSES", "STREAMS", "DeviceSetup", "Episode",
-    "EpisodePlan", "ScenarioConfig", "SetupProfile", "device_setup", "device_setups",
-    "device_streams", "episodes_from_records", "label_at", "label_records", "schedule",
-    "schedules", "simulate",
+    "CLASSES",
+    "DEFAULT_TOPICS",
+    "EVENT_CLASSES",
+    "STREAMS",
+    "DeviceSetup",
+    "Episode",
+    "EpisodePlan",
+    "ScenarioConfig",
+    "SetupProfile",
+    "device_setup",
+    "device_setups",
+    "device_streams",
+    "episodes_from_records",
+    "label_at",
+    "label_records",
+    "schedule",
+    "schedules",
+    "simulate",
 ]

@@ -60,9 +60,13 @@ class _EpisodeSound:
 def make_voice(rng: np.random.Generator) -> Voice:
     fundamental = float(rng.uniform(0.04, 0.1))
     hum = tuple(fundamental * float(rng.uniform(0.2, 1.0)) if k else fundamental for k in range(4))
-    return Voice(hum=hum, hum_phase=tuple(float(v) for v in rng.uniform(0, 2 * math.pi, 4)),
-                 noise=float(rng.uniform(0.004, 0.015)), gain=float(rng.uniform(0.6, 1.4)),
-                 stereo=(float(rng.uniform(0.8, 1.0)), float(rng.uniform(0.6, 1.0))))
+    return Voice(
+        hum=hum,
+        hum_phase=tuple(float(v) for v in rng.uniform(0, 2 * math.pi, 4)),
+        noise=float(rng.uniform(0.004, 0.015)),
+        gain=float(rng.uniform(0.6, 1.4)),
+        stereo=(float(rng.uniform(0.8, 1.0)), float(rng.uniform(0.6, 1.0))),
+    )
 
 
 def _poisson(rng: np.random.Generator, a: float, b: float, rate_hz: float) -> list[float]:
@@ -73,20 +77,29 @@ def _poisson(rng: np.random.Generator, a: float, b: float, rate_hz: float) -> li
 def episode_sound(plan: EpisodePlan) -> _EpisodeSound:
     rng = make_rng(plan.seed, "sound")
     ep = plan.episode
-    events = [(t, "thump" if rng.random() < 0.6 else "click", float(rng.uniform(0.015, 0.05)))
-              for t in _poisson(rng, ep.start_ms, ep.end_ms, 0.6)]
+    events = [
+        (t, "thump" if rng.random() < 0.6 else "click", float(rng.uniform(0.015, 0.05)))
+        for t in _poisson(rng, ep.start_ms, ep.end_ms, 0.6)
+    ]
     for a, b in walking_spans(plan):
         cadence = float(rng.uniform(450, 650))  # ms between steps
-        events += [(float(t), "thump", float(rng.uniform(0.02, 0.05)))
-                   for t in np.arange(a + rng.uniform(0, cadence), b, cadence)]
+        events += [
+            (float(t), "thump", float(rng.uniform(0.02, 0.05)))
+            for t in np.arange(a + rng.uniform(0, cadence), b, cadence)
+        ]
     if plan.label == "machine_fault":
         rate = float(rng.uniform(2.0, 6.0)) * plan.intensity
-        events += [(t, "knock", float(rng.uniform(0.15, 0.5)) * plan.intensity)
-                   for t in _poisson(rng, ep.start_ms, ep.end_ms, rate)]
+        events += [
+            (t, "knock", float(rng.uniform(0.15, 0.5)) * plan.intensity)
+            for t in _poisson(rng, ep.start_ms, ep.end_ms, rate)
+        ]
     return _EpisodeSound(
-        siren_period_s=float(rng.uniform(0.8, 3.0)), siren_amp=float(rng.uniform(0.12, 0.35)),
-        fault_shift=float(rng.uniform(0.04, 0.1)), fault_rate_hz=float(rng.uniform(8, 25)),
-        fault_amp=float(rng.uniform(0.03, 0.09)) * plan.intensity, events=tuple(sorted(events)),
+        siren_period_s=float(rng.uniform(0.8, 3.0)),
+        siren_amp=float(rng.uniform(0.12, 0.35)),
+        fault_shift=float(rng.uniform(0.04, 0.1)),
+        fault_rate_hz=float(rng.uniform(8, 25)),
+        fault_amp=float(rng.uniform(0.03, 0.09)) * plan.intensity,
+        events=tuple(sorted(events)),
     )
 
 
@@ -111,8 +124,16 @@ def _band_noise(rng: np.random.Generator, n: int, rate: int, lo: float, hi: floa
     return out / (np.std(out) + 1e-9)
 
 
-def _episode_part(x: Samples, t_s: Samples, t_ms: Samples, plan: EpisodePlan, snd: _EpisodeSound,
-                  voice: Voice, rate: int, rng: np.random.Generator) -> None:
+def _episode_part(
+    x: Samples,
+    t_s: Samples,
+    t_ms: Samples,
+    plan: EpisodePlan,
+    snd: _EpisodeSound,
+    voice: Voice,
+    rate: int,
+    rng: np.random.Generator,
+) -> None:
     """Add the episode's sound to `x` (samples at world times t_ms, t_s = seconds)."""
     if plan.machine_running:
         for k, (amp, ph) in enumerate(zip(voice.hum, voice.hum_phase, strict=True)):
@@ -140,12 +161,19 @@ def _episode_part(x: Samples, t_s: Samples, t_ms: Samples, plan: EpisodePlan, sn
         start = int(round((at - t_ms[0]) * rate / 1000.0))
         lo, hi = max(start, 0), min(start + wave.size, x.size)
         if hi > lo:
-            x[lo:hi] += wave[lo - start:hi - start]
+            x[lo:hi] += wave[lo - start : hi - start]
 
 
-def synthesize(t_ms: Samples, origin_ms: int, plans: Sequence[EpisodePlan], starts: Sequence[int],
-               voice: Voice, sounds: dict[int, _EpisodeSound], rate: int,
-               rng: np.random.Generator) -> Samples:
+def synthesize(
+    t_ms: Samples,
+    origin_ms: int,
+    plans: Sequence[EpisodePlan],
+    starts: Sequence[int],
+    voice: Voice,
+    sounds: dict[int, _EpisodeSound],
+    rate: int,
+    rng: np.random.Generator,
+) -> Samples:
     """Mono sound at world times `t_ms` (sorted); `sounds` caches per-episode details."""
     x = rng.normal(0.0, voice.noise, t_ms.size)  # (n,)
     t_s = (t_ms - origin_ms) / 1000.0
@@ -178,19 +206,22 @@ def wav_bytes(x: npt.NDArray[np.float32], rate: int, fmt: SampleFormat) -> bytes
     channels, bits = x.shape[1], _BITS[fmt]
     block = channels * bits // 8
     if fmt == "f32":
-        fmt_chunk = struct.pack("<4sIHHIIHHH", b"fmt ", 18, 3, channels, rate, rate * block, block,
-                                bits, 0)
+        fmt_chunk = struct.pack(
+            "<4sIHHIIHHH", b"fmt ", 18, 3, channels, rate, rate * block, block, bits, 0
+        )
         fmt_chunk += struct.pack("<4sII", b"fact", 4, x.shape[0])
     else:
-        fmt_chunk = struct.pack("<4sIHHIIHH", b"fmt ", 16, 1, channels, rate, rate * block, block,
-                                bits)
+        fmt_chunk = struct.pack(
+            "<4sIHHIIHH", b"fmt ", 16, 1, channels, rate, rate * block, block, bits
+        )
     data = encode_samples(x, fmt)
     head = struct.pack("<4sI4s", b"RIFF", 4 + len(fmt_chunk) + 8 + len(data), b"WAVE")
     return head + fmt_chunk + struct.pack("<4sI", b"data", len(data)) + data
 
 
-def audio_records(cfg: ScenarioConfig, setup: DeviceSetup, plans: Sequence[EpisodePlan],
-                  topic: str) -> Iterator[Record]:
+def audio_records(
+    cfg: ScenarioConfig, setup: DeviceSetup, plans: Sequence[EpisodePlan], topic: str
+) -> Iterator[Record]:
     """Chunks of chunk_ms; a chunk's timestamp is its first sample on the mic's skewed clock."""
     rng = make_rng(cfg.seed, setup.index, "audio")
     voice = make_voice(make_rng(cfg.seed, setup.index, "voice"))
@@ -198,8 +229,12 @@ def audio_records(cfg: ScenarioConfig, setup: DeviceSetup, plans: Sequence[Episo
     rate, origin = setup.audio_rate, cfg.start_ms + int(rng.integers(0, setup.chunk_ms))
     headers: Headers = ()
     if setup.audio_raw_pcm:
-        headers = (("content-type", f"audio/pcm;rate={rate};channels={setup.audio_channels};"
-                                    "format=s16le".encode()),)
+        headers = (
+            (
+                "content-type",
+                f"audio/pcm;rate={rate};channels={setup.audio_channels};format=s16le".encode(),
+            ),
+        )
     elif setup.content_type_headers:
         headers = (("content-type", b"audio/wav"),)
     key, k = setup.device_id.encode(), 0

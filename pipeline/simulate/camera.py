@@ -34,8 +34,14 @@ Image = npt.NDArray[np.uint8]
 Colour = tuple[int, int, int]  # BGR
 _PAD = 32  # noise field margin: frames sample it at a random offset
 _SHIRTS: tuple[Colour, ...] = (
-    (0, 140, 255), (0, 220, 230), (90, 40, 20), (30, 30, 30), (120, 120, 120), (40, 40, 200),
-    (230, 230, 230), (60, 140, 40),
+    (0, 140, 255),
+    (0, 220, 230),
+    (90, 40, 20),
+    (30, 30, 30),
+    (120, 120, 120),
+    (40, 40, 200),
+    (230, 230, 230),
+    (60, 140, 40),
 )
 
 
@@ -85,23 +91,38 @@ def build_scene(setup: DeviceSetup, rng: np.random.Generator) -> Scene:
     mx0 = int(w * rng.uniform(0.35, 0.5))
     if abs(mx0 - dx) < dw * 2:  # keep the machine off the door
         mx0 = int(w * 0.45) if dx < w // 2 else int(w * 0.28)
-    machine = (mx0, int(h * rng.uniform(0.18, 0.3)), mx0 + int(w * rng.uniform(0.2, 0.28)),
-               int(h * 0.74))
+    machine = (
+        mx0,
+        int(h * rng.uniform(0.18, 0.3)),
+        mx0 + int(w * rng.uniform(0.2, 0.28)),
+        int(h * 0.74),
+    )
     cv2.rectangle(bg, machine[:2], machine[2:], _colour(rng, 30, 200), -1)
     inset = max(2, w // 80)
-    panel = ((machine[0] + inset, machine[1] + 4 * inset),
-             (machine[2] - inset, machine[1] + 10 * inset))
+    panel = (
+        (machine[0] + inset, machine[1] + 4 * inset),
+        (machine[2] - inset, machine[1] + 10 * inset),
+    )
     cv2.rectangle(bg, panel[0], panel[1], _colour(rng, 10, 80), -1)
     lamp = (machine[0] + 3 * inset, machine[1] + 2 * inset, max(3, w // 70))
     belt = (int(h * 0.8), int(h * 0.86))
     cv2.rectangle(bg, (0, belt[0]), (w, belt[1]), _colour(rng, 25, 60), -1)
     noise = np.abs(rng.normal(0.0, rng.uniform(2.0, 6.0), (h + _PAD, w + _PAD, 3)))
     return Scene(
-        background=bg, noise=np.minimum(noise, 255).astype(np.uint8), machine=machine, door=door,
-        lamp=lamp, belt=belt, item_colour=_colour(rng, 40, 230),
-        belt_speed=w * float(rng.uniform(0.05, 0.15)) / 1000.0, gain=float(rng.uniform(0.85, 1.1)),
-        drift=(float(rng.uniform(0.03, 0.12)), float(rng.uniform(20000, 90000)),
-               float(rng.uniform(0, 2 * math.pi))),
+        background=bg,
+        noise=np.minimum(noise, 255).astype(np.uint8),
+        machine=machine,
+        door=door,
+        lamp=lamp,
+        belt=belt,
+        item_colour=_colour(rng, 40, 230),
+        belt_speed=w * float(rng.uniform(0.05, 0.15)) / 1000.0,
+        gain=float(rng.uniform(0.85, 1.1)),
+        drift=(
+            float(rng.uniform(0.03, 0.12)),
+            float(rng.uniform(20000, 90000)),
+            float(rng.uniform(0, 2 * math.pi)),
+        ),
     )
 
 
@@ -112,10 +133,13 @@ def person_look(plan: EpisodePlan) -> Look:
     shirt = _SHIRTS[int(rng.integers(len(_SHIRTS)))]
     tone = int(rng.integers(60, 200))
     return Look(
-        shirt=(int(np.clip(shirt[0] + jitter[0], 0, 255)),
-               int(np.clip(shirt[1] + jitter[1], 0, 255)),
-               int(np.clip(shirt[2] + jitter[2], 0, 255))),
-        trousers=_colour(rng, 20, 110), skin=(tone * 2 // 3, tone * 4 // 5, tone),
+        shirt=(
+            int(np.clip(shirt[0] + jitter[0], 0, 255)),
+            int(np.clip(shirt[1] + jitter[1], 0, 255)),
+            int(np.clip(shirt[2] + jitter[2], 0, 255)),
+        ),
+        trousers=_colour(rng, 20, 110),
+        skin=(tone * 2 // 3, tone * 4 // 5, tone),
         helmet=_SHIRTS[int(rng.integers(len(_SHIRTS)))] if rng.random() < 0.5 else None,
         size=float(rng.uniform(0.36, 0.48)),
     )
@@ -132,13 +156,22 @@ def _draw_person(img: Image, x: float, y: float, walking: bool, t_ms: float, loo
         cv2.line(img, hip, (int(fx + s * swing), fy), look.trousers, limb)
         hand = (int(fx - s * swing * 0.8), int(hip[1] + 0.05 * tall))
         cv2.line(img, (fx, shoulder[1] + limb), hand, look.shirt, max(2, limb * 3 // 4))
-    cv2.rectangle(img, (int(fx - 0.1 * tall), shoulder[1]), (int(fx + 0.1 * tall), hip[1]),
-                  look.shirt, -1)
+    cv2.rectangle(
+        img, (int(fx - 0.1 * tall), shoulder[1]), (int(fx + 0.1 * tall), hip[1]), look.shirt, -1
+    )
     head = (fx, int(fy - 0.9 * tall))
     cv2.circle(img, head, max(2, int(0.075 * tall)), look.skin, -1)
     if look.helmet is not None:
-        cv2.ellipse(img, head, (max(2, int(0.085 * tall)), max(2, int(0.06 * tall))), 0, 180, 360,
-                    look.helmet, -1)
+        cv2.ellipse(
+            img,
+            head,
+            (max(2, int(0.085 * tall)), max(2, int(0.06 * tall))),
+            0,
+            180,
+            360,
+            look.helmet,
+            -1,
+        )
 
 
 def _smoke_blobs(plan: EpisodePlan, scene: Scene) -> npt.NDArray[np.float64]:
@@ -147,29 +180,45 @@ def _smoke_blobs(plan: EpisodePlan, scene: Scene) -> npt.NDArray[np.float64]:
     ep, (x0, _, x1, _) = plan.episode, scene.machine
     n = max(1, int((ep.end_ms - ep.start_ms) / 1000 * 6))
     h = scene.background.shape[0]
-    return np.stack([
-        np.sort(rng.uniform(ep.start_ms, ep.end_ms, n)), rng.uniform(2500, 6000, n),
-        rng.uniform(x0, x1, n), rng.normal(0, 0.02, n) * h / 1000,
-        -rng.uniform(0.06, 0.14, n) * h / 1000, rng.uniform(0.04, 0.09, n) * h,
-        rng.uniform(0.02, 0.06, n) * h / 1000, np.full(n, rng.uniform(80, 150)),
-    ], axis=1)
+    return np.stack(
+        [
+            np.sort(rng.uniform(ep.start_ms, ep.end_ms, n)),
+            rng.uniform(2500, 6000, n),
+            rng.uniform(x0, x1, n),
+            rng.normal(0, 0.02, n) * h / 1000,
+            -rng.uniform(0.06, 0.14, n) * h / 1000,
+            rng.uniform(0.04, 0.09, n) * h,
+            rng.uniform(0.02, 0.06, n) * h / 1000,
+            np.full(n, rng.uniform(80, 150)),
+        ],
+        axis=1,
+    )
 
 
-def _draw_fire(img: Image, scene: Scene, plan: EpisodePlan, t_ms: float,
-               blobs: npt.NDArray[np.float64], rng: np.random.Generator) -> Image:
+def _draw_fire(
+    img: Image,
+    scene: Scene,
+    plan: EpisodePlan,
+    t_ms: float,
+    blobs: npt.NDArray[np.float64],
+    rng: np.random.Generator,
+) -> Image:
     progress = fire_progress(plan, t_ms)
     h, w = img.shape[:2]
     x0, y0, x1, y1 = scene.machine
     if progress > 0.05 and rng.random() < 0.75:  # flicker of orange at the machine's foot
         glow = (0, int(rng.integers(90, 180)), 255)
-        axes = (max(2, int((x1 - x0) * rng.uniform(0.15, 0.35))),
-                max(2, int(h * rng.uniform(0.02, 0.05))))
+        axes = (
+            max(2, int((x1 - x0) * rng.uniform(0.15, 0.35))),
+            max(2, int(h * rng.uniform(0.02, 0.05))),
+        )
         cv2.ellipse(img, (int((x0 + x1) / 2 + rng.normal(0, 3)), y1), axes, 0, 180, 360, glow, -1)
     sh, sw = max(8, h // 8), max(8, w // 8)
     alpha = np.zeros((sh, sw), np.float32)  # low-res smoke density
     age = t_ms - blobs[:, 0]
-    for b, a in zip(blobs[(age >= 0) & (age < blobs[:, 1])], age[(age >= 0) & (age < blobs[:, 1])],
-                    strict=True):
+    for b, a in zip(
+        blobs[(age >= 0) & (age < blobs[:, 1])], age[(age >= 0) & (age < blobs[:, 1])], strict=True
+    ):
         strength = 0.6 * plan.intensity * fire_progress(plan, b[0]) * math.sin(math.pi * a / b[1])
         cx, cy = (b[2] + b[3] * a) * sw / w, (y0 + 0.1 * (y1 - y0) + b[4] * a) * sh / h
         blob = np.zeros_like(alpha)
@@ -184,8 +233,13 @@ def _draw_fire(img: Image, scene: Scene, plan: EpisodePlan, t_ms: float,
     return mixed.astype(np.uint8)
 
 
-def render(scene: Scene, plan: EpisodePlan, t_ms: float, rng: np.random.Generator,
-           blobs: npt.NDArray[np.float64] | None = None) -> Image:
+def render(
+    scene: Scene,
+    plan: EpisodePlan,
+    t_ms: float,
+    rng: np.random.Generator,
+    blobs: npt.NDArray[np.float64] | None = None,
+) -> Image:
     """The frame at world time `t_ms`; `blobs` (from _smoke_blobs) draws a fire."""
     img = scene.background.copy()
     h, w = img.shape[:2]
@@ -209,8 +263,8 @@ def render(scene: Scene, plan: EpisodePlan, t_ms: float, rng: np.random.Generato
     gain = scene.gain * (1 + amp * math.sin(2 * math.pi * t_ms / period + phase))
     img = np.asarray(cv2.convertScaleAbs(img, alpha=gain * (1 + rng.normal(0, 0.012))), np.uint8)
     oy, ox, ny, nx = (int(v) for v in rng.integers(0, _PAD, size=4))
-    cv2.add(img, scene.noise[oy:oy + h, ox:ox + w], dst=img)
-    cv2.subtract(img, scene.noise[ny:ny + h, nx:nx + w], dst=img)
+    cv2.add(img, scene.noise[oy : oy + h, ox : ox + w], dst=img)
+    cv2.subtract(img, scene.noise[ny : ny + h, nx : nx + w], dst=img)
     return img
 
 
@@ -224,8 +278,9 @@ def encode(img: Image, setup: DeviceSetup) -> bytes:
     return bytes(buf.tobytes())
 
 
-def camera_records(cfg: ScenarioConfig, setup: DeviceSetup, plans: Sequence[EpisodePlan],
-                   topic: str) -> Iterator[Record]:
+def camera_records(
+    cfg: ScenarioConfig, setup: DeviceSetup, plans: Sequence[EpisodePlan], topic: str
+) -> Iterator[Record]:
     """One frame every 1000/fps ms (+-2 ms jitter), stamped on the camera's skewed clock."""
     rng = make_rng(cfg.seed, setup.index, "camera")
     scene = build_scene(setup, make_rng(cfg.seed, setup.index, "scene"))

@@ -26,14 +26,23 @@ from typing import Literal
 import numpy as np
 
 CLASSES: tuple[str, ...] = (
-    "normal", "machine_fault", "fire", "intrusion", "maintenance", "alarm_test",
+    "normal",
+    "machine_fault",
+    "fire",
+    "intrusion",
+    "maintenance",
+    "alarm_test",
 )
 EVENT_CLASSES: tuple[str, ...] = CLASSES[1:]
 STREAMS: tuple[str, ...] = ("camera", "audio", "telemetry", "labels")
-DEFAULT_TOPICS: Mapping[str, str] = MappingProxyType({
-    "camera": "iot.camera", "audio": "iot.audio",
-    "telemetry": "iot.telemetry", "labels": "iot.labels",
-})
+DEFAULT_TOPICS: Mapping[str, str] = MappingProxyType(
+    {
+        "camera": "iot.camera",
+        "audio": "iot.audio",
+        "telemetry": "iot.telemetry",
+        "labels": "iot.labels",
+    }
+)
 SetupProfile = Literal["train", "unseen"]
 ImageFormat = Literal["jpeg", "png"]
 SampleFormat = Literal["s16", "s24", "f32"]
@@ -64,22 +73,31 @@ class ScenarioConfig:
 
     def __post_init__(self) -> None:
         if self.devices < 1 or self.duration_s <= 0:
-            raise ValueError(f"need devices >= 1 and duration_s > 0, got devices={self.devices}, "
-                             f"duration_s={self.duration_s}")
+            raise ValueError(
+                f"need devices >= 1 and duration_s > 0, got devices={self.devices}, "
+                f"duration_s={self.duration_s}"
+            )
         if self.profile not in ("train", "unseen"):
             raise ValueError(f"profile must be 'train' or 'unseen', got {self.profile!r}")
         unknown = [s for s in self.streams if s not in STREAMS]
         missing = [s for s in self.streams if s not in self.topics]
         if unknown or missing:
-            raise ValueError(f"streams must be among {STREAMS} and each needs a topic; unknown="
-                             f"{unknown}, without topic={missing}")
-        for name, value in (("camera_fps", self.camera_fps), ("telemetry_hz", self.telemetry_hz),
-                            ("audio_chunk_ms", self.audio_chunk_ms)):
+            raise ValueError(
+                f"streams must be among {STREAMS} and each needs a topic; unknown="
+                f"{unknown}, without topic={missing}"
+            )
+        for name, value in (
+            ("camera_fps", self.camera_fps),
+            ("telemetry_hz", self.telemetry_hz),
+            ("audio_chunk_ms", self.audio_chunk_ms),
+        ):
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive or None, got {value}")
         if not _DEVICE_ID.match(f"{self.device_prefix}-{self.devices - 1:02d}"):
-            raise ValueError(f"device_prefix {self.device_prefix!r} makes invalid device ids: "
-                             "use 1-120 chars of [A-Za-z0-9._:-]")
+            raise ValueError(
+                f"device_prefix {self.device_prefix!r} makes invalid device ids: "
+                "use 1-120 chars of [A-Za-z0-9._:-]"
+            )
 
     @property
     def end_ms(self) -> int:
@@ -122,13 +140,28 @@ class _Choices:
     chunk_ms: tuple[int, ...]
 
 
-_PROFILES: Mapping[str, _Choices] = MappingProxyType({
-    "train": _Choices(((640, 480), (320, 240), (1280, 720)), (0.4, 0.35, 0.25),
-                      (2.0, 4.0, 5.0, 8.0, 10.0), (16000, 22050, 44100, 48000), (1, 2),
-                      (2.0, 5.0, 10.0, 20.0), (500,)),
-    "unseen": _Choices(((800, 600), (960, 540)), (0.6, 0.4), (1.0, 3.0, 6.0, 12.0),
-                       (8000, 32000), (2,), (1.0, 25.0), (250, 1000)),
-})
+_PROFILES: Mapping[str, _Choices] = MappingProxyType(
+    {
+        "train": _Choices(
+            ((640, 480), (320, 240), (1280, 720)),
+            (0.4, 0.35, 0.25),
+            (2.0, 4.0, 5.0, 8.0, 10.0),
+            (16000, 22050, 44100, 48000),
+            (1, 2),
+            (2.0, 5.0, 10.0, 20.0),
+            (500,),
+        ),
+        "unseen": _Choices(
+            ((800, 600), (960, 540)),
+            (0.6, 0.4),
+            (1.0, 3.0, 6.0, 12.0),
+            (8000, 32000),
+            (2,),
+            (1.0, 25.0),
+            (250, 1000),
+        ),
+    }
+)
 
 
 def device_setup(cfg: ScenarioConfig, index: int) -> DeviceSetup:
@@ -141,15 +174,23 @@ def device_setup(cfg: ScenarioConfig, index: int) -> DeviceSetup:
     fmt: SampleFormat = ("s16", "s24", "f32")[int(rng.choice(3, p=(0.7, 0.15, 0.15)))]
     offsets = rng.integers(-40, 41, size=3)
     return DeviceSetup(
-        device_id=cfg.device_id(index), index=index, width=width, height=height,
-        fps=cfg.camera_fps or fps, image_format="png" if png else "jpeg",
-        jpeg_quality=int(rng.integers(80, 91)), audio_rate=int(rng.choice(ch.rates)),
-        audio_channels=int(rng.choice(ch.channels)), audio_format=fmt,
+        device_id=cfg.device_id(index),
+        index=index,
+        width=width,
+        height=height,
+        fps=cfg.camera_fps or fps,
+        image_format="png" if png else "jpeg",
+        jpeg_quality=int(rng.integers(80, 91)),
+        audio_rate=int(rng.choice(ch.rates)),
+        audio_channels=int(rng.choice(ch.channels)),
+        audio_format=fmt,
         audio_raw_pcm=fmt == "s16" and bool(rng.random() < 0.3),
         chunk_ms=cfg.audio_chunk_ms or int(rng.choice(ch.chunk_ms)),
         telemetry_hz=cfg.telemetry_hz or float(rng.choice(ch.telemetry_hz)),
-        camera_offset_ms=int(offsets[0]), audio_offset_ms=int(offsets[1]),
-        telemetry_offset_ms=int(offsets[2]), content_type_headers=bool(rng.random() < 0.5),
+        camera_offset_ms=int(offsets[0]),
+        audio_offset_ms=int(offsets[1]),
+        telemetry_offset_ms=int(offsets[2]),
+        content_type_headers=bool(rng.random() < 0.5),
         door_x=float(rng.uniform(0.08, 0.22) if rng.random() < 0.5 else rng.uniform(0.78, 0.92)),
     )
 
@@ -224,9 +265,14 @@ def _plan(ep: Episode, setup: DeviceSetup, rng: np.random.Generator) -> EpisodeP
     elif ep.label in ("fire", "alarm_test"):  # same siren distribution: audio can't tell
         siren = (min(ep.start_ms + int(rng.integers(300, 3000)), ep.end_ms), ep.end_ms)
     return EpisodePlan(
-        episode=ep, seed=seed, intensity=intensity,
-        machine_running=ep.label != "maintenance", doors=tuple(doors), person=person,
-        path=path, siren=siren,
+        episode=ep,
+        seed=seed,
+        intensity=intensity,
+        machine_running=ep.label != "maintenance",
+        doors=tuple(doors),
+        person=person,
+        path=path,
+        siren=siren,
         warning_light=ep.label == "machine_fault" and bool(rng.random() < 0.7),
         ramp_ms=float(rng.uniform(2500, 7000)),
     )
@@ -285,5 +331,8 @@ def person_at(plan: EpisodePlan, t_ms: float) -> tuple[float, float, bool] | Non
 def walking_spans(plan: EpisodePlan) -> list[tuple[float, float]]:
     """World-time spans in which the person walks (for footsteps)."""
     end = float(plan.person[1]) if plan.person else 0.0
-    return [(a[0], min(b[0], end)) for a, b in zip(plan.path, plan.path[1:], strict=False)
-            if (a[1], a[2]) != (b[1], b[2]) and a[0] < end]
+    return [
+        (a[0], min(b[0], end))
+        for a, b in zip(plan.path, plan.path[1:], strict=False)
+        if (a[1], a[2]) != (b[1], b[2]) and a[0] < end
+    ]

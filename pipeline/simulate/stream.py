@@ -27,14 +27,16 @@ from pipeline.simulate.scenario import (
 from pipeline.simulate.telemetry import telemetry_records
 
 
-def label_records(cfg: ScenarioConfig, setup: DeviceSetup, plans: Sequence[EpisodePlan],
-                  topic: str) -> Iterator[Record]:
+def label_records(
+    cfg: ScenarioConfig, setup: DeviceSetup, plans: Sequence[EpisodePlan], topic: str
+) -> Iterator[Record]:
     """One record per episode (normal stretches too), stamped at its start."""
     key = setup.device_id.encode()
     for plan in plans:
         ep = plan.episode
-        value = json.dumps({"label": ep.label, "start_ms": ep.start_ms, "end_ms": ep.end_ms},
-                           separators=(",", ":")).encode()
+        value = json.dumps(
+            {"label": ep.label, "start_ms": ep.start_ms, "end_ms": ep.end_ms}, separators=(",", ":")
+        ).encode()
         yield Record(topic, -1, -1, ep.start_ms, key, value)
 
 
@@ -46,8 +48,12 @@ def device_streams(cfg: ScenarioConfig, index: int) -> list[Iterator[Record]]:
     """The time-ordered record generators of one device, one per configured stream."""
     setup = device_setup(cfg, index)
     plans = schedule(cfg, setup)
-    makers = {"camera": camera_records, "audio": audio_records,
-              "telemetry": telemetry_records, "labels": label_records}
+    makers = {
+        "camera": camera_records,
+        "audio": audio_records,
+        "telemetry": telemetry_records,
+        "labels": label_records,
+    }
     return [makers[name](cfg, setup, plans, cfg.topics[name]) for name in cfg.streams]
 
 
@@ -74,8 +80,9 @@ def schedules(cfg: ScenarioConfig) -> dict[str, list[Episode]]:
     return out
 
 
-def episodes_from_records(records: Iterable[Record], topic: str | None = None
-                          ) -> dict[str, list[Episode]]:
+def episodes_from_records(
+    records: Iterable[Record], topic: str | None = None
+) -> dict[str, list[Episode]]:
     """Parse label records (of `topic`, if given) into sorted episodes per device id."""
     out: dict[str, list[Episode]] = {}
     for r in records:
@@ -83,8 +90,10 @@ def episodes_from_records(records: Iterable[Record], topic: str | None = None
             continue
         body = json.loads(r.value)
         if not isinstance(body, dict) or body.get("label") not in CLASSES:
-            raise ValueError(f"not a label record at {r.topic}/{r.partition}/{r.offset}: "
-                             f"{r.value[:200]!r}; pass the labels topic to skip other records")
+            raise ValueError(
+                f"not a label record at {r.topic}/{r.partition}/{r.offset}: "
+                f"{r.value[:200]!r}; pass the labels topic to skip other records"
+            )
         episode = Episode(int(body["start_ms"]), int(body["end_ms"]), str(body["label"]))
         out.setdefault(r.key.decode(), []).append(episode)
     return {device: sorted(eps) for device, eps in out.items()}

@@ -56,10 +56,14 @@ class _EpisodeSigns:
 
 def make_unit(rng: np.random.Generator) -> SensorUnit:
     return SensorUnit(
-        temperature_c=float(rng.uniform(21, 33)), smoke_ppm=float(rng.uniform(1, 8)),
-        vibration_rms=float(rng.uniform(0.5, 1.4)), motor_current_a=float(rng.uniform(7, 16)),
-        drop_p=float(rng.uniform(0.005, 0.04)), outage_per_s=float(rng.uniform(0.0, 0.02)),
-        door_as_bool=bool(rng.random() < 0.3), rssi=bool(rng.random() < 0.4),
+        temperature_c=float(rng.uniform(21, 33)),
+        smoke_ppm=float(rng.uniform(1, 8)),
+        vibration_rms=float(rng.uniform(0.5, 1.4)),
+        motor_current_a=float(rng.uniform(7, 16)),
+        drop_p=float(rng.uniform(0.005, 0.04)),
+        outage_per_s=float(rng.uniform(0.0, 0.02)),
+        door_as_bool=bool(rng.random() < 0.3),
+        rssi=bool(rng.random() < 0.4),
         firmware=f"{int(rng.integers(1, 4))}.{int(rng.integers(0, 10))}.{int(rng.integers(0, 30))}",
     )
 
@@ -68,8 +72,10 @@ def episode_signs(plan: EpisodePlan) -> _EpisodeSigns:
     rng = make_rng(plan.seed, "signs")
     k = plan.intensity
     return _EpisodeSigns(
-        heat_c=float(rng.uniform(8, 30)) * k, smoke_ppm=float(rng.uniform(40, 400)) * k,
-        vibration_x=1.0 + float(rng.uniform(0.8, 2.5)) * k, current_a=float(rng.uniform(2, 8)) * k,
+        heat_c=float(rng.uniform(8, 30)) * k,
+        smoke_ppm=float(rng.uniform(40, 400)) * k,
+        vibration_x=1.0 + float(rng.uniform(0.8, 2.5)) * k,
+        current_a=float(rng.uniform(2, 8)) * k,
     )
 
 
@@ -90,8 +96,14 @@ class _Drift:
         self.vibration = float(np.clip(self.vibration + 0.01 * steps[2], -0.15, 0.15))
 
 
-def sample(unit: SensorUnit, plan: EpisodePlan, signs: _EpisodeSigns, t_ms: float,
-           drift: _Drift, rng: np.random.Generator) -> Metrics:
+def sample(
+    unit: SensorUnit,
+    plan: EpisodePlan,
+    signs: _EpisodeSigns,
+    t_ms: float,
+    drift: _Drift,
+    rng: np.random.Generator,
+) -> Metrics:
     """The metric values at world time `t_ms`."""
     noise = rng.normal(0.0, 1.0, 5)
     fire = fire_progress(plan, t_ms)
@@ -109,15 +121,22 @@ def sample(unit: SensorUnit, plan: EpisodePlan, signs: _EpisodeSigns, t_ms: floa
         current += signs.current_a * (1 + 0.25 * float(rng.normal()))
     door = door_open(plan, t_ms)
     return {
-        "temperature_c": round(temperature, 2), "smoke_ppm": round(max(smoke, 0.0), 2),
+        "temperature_c": round(temperature, 2),
+        "smoke_ppm": round(max(smoke, 0.0), 2),
         "vibration_rms": round(max(vibration, 0.0), 3),
         "motor_current_a": round(max(current, 0.0), 2),
         "door_open": door if unit.door_as_bool else int(door),
     }
 
 
-def _decorate(metrics: Metrics, unit: SensorUnit, plan: EpisodePlan, t_ms: float, seq: int,
-              rng: np.random.Generator) -> Metrics:
+def _decorate(
+    metrics: Metrics,
+    unit: SensorUnit,
+    plan: EpisodePlan,
+    t_ms: float,
+    seq: int,
+    rng: np.random.Generator,
+) -> Metrics:
     """Add the fields the pipeline ignores, and sometimes lose one metric."""
     if rng.random() < 0.02:
         del metrics[("temperature_c", "smoke_ppm", "vibration_rms", "motor_current_a")[seq % 4]]
@@ -135,8 +154,9 @@ def _decorate(metrics: Metrics, unit: SensorUnit, plan: EpisodePlan, t_ms: float
     return metrics
 
 
-def telemetry_records(cfg: ScenarioConfig, setup: DeviceSetup, plans: Sequence[EpisodePlan],
-                      topic: str) -> Iterator[Record]:
+def telemetry_records(
+    cfg: ScenarioConfig, setup: DeviceSetup, plans: Sequence[EpisodePlan], topic: str
+) -> Iterator[Record]:
     """Samples every 1000/hz ms with +-30% jitter (never reordering), some lost."""
     rng = make_rng(cfg.seed, setup.index, "telemetry")
     unit = make_unit(make_rng(cfg.seed, setup.index, "unit"))
@@ -146,8 +166,10 @@ def telemetry_records(cfg: ScenarioConfig, setup: DeviceSetup, plans: Sequence[E
     phase, jitter = float(rng.uniform(0, period)), max(int(period * 0.3) - 1, 0)
     key, outage_until, signs, signs_of = setup.device_id.encode(), -1, None, -1
     for k in range(int(cfg.duration_s * setup.telemetry_hz) + 2):
-        ts = max(cfg.start_ms + int(phase + k * period) + int(rng.integers(-jitter, jitter + 1)),
-                 cfg.start_ms)
+        ts = max(
+            cfg.start_ms + int(phase + k * period) + int(rng.integers(-jitter, jitter + 1)),
+            cfg.start_ms,
+        )
         if ts >= cfg.end_ms:
             return
         drift.step(period / 1000.0)
