@@ -24,15 +24,15 @@ from kafka import KafkaProducer
 from prometheus_client import Histogram
 
 from encoders.modality import Modality
-from pipeline.app import build_engine
-from pipeline.clients import MAX_REQUEST_BYTES
 from pipeline.kafka.admin import TopicNames, ensure_topics
+from pipeline.kafka.config import MAX_REQUEST_BYTES
+from pipeline.kafka.producer import BoundedProducer
+from pipeline.kafka.worker import KafkaWorker
 from pipeline.metrics import Metrics
-from pipeline.model_runner import ModelRunner
-from pipeline.producer import BoundedProducer
 from pipeline.records import Record
 from pipeline.settings import Settings
-from pipeline.worker import KafkaWorker
+from pipeline.stream.assembly import build_engine
+from pipeline.stream.model_runner import ModelRunner
 
 PARTITIONS = 3
 TICK_MS = 100  # telemetry every tick, camera every 2nd, audio every 5th

@@ -32,8 +32,8 @@ from fleet import (
 
 from pipeline.clock import wall_clock_ms
 from pipeline.kafka.admin import TopicNames
-from pipeline.model_runner import ModelRunner
 from pipeline.settings import Settings
+from pipeline.stream.model_runner import ModelRunner
 
 LIVE_TAIL_MS = 600  # devices keep sending past the live run: its last windows close as usual
 WARM_UP_MS = 6000  # the live run's first windows, not measured: the fleet is already running

@@ -71,20 +71,20 @@ from fleet import (
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from live_latency import LiveRun, live_latency
 
-from pipeline.app import build_engine, run_offline
 from pipeline.cli import torch_threads
-from pipeline.clients import MAX_REQUEST_BYTES, producer_config, to_record
 from pipeline.clock import wall_clock_ms
-from pipeline.engine import EngineConfig
-from pipeline.features import window_inputs
-from pipeline.ingest import ingest
 from pipeline.kafka.admin import TopicNames
-from pipeline.kafka.broker import LocalKafka
+from pipeline.kafka.config import MAX_REQUEST_BYTES, producer_config, to_record
+from pipeline.kafka.local.broker import LocalKafka
 from pipeline.metrics import Metrics
-from pipeline.model_runner import ModelRunner
-from pipeline.outputs import event_output, event_value
 from pipeline.records import Record
-from pipeline.windows import Window, Windower
+from pipeline.stream.assembly import build_engine, run_offline
+from pipeline.stream.engine import EngineConfig
+from pipeline.stream.features import window_inputs
+from pipeline.stream.ingest import ingest
+from pipeline.stream.model_runner import ModelRunner
+from pipeline.stream.outputs import event_output, event_value
+from pipeline.stream.windows import Window, Windower
 
 
 # -- stages without Kafka -------------------------------------------------------------------

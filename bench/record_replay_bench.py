@@ -35,16 +35,16 @@ from pathlib import Path
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 
-from pipeline.kafka.broker import LocalKafka
-from pipeline.recorder import RecordOptions, consumer_config, record_to_file
-from pipeline.records import Record, record_size
-from pipeline.replayer import (
+from pipeline.kafka.local.broker import LocalKafka
+from pipeline.kafka.record import RecordOptions, consumer_config, record_to_file
+from pipeline.kafka.replay import (
     RecordingScan,
     ReplayOptions,
     prepare,
     producer_config,
     replay_to_kafka,
 )
+from pipeline.records import Record, record_size
 from pipeline.settings import KafkaSettings
 
 PARTITIONS = 3

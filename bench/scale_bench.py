@@ -29,11 +29,11 @@ import time
 import tracemalloc
 from collections.abc import Callable
 
-from pipeline.app import build_engine
-from pipeline.model_runner import ModelRunner
-from pipeline.progress import ProgressMetadata
 from pipeline.records import Record
 from pipeline.settings import Settings
+from pipeline.stream.assembly import build_engine
+from pipeline.stream.model_runner import ModelRunner
+from pipeline.stream.window_progress import ProgressMetadata
 
 T0 = 1_767_225_600_000  # a multiple of the 2 s window
 

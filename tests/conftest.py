@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.kafka.admin import TopicNames, ensure_topics
-from pipeline.kafka.broker import LocalKafka
-from pipeline.model_runner import ModelRunner
+from pipeline.kafka.local.broker import LocalKafka
+from pipeline.stream.model_runner import ModelRunner
 
 _EXTRA_BROKERS = pytest.StashKey[list[LocalKafka]]()
 

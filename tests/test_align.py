@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pipeline.align import Aligner
 from pipeline.records import Record
+from pipeline.stream.align import Aligner
 
 
 def rec(topic: str, ts: int, partition: int = 0) -> Record:

@@ -20,7 +20,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType
 
 from pipeline.kafka.admin import TopicNames, ensure_topics
-from pipeline.kafka.broker import KafkaStartError, LocalKafka
+from pipeline.kafka.local.broker import KafkaStartError, LocalKafka
 from tests.kafka_util import wait_until
 
 pytestmark = pytest.mark.kafka
@@ -103,7 +103,7 @@ def test_exit_stops_the_jvm_and_deletes_the_data(jvm_alive: Callable[[int], bool
 def test_jvm_dies_with_its_parent_process(tmp_path: Path, jvm_alive: Callable[[int], bool]) -> None:
     script = (
         "import sys\n"
-        "from pipeline.kafka.broker import LocalKafka\n"
+        "from pipeline.kafka.local.broker import LocalKafka\n"
         "k = LocalKafka(nodes=1); k.start()\n"
         "print(k.pids[0], k.data_dir, flush=True)\n"
         "sys.stdin.read()\n"  # block until the test kills us

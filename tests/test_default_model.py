@@ -8,12 +8,12 @@ from pathlib import Path
 
 from encoders.modality import ALL_MODALITIES
 from fusion.modelfile import load_model
-from pipeline.dataset import windows_from_recordings
-from pipeline.evaluation import evaluate_windows, model_classifier
-from pipeline.model_runner import ModelRunner, default_model_dir
+from pipeline.learn.dataset import windows_from_recordings
+from pipeline.learn.evaluation import evaluate_windows, model_classifier
+from pipeline.learn.training import DEFAULT_METRICS
 from pipeline.settings import Settings
 from pipeline.simulate import CLASSES, ScenarioConfig, simulate
-from pipeline.training import DEFAULT_METRICS
+from pipeline.stream.model_runner import ModelRunner, default_model_dir
 
 
 def test_the_shipped_model_loads_and_its_hash_is_its_version() -> None:
@@ -35,7 +35,7 @@ def test_the_shipped_model_loads_and_its_hash_is_its_version() -> None:
 
 
 def test_the_shipped_model_classifies_unseen_simulated_windows(tmp_path: Path) -> None:
-    from pipeline.recording import RecordingWriter
+    from pipeline.recordings.file import RecordingWriter
 
     path = tmp_path / "held-out.iotrec"  # a seed the default model was not trained on
     with RecordingWriter(path) as writer:

@@ -17,7 +17,7 @@ import pytest
 
 from encoders.modality import Modality
 from pipeline.kafka.admin import TopicNames, ensure_topics
-from pipeline.kafka.broker import LocalKafka
+from pipeline.kafka.local.broker import LocalKafka
 from tests.contract import Published, expected_windows
 from tests.factory import T0, device_stream, make_model, number
 from tests.kafka_util import produce, read_until, settings_for, to_topics, wait_until

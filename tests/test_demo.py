@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
-from pipeline.demo_report import WindowResult, draw_timeline, summary_lines
-from pipeline.model_runner import default_model_dir
+from pipeline.commands.demo_report import WindowResult, draw_timeline, summary_lines
 from pipeline.simulate import DEFAULT_TOPICS, Episode, ScenarioConfig, simulate
+from pipeline.stream.model_runner import default_model_dir
 
 START_MS = 1767225600000  # 2026-01-01T00:00:00Z
 EVENT_LINE = re.compile(r"^(cell-\d\d)\s+(\d\d:\d\d:\d\d)\s+(\w+)\s+(\d\.\d\d)\s+(\S+)")

@@ -421,7 +421,7 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
 def test_the_compose_commands_run_the_pipeline(bootstrap: str, processes: Processes) -> None:
     from kafka import KafkaAdminClient
 
-    from pipeline.kafka.runtime import free_ports
+    from pipeline.kafka.local.runtime import free_ports
     from tests.kafka_util import read_until
 
     s = compose("compose.yaml")["services"]

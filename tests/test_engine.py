@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 from encoders.modality import Modality
-from pipeline.app import build_engine, run_offline
 from pipeline.decode import RejectedRecord
 from pipeline.decode.errors import Reason
-from pipeline.engine import Engine
 from pipeline.metrics import Metrics
-from pipeline.model_runner import ModelRunner
-from pipeline.outputs import RECORD_OVERHEAD_BYTES, dead_letter, fit_dead_letter
 from pipeline.settings import Settings
+from pipeline.stream.assembly import build_engine, run_offline
+from pipeline.stream.engine import Engine
+from pipeline.stream.model_runner import ModelRunner
+from pipeline.stream.outputs import RECORD_OVERHEAD_BYTES, dead_letter, fit_dead_letter
 from tests.contract import Published, check_contract, scenario
 from tests.factory import (
     CLASSES,
@@ -168,17 +168,17 @@ def test_frames_decoded_on_threads_give_the_same_outputs(
 ) -> None:
     import threading
 
-    import pipeline.engine
+    import pipeline.stream.engine
 
     records, _ = scenario()
     threads_seen: set[str] = set()
-    original = pipeline.engine.window_inputs
+    original = pipeline.stream.engine.window_inputs
 
     def recording_thread(*args, **kwargs):
         threads_seen.add(threading.current_thread().name)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline.engine, "window_inputs", recording_thread)
+    monkeypatch.setattr(pipeline.stream.engine, "window_inputs", recording_thread)
 
     def outputs(threads: int) -> list[Published]:
         s = Settings()
@@ -334,7 +334,7 @@ def test_a_record_stamped_far_ahead_is_counted_and_reported_once_per_device(
     ahead = number(device_stream("skewed", T0 + 3_600_000, 1, tel))[:2]
     on_time = [replace(r, offset=100) for r in number(device_stream("skewed", T0, 1, tel))[:1]]
     slightly = number(device_stream("fine", T0 + 30_000, 1, tel))[:1]  # within a minute
-    with caplog.at_level(logging.WARNING, logger="pipeline.engine"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.stream.engine"):
         for r in ahead + on_time + slightly:
             engine.process(r)
     assert metrics.value("iotfuse_future_records_total") == 2

@@ -16,10 +16,10 @@ import random
 import pytest
 
 from encoders.modality import Modality
-from pipeline.app import build_engine, run_offline
-from pipeline.model_runner import ModelRunner
 from pipeline.records import Record
 from pipeline.settings import Settings
+from pipeline.stream.assembly import build_engine, run_offline
+from pipeline.stream.model_runner import ModelRunner
 from tests.factory import T0, TOPICS, jpeg, number, png, strict_json, wav
 from tests.test_decode_image import mutate
 

@@ -16,8 +16,8 @@ from fusion.config import FusionConfig, ModelConfig, TelemetryConfig
 from fusion.model import FusionClassifier
 from fusion.modelfile import save_model
 from pipeline.cli import main
-from pipeline.dataset import LabelledWindow
-from pipeline.evaluation import (
+from pipeline.learn.dataset import LabelledWindow
+from pipeline.learn.evaluation import (
     Inputs,
     ablation,
     best_single_modality,
@@ -26,10 +26,10 @@ from pipeline.evaluation import (
     merged_spec,
     scores,
 )
-from pipeline.features import FeatureSpec
-from pipeline.report import report_markdown, write_report
+from pipeline.learn.report import report_markdown, write_report
+from pipeline.learn.training import DEFAULT_METRICS
 from pipeline.simulate import CLASSES
-from pipeline.training import DEFAULT_METRICS
+from pipeline.stream.features import FeatureSpec
 from tests.factory import T0
 
 C, A, T = Modality.CAMERA, Modality.AUDIO, Modality.TELEMETRY

@@ -14,8 +14,8 @@ from matplotlib import colors
 from matplotlib.image import imread
 
 from pipeline.cli import main
-from pipeline.inspect_recording import inspect_recording, topic_role
-from pipeline.recording import RecordingWriter
+from pipeline.recordings.file import RecordingWriter
+from pipeline.recordings.inspect import inspect_recording, topic_role
 from pipeline.records import Record
 from pipeline.settings import TopicSettings
 from pipeline.simulate import ScenarioConfig, schedules, simulate

@@ -1,4 +1,4 @@
-"""The "read to the log end?" answer (pipeline/log_end.py) the aligner asks per partition.
+"""The "read to the log end?" answer (pipeline/kafka/log_end.py) the aligner asks per partition.
 
 Pure logic: the consumer's position and highwater and the broker's end offsets are given
 as the clients would report them (the path through a real broker is in
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from kafka import TopicPartition
 
-from pipeline.align import Aligner
-from pipeline.log_end import LogEnd
+from pipeline.kafka.log_end import LogEnd
+from pipeline.stream.align import Aligner
 from tests.factory import T0, record
 
 CAM, TEL = TopicPartition("cam", 0), TopicPartition("tel", 0)

@@ -13,7 +13,7 @@ import pytest
 
 from encoders.modality import ALL_MODALITIES, Modality
 from pipeline.cli import main
-from pipeline.recording import RecordingWriter
+from pipeline.recordings.file import RecordingWriter
 from pipeline.records import Record
 from tests.contract import Published, check_event, expected_windows, scenario
 from tests.factory import CLASSES, T0, TOPICS, device_stream, make_model, record
@@ -68,7 +68,7 @@ def test_one_event_per_window_with_its_counts_and_dead_letters_without_payload(
 
     assert offline(path, model_dir, events, "--deadletters", str(dead)) == 0
 
-    from pipeline.model_runner import ModelRunner
+    from pipeline.stream.model_runner import ModelRunner
 
     version = ModelRunner.load(model_dir, "cpu").version
     got = lines(events)

@@ -14,11 +14,11 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.kafka.admin import TopicNames
-from pipeline.model_runner import ModelRunner
-from pipeline.recording import RecordingWriter
+from pipeline.kafka.replay import ReplayOptions, replay_to_kafka
+from pipeline.recordings.file import RecordingWriter
 from pipeline.records import Record
-from pipeline.replayer import ReplayOptions, replay_to_kafka
 from pipeline.settings import KafkaSettings
+from pipeline.stream.model_runner import ModelRunner
 from tests.contract import Published
 from tests.factory import T0, TOPICS, device_stream, make_model, record, telemetry
 from tests.kafka_util import read_until, settings_for

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pipeline.offsets import OffsetTracker
-from pipeline.windows import Position
+from pipeline.stream.offsets import OffsetTracker
+from pipeline.stream.windows import Position
 
 
 def pos(offset: int, partition: int = 0, topic: str = "t") -> Position:

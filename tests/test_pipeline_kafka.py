@@ -14,13 +14,13 @@ import pytest
 from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
-from pipeline.app import build_engine
 from pipeline.errors import UserError
 from pipeline.kafka.admin import TopicNames, auto_creates_topics, ensure_topics
-from pipeline.kafka.broker import LocalKafka
-from pipeline.model_runner import ModelRunner
+from pipeline.kafka.local.broker import LocalKafka
+from pipeline.kafka.worker import KafkaWorker
 from pipeline.settings import Settings
-from pipeline.worker import KafkaWorker
+from pipeline.stream.assembly import build_engine
+from pipeline.stream.model_runner import ModelRunner
 from tests.contract import Published, check_contract, scenario
 from tests.factory import CLASSES, T0, device_stream, make_model
 from tests.kafka_util import produce, read_until, settings_for, to_topics, wait_until
@@ -303,7 +303,7 @@ def test_input_topics_of_different_partition_counts_are_refused(bootstrap, runne
 def test_acknowledgements_carry_the_time_they_arrived_not_when_drained(bootstrap, topics) -> None:
     from kafka import KafkaProducer
 
-    from pipeline.producer import BoundedProducer
+    from pipeline.kafka.producer import BoundedProducer
 
     now = {"ms": 1_000}
     out: BoundedProducer[int] = BoundedProducer(

@@ -7,10 +7,10 @@ from dataclasses import replace
 import pytest
 
 from encoders.modality import Modality
-from pipeline.app import build_engine, run_offline
-from pipeline.engine import Engine
-from pipeline.model_runner import ModelRunner
 from pipeline.settings import Settings
+from pipeline.stream.assembly import build_engine, run_offline
+from pipeline.stream.engine import Engine
+from pipeline.stream.model_runner import ModelRunner
 from tests.contract import Published
 from tests.factory import T0, TOPICS, device_stream, make_model, number, record
 from tests.test_decode_image import jpeg_header_only

@@ -7,9 +7,10 @@ from dataclasses import replace
 
 import pytest
 
-from pipeline.app import build_engine
-from pipeline.model_runner import ModelRunner
-from pipeline.progress import (
+from pipeline.settings import Settings
+from pipeline.stream.assembly import build_engine
+from pipeline.stream.model_runner import ModelRunner
+from pipeline.stream.window_progress import (
     MAX_METADATA_BYTES,
     MAX_PROGRESS_DEVICES,
     DeviceProgress,
@@ -17,7 +18,6 @@ from pipeline.progress import (
     decode_progress,
     encode_progress,
 )
-from pipeline.settings import Settings
 from tests.factory import T0, TOPICS, make_model, number, record, telemetry
 
 
@@ -43,7 +43,7 @@ def test_a_large_fleet_keeps_the_newest_boundaries_within_the_limit() -> None:
 def test_devices_left_out_are_warned_about_once(caplog: pytest.LogCaptureFixture) -> None:
     metadata = ProgressMetadata()
     fleet = {f"dev-{i:05d}": T0 for i in range(20_000)}
-    with caplog.at_level(logging.WARNING, logger="pipeline.progress"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.stream.window_progress"):
         for partition in (0, 1, 0):
             decode_progress(metadata(partition, fleet))
         metadata(2, {"dev-1": T0})

@@ -25,11 +25,8 @@ from pipeline.cli import main
 from pipeline.commands.recordings import ProgressLine
 from pipeline.errors import UserError
 from pipeline.kafka.admin import TopicNames
-from pipeline.recorder import RecordOptions, parse_start, record, record_to_file
-from pipeline.recording import RecordingError, RecordingWriter, open_recording
-from pipeline.recording_summary import summarize
-from pipeline.records import Record
-from pipeline.replayer import (
+from pipeline.kafka.record import RecordOptions, parse_start, record, record_to_file
+from pipeline.kafka.replay import (
     Pacer,
     RecordingScan,
     ReplayError,
@@ -40,6 +37,9 @@ from pipeline.replayer import (
     replay_to_kafka,
     required_partitions,
 )
+from pipeline.recordings.file import RecordingError, RecordingWriter, open_recording
+from pipeline.recordings.summary import summarize
+from pipeline.records import Record
 from pipeline.settings import KafkaSettings
 from tests.factory import FakeClock
 from tests.kafka_util import wait_until

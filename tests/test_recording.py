@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from pipeline.recording import (
+from pipeline.recordings.file import (
     RecordingCorruptError,
     RecordingError,
     RecordingVersionError,
@@ -20,7 +20,7 @@ from pipeline.recording import (
     open_recording,
     read_records,
 )
-from pipeline.recording_format import (
+from pipeline.recordings.format import (
     BLOCK_HEADER,
     CODEC_STORED,
     CODEC_ZSTD,
@@ -30,7 +30,7 @@ from pipeline.recording_format import (
     encode_block_header,
     encode_file_header,
 )
-from pipeline.recording_summary import summarize
+from pipeline.recordings.summary import summarize
 from pipeline.records import Record
 
 

@@ -11,9 +11,9 @@ import pytest
 from pipeline.cli import main
 from pipeline.commands.learn import send_paced
 from pipeline.kafka.admin import TopicNames
-from pipeline.recording import read_records
+from pipeline.kafka.replay import Pacer
+from pipeline.recordings.file import read_records
 from pipeline.records import Record
-from pipeline.replayer import Pacer
 from pipeline.simulate import CLASSES, ScenarioConfig, episodes_from_records, simulate
 from tests.factory import T0, TOPICS, FakeClock
 from tests.kafka_util import read_until

@@ -14,16 +14,16 @@ from fusion.config import ModelConfig, TelemetryConfig
 from fusion.modelfile import load_model
 from fusion.train import fit_telemetry_stats
 from pipeline.cli import main
-from pipeline.dataset import LabelledWindow
 from pipeline.errors import UserError
-from pipeline.simulate import CLASSES
-from pipeline.training import (
+from pipeline.learn.dataset import LabelledWindow
+from pipeline.learn.training import (
     DEFAULT_METRICS,
     Augmented,
     parse_modalities,
     split_windows,
     with_telemetry_stats,
 )
+from pipeline.simulate import CLASSES
 from tests.factory import T0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from encoders.modality import Modality
-from pipeline.windows import Item, Position, Window, WindowConfig, Windower
+from pipeline.stream.windows import Item, Position, Window, WindowConfig, Windower
 
 CAM, AUD, TEL = Modality.CAMERA, Modality.AUDIO, Modality.TELEMETRY
 T0 = 1_767_225_600_000  # a multiple of 2000

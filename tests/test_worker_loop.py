@@ -8,10 +8,10 @@ from dataclasses import replace
 from kafka import TopicPartition
 
 from encoders.modality import Modality
-from pipeline.align import Aligner
+from pipeline.kafka.worker import KafkaWorker
 from pipeline.metrics import Metrics
-from pipeline.model_runner import ModelRunner
-from pipeline.worker import KafkaWorker
+from pipeline.stream.align import Aligner
+from pipeline.stream.model_runner import ModelRunner
 from tests.factory import T0, TOPICS, device_stream, number
 from tests.test_engine import engine_with_early, runner  # noqa: F401  (fixture)
 

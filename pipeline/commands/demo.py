@@ -25,11 +25,11 @@ from pipeline.errors import UserError
 from pipeline.settings import Settings
 
 if TYPE_CHECKING:
-    from pipeline.demo_report import WindowResult
-    from pipeline.kafka.broker import LocalKafka
-    from pipeline.model_runner import ModelRunner
+    from pipeline.commands.demo_report import WindowResult
+    from pipeline.kafka.local.broker import LocalKafka
     from pipeline.records import Record
     from pipeline.simulate import Episode
+    from pipeline.stream.model_runner import ModelRunner
 
 QUIET_S = 30.0  # give up once no new event came for this long after the last record was sent
 Window = tuple[str, int]  # device id, window start (epoch ms)
@@ -87,7 +87,7 @@ class EventTable:
 
     def add(self, event: Mapping[str, Any]) -> bool:
         """Show an event; False if its window was shown already (a redelivery)."""
-        from pipeline.demo_report import WindowResult
+        from pipeline.commands.demo_report import WindowResult
         from pipeline.simulate import label_at
 
         start, end = int(event["window"]["start_ms"]), int(event["window"]["end_ms"])
@@ -109,9 +109,9 @@ class EventTable:
 
 
 def demo(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.app import window_config
-    from pipeline.model_runner import ModelRunner
     from pipeline.simulate import episodes_from_records
+    from pipeline.stream.assembly import window_config
+    from pipeline.stream.model_runner import ModelRunner
 
     runner = ModelRunner.load(settings.runtime.model or None, settings.runtime.device)
     windows = window_config(settings, runner.features.window_ms)
@@ -146,8 +146,8 @@ def demo(args: argparse.Namespace, settings: Settings) -> int:
 
 def _local_kafka() -> LocalKafka | None:
     """A started local broker, or None (said in one line) where Java or Maven is missing."""
-    from pipeline.kafka.broker import LocalKafka
-    from pipeline.kafka.runtime import KafkaRuntimeError
+    from pipeline.kafka.local.broker import LocalKafka
+    from pipeline.kafka.local.runtime import KafkaRuntimeError
 
     print("demo: starting a local Kafka (first start takes ~10 s)", flush=True)
     kafka = LocalKafka()
@@ -183,7 +183,7 @@ def _scenario(args: argparse.Namespace, settings: Settings) -> list[Record]:
 def _run_offline(
     settings: Settings, runner: ModelRunner, records: list[Record], table: EventTable
 ) -> None:
-    from pipeline.app import build_engine, run_offline
+    from pipeline.stream.assembly import build_engine, run_offline
 
     engine = build_engine(settings, runner)
     for out in run_offline(engine, records):
@@ -218,10 +218,10 @@ def _run_live(
     table: EventTable,
     speed: float | None,
 ) -> None:
-    from pipeline.app import build_engine
     from pipeline.commands.learn import simulate_to_kafka
     from pipeline.kafka.admin import TopicNames, ensure_topics
-    from pipeline.worker import KafkaWorker
+    from pipeline.kafka.worker import KafkaWorker
+    from pipeline.stream.assembly import build_engine
 
     live = _live_settings(settings, kafka.bootstrap_servers, speed)
     ensure_topics(
@@ -296,7 +296,7 @@ def _follow_events(
 
 
 def _report(out: Path, table: EventTable, classes: Sequence[str]) -> None:
-    from pipeline.demo_report import draw_timeline, summary_lines
+    from pipeline.commands.demo_report import draw_timeline, summary_lines
 
     results = sorted(table.results.values(), key=lambda r: (r.device, r.start_ms))
     for line in summary_lines(results, len(table.expected)):

@@ -36,9 +36,9 @@ def run_foreground(
     Prints `bootstrap.servers=HOST:PORT[,...]` (one machine-readable line) once ready. A
     signal during startup stops the half-started cluster and returns 130.
     """
-    from pipeline.kafka import runtime
-    from pipeline.kafka.broker import LocalKafka
-    from pipeline.kafka.runtime import KAFKA_VERSION
+    from pipeline.kafka.local import runtime
+    from pipeline.kafka.local.broker import LocalKafka
+    from pipeline.kafka.local.runtime import KAFKA_VERSION
 
     if runtime.cached_classpath() is None:
         out(f"downloading Apache Kafka {KAFKA_VERSION} jars with Maven (first run only) ...")

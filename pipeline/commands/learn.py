@@ -24,8 +24,8 @@ from pipeline.records import Record, record_size
 from pipeline.settings import Settings
 
 if TYPE_CHECKING:
-    from pipeline.producer import BoundedProducer
-    from pipeline.replayer import Pacer
+    from pipeline.kafka.producer import BoundedProducer
+    from pipeline.kafka.replay import Pacer
 
 Progress = Callable[[int, int], None]
 
@@ -127,7 +127,7 @@ def simulate_to_file(
     records: Iterable[Record], out: Path, overwrite: bool, stop: threading.Event, progress: Progress
 ) -> tuple[int, int]:
     """Write records to a new recording; returns (records, bytes)."""
-    from pipeline.recording import RecordingError, RecordingWriter
+    from pipeline.recordings.file import RecordingError, RecordingWriter
 
     n = size = 0
     try:
@@ -176,8 +176,8 @@ def simulate_to_kafka(
     from kafka import KafkaProducer
     from kafka.errors import KafkaError
 
-    from pipeline.producer import BoundedProducer
-    from pipeline.replayer import Pacer, producer_config, topic_partition_counts
+    from pipeline.kafka.producer import BoundedProducer
+    from pipeline.kafka.replay import Pacer, producer_config, topic_partition_counts
 
     t = settings.topics
     topics = [t.camera, t.audio, t.telemetry, t.labels]
@@ -299,7 +299,7 @@ def train_args(p: argparse.ArgumentParser) -> None:
 
 def train(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.commands.recordings import ProgressLine
-    from pipeline.training import (
+    from pipeline.learn.training import (
         DEFAULT_METRICS,
         TrainOptions,
         parse_modalities,
@@ -380,8 +380,8 @@ def evaluate_args(p: argparse.ArgumentParser) -> None:
 
 def evaluate(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.commands.recordings import ProgressLine
-    from pipeline.evaluation import EvalOptions, evaluate_recordings
-    from pipeline.report import write_report
+    from pipeline.learn.evaluation import EvalOptions, evaluate_recordings
+    from pipeline.learn.report import write_report
 
     options = EvalOptions(
         model=Path(settings.runtime.model) if settings.runtime.model else None,

@@ -19,7 +19,7 @@ from pipeline.errors import UserError
 from pipeline.settings import Settings
 
 if TYPE_CHECKING:
-    from pipeline.offline import OfflineResult
+    from pipeline.recordings.offline import OfflineResult
 
 
 class ProgressLine:
@@ -110,7 +110,7 @@ def stop_on_signals() -> Iterator[threading.Event]:
 
 @contextmanager
 def _user_errors(path: Path) -> Iterator[None]:
-    from pipeline.recording import RecordingError
+    from pipeline.recordings.file import RecordingError
 
     try:
         yield
@@ -155,7 +155,7 @@ def record_args(p: argparse.ArgumentParser) -> None:
 
 
 def record(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.recorder import RecordOptions, parse_start, record_to_file
+    from pipeline.kafka.record import RecordOptions, parse_start, record_to_file
 
     options = RecordOptions(
         tuple(args.topics), parse_start(args.start), args.duration, args.until_end
@@ -240,7 +240,7 @@ def replay(args: argparse.Namespace, settings: Settings) -> int:
             f"{', '.join(misplaced)} only apply with --offline (run the pipeline"
             " here); to publish to Kafka leave them out"
         )
-    from pipeline.replayer import ReplayOptions, parse_topic_map, prepare, replay_to_kafka
+    from pipeline.kafka.replay import ReplayOptions, parse_topic_map, prepare, replay_to_kafka
 
     options = ReplayOptions(
         None if args.max_speed else (args.speed or 1.0), parse_topic_map(args.topic_map)
@@ -290,10 +290,10 @@ def _replay_offline(args: argparse.Namespace, settings: Settings) -> int:
             "--speed does not apply with --offline (it always runs as fast as"
             " the machine allows); leave it out"
         )
-    from pipeline.app import build_engine
-    from pipeline.model_runner import ModelRunner
-    from pipeline.offline import replay_offline
-    from pipeline.replayer import parse_topic_map, scan_recording
+    from pipeline.kafka.replay import parse_topic_map, scan_recording
+    from pipeline.recordings.offline import replay_offline
+    from pipeline.stream.assembly import build_engine
+    from pipeline.stream.model_runner import ModelRunner
 
     topic_map = parse_topic_map(args.topic_map)
     with _user_errors(args.file):
@@ -360,7 +360,7 @@ def inspect_args(p: argparse.ArgumentParser) -> None:
 
 
 def inspect(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.inspect_recording import format_table, inspect_recording, plot_timeline, to_json
+    from pipeline.recordings.inspect import format_table, inspect_recording, plot_timeline, to_json
 
     with _user_errors(args.file):
         info = inspect_recording(

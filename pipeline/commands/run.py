@@ -49,10 +49,10 @@ def install_stop_handlers() -> threading.Event:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     stop = install_stop_handlers()  # first: a stop while starting up still exits cleanly
     log.info("iotfuse run: starting; loading the model")
-    from pipeline.app import build_engine
+    from pipeline.kafka.worker import KafkaWorker
     from pipeline.metrics import Metrics
-    from pipeline.model_runner import ModelRunner
-    from pipeline.worker import KafkaWorker
+    from pipeline.stream.assembly import build_engine
+    from pipeline.stream.model_runner import ModelRunner
 
     runner = ModelRunner.load(settings.runtime.model or None, settings.runtime.device)
     metrics = Metrics()

@@ -1,7 +1,12 @@
-"""A real local Apache Kafka 4.x (no Docker) and topic administration.
+"""Everything that talks to Kafka: the one place that imports kafka-python.
 
-- `runtime`: Java 17+ and the broker jars (resolved once with Maven, cached).
-- `broker`: `LocalKafka` (one node or a 3-node cluster); `iotfuse broker` runs one in the
-  foreground (pipeline/commands/infra.py).
-- `admin`: `TopicNames`, `ensure_topics`, `check_copartitioned`.
+- `config`: every client's settings (consumer, producer, transactional producer, admin,
+  recorder, replayer) built from `[kafka]`, and the one record-size limit;
+- `worker`: `iotfuse run`'s loop (consumer, producer, commits) around the broker-free
+  `Engine` of pipeline/stream/;
+- `producer`, `log_end`, `unreadable`: the worker's bounded producer, end-offset client
+  and handling of records the client cannot parse;
+- `admin`: topics (`TopicNames`, `ensure_topics`, `check_copartitioned`) and start checks;
+- `record`, `replay`: Kafka to a recording file and back;
+- `local/`: a real local Apache Kafka 4.x broker for development, tests and the demo.
 """

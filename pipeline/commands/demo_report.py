@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.inspect_recording import label_colours
+from pipeline.recordings.inspect import label_colours
 
 if TYPE_CHECKING:
     from pipeline.simulate import Episode

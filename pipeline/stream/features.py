@@ -26,8 +26,8 @@ import numpy as np
 
 from encoders.modality import Modality
 from pipeline.decode import AudioChunk, RejectedRecord, decode_image
-from pipeline.ingest import CameraFrame
-from pipeline.windows import Item, Window
+from pipeline.stream.ingest import CameraFrame
+from pipeline.stream.windows import Item, Window
 
 Decode = Callable[[Item], np.ndarray]  # a camera item -> uint8 [S, S, 3]; RejectedRecord
 
@@ -147,7 +147,7 @@ def telemetry_input(
 
 def window_inputs(window: Window, spec: FeatureSpec, decode: Decode | None = None) -> WindowInputs:
     """The model's inputs of a closed window; `decode` (default: decode now) gives a camera
-    item's frame, e.g. one decoded ahead by pipeline.prefetch."""
+    item's frame, e.g. one decoded ahead by pipeline.stream.prefetch."""
     out = WindowInputs(raw={})
     if Modality.CAMERA in spec.modalities and window.count(Modality.CAMERA):
         frames, rejected = camera_input(window.items[Modality.CAMERA], spec, decode)

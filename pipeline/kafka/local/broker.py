@@ -33,9 +33,9 @@ from types import TracebackType
 
 from kafka import KafkaAdminClient
 
-from pipeline.kafka import runtime
 from pipeline.kafka.admin import admin_client_or_none, unfenced_brokers
-from pipeline.kafka.runtime import KAFKA_VERSION, KafkaRuntime
+from pipeline.kafka.local import runtime
+from pipeline.kafka.local.runtime import KAFKA_VERSION, KafkaRuntime
 
 HOST = "127.0.0.1"
 

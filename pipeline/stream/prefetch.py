@@ -17,8 +17,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from encoders.modality import Modality
-from pipeline.features import FeatureSpec, decode_frame, spread
-from pipeline.windows import Item, Position, Window
+from pipeline.stream.features import FeatureSpec, decode_frame, spread
+from pipeline.stream.windows import Item, Position, Window
 
 
 class FramePrefetch:

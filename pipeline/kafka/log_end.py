@@ -1,6 +1,6 @@
 """The aligner's question to the Kafka worker: is this topic-partition read to its end now?
 
-The aligner (pipeline/align.py) holds a partition's records back until every input topic
+The aligner (pipeline/stream/align.py) holds a partition's records back until every input topic
 of that partition has a record buffered or nothing more to read. "Nothing more to read" is
 answered here, once per poll and topic-partition, from the consumer's position and the
 broker's end offsets, asked on a client of its own (on the consumer's connection the
@@ -15,7 +15,7 @@ from typing import Any
 from kafka import TopicPartition
 from kafka.errors import KafkaError
 
-from pipeline.align import Aligner
+from pipeline.stream.align import Aligner
 
 LOG_END_TIMEOUT_MS = 5000  # a log-end query waits this long for an unreachable broker
 

@@ -1,9 +1,9 @@
 """Score models on labelled recordings: metrics, and what each modality is worth.
 
     result = evaluate_recordings(EvalOptions(model=None, data=(Path("test.iotrec"),)), settings)
-    pipeline.report.write_report(Path("report"), result)
+    pipeline.learn.report.write_report(Path("report"), result)
 
-Windows come from `pipeline.dataset.windows_from_recordings` (the live pipeline's code
+Windows come from `pipeline.learn.dataset.windows_from_recordings` (the live pipeline's code
 path). Besides the full scores, the model is scored with modalities removed from its
 inputs -- `without_<m>` (every modality but m) and `only_<m>` -- by deleting them from
 each window's inputs, so the model masks them exactly as it does for a window in which
@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 
 from encoders.modality import Modality
-from pipeline.dataset import LabelledWindow
 from pipeline.errors import UserError
-from pipeline.features import FeatureSpec
+from pipeline.learn.dataset import LabelledWindow
 from pipeline.settings import Settings
+from pipeline.stream.features import FeatureSpec
 
 SCHEMA = "iotfuse.evaluation/v1"
 Inputs = Mapping[Modality, np.ndarray]
@@ -198,8 +198,8 @@ def evaluate_recordings(
     options: EvalOptions, settings: Settings, on_records: Callable[[int, int], None] | None = None
 ) -> dict[str, Any]:
     """The full metrics dict written to metrics.json (see write_report)."""
-    from pipeline.dataset import windows_from_recordings
-    from pipeline.model_runner import ModelRunner, default_model_dir
+    from pipeline.learn.dataset import windows_from_recordings
+    from pipeline.stream.model_runner import ModelRunner, default_model_dir
 
     paths = [options.model or default_model_dir(), *options.compare]
     runners = [ModelRunner.load(p, options.device) for p in paths]

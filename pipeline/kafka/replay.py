@@ -30,9 +30,9 @@ import kafka.errors as kafka_errors
 from kafka import KafkaAdminClient, KafkaProducer
 
 from pipeline.errors import UserError
-from pipeline.producer import BoundedProducer
-from pipeline.recorder import MAX_RECORD_FETCH_BYTES, Clock, Progress
-from pipeline.recording import RecordingError, open_recording
+from pipeline.kafka.producer import BoundedProducer
+from pipeline.kafka.record import MAX_RECORD_FETCH_BYTES, Clock, Progress
+from pipeline.recordings.file import RecordingError, open_recording
 from pipeline.records import Record, record_size
 from pipeline.settings import KafkaSettings
 

@@ -6,7 +6,7 @@
 - A device silent for `idle_timeout_ms` of wall-clock time has all its windows closed.
 - A window is complete once its device sent a record at or past its end, though it stays
   open for late records until the watermark passes it; `add` reports windows as they
-  complete, so their inference can start early (pipeline/engine.py).
+  complete, so their inference can start early (pipeline/stream/engine.py).
 - A record whose window already closed (or was passed by the watermark) is late: it is
   reported to the caller, who counts and releases it; it never reopens a window.
 - A device silent for `forget_after_ms` of wall-clock time with no window open is

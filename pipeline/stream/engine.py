@@ -37,14 +37,21 @@ import numpy as np
 from encoders.modality import Modality
 from pipeline.clock import Clock, wall_clock_ms
 from pipeline.decode import RejectedRecord
-from pipeline.features import FeatureSpec, WindowInputs, window_inputs
-from pipeline.ingest import IngestConfig, ingest
 from pipeline.metrics import Metrics
-from pipeline.outputs import Decision, ModelId, Output, dead_letter, event_output, event_value
-from pipeline.prefetch import FramePrefetch
-from pipeline.progress import DeviceProgress
 from pipeline.records import Record
-from pipeline.windows import Item, Position, Window, WindowConfig, Windower
+from pipeline.stream.features import FeatureSpec, WindowInputs, window_inputs
+from pipeline.stream.ingest import IngestConfig, ingest
+from pipeline.stream.outputs import (
+    Decision,
+    ModelId,
+    Output,
+    dead_letter,
+    event_output,
+    event_value,
+)
+from pipeline.stream.prefetch import FramePrefetch
+from pipeline.stream.window_progress import DeviceProgress
+from pipeline.stream.windows import Item, Position, Window, WindowConfig, Windower
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -10,8 +10,8 @@ import hashlib
 import struct
 from dataclasses import dataclass
 
-from pipeline.recording import Source, open_recording
-from pipeline.recording_format import append_record
+from pipeline.recordings.file import Source, open_recording
+from pipeline.recordings.format import append_record
 from pipeline.records import Record
 
 

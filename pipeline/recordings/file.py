@@ -10,7 +10,7 @@
 
 The writer writes straight to its path (no temporary file and rename), so a recording
 cut short by a crash still reads up to its last whole block. Byte layout, integrity
-and recovery: docs/recording-format.md; framing: pipeline/recording_format.py.
+and recovery: docs/recording-format.md; framing: pipeline/recordings/format.py.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import BinaryIO, Self
 
 import zstandard
 
-from pipeline.recording_format import (
+from pipeline.recordings.format import (
     MAX_BLOCK_RAW,
     BlockReader,
     RecordingCorruptError,

@@ -10,7 +10,7 @@ from typing import Any
 from encoders.modality import ALL_MODALITIES, Modality
 from pipeline.decode import AudioChunk, RejectedRecord
 from pipeline.records import Headers, Record, payload_bytes
-from pipeline.windows import Position, Window
+from pipeline.stream.windows import Position, Window
 
 EVENT_SCHEMA = "iotfuse.event/v1"
 

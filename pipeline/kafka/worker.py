@@ -31,25 +31,25 @@ from kafka.errors import (
 )
 from kafka.structs import OffsetAndMetadata
 
-from pipeline.align import Aligner
-from pipeline.clients import (
+from pipeline.clock import Clock, wall_clock_ms
+from pipeline.kafka.admin import await_input_topics, prepare_outputs
+from pipeline.kafka.config import (
     MAX_REQUEST_BYTES,
     consumer_config,
     offsets_config,
     producer_config,
     to_record,
 )
-from pipeline.clock import Clock, wall_clock_ms
-from pipeline.engine import Engine
-from pipeline.kafka.admin import await_input_topics, prepare_outputs
-from pipeline.log_end import LogEnd
-from pipeline.offsets import OffsetTracker
-from pipeline.outputs import Output, fit_dead_letter
-from pipeline.producer import BoundedProducer
-from pipeline.progress import ProgressMetadata, decode_progress
+from pipeline.kafka.log_end import LogEnd
+from pipeline.kafka.producer import BoundedProducer
+from pipeline.kafka.unreadable import find_unreadable, unreadable_dead_letter
 from pipeline.settings import Settings
-from pipeline.unreadable import find_unreadable, unreadable_dead_letter
-from pipeline.windows import Position
+from pipeline.stream.align import Aligner
+from pipeline.stream.engine import Engine
+from pipeline.stream.offsets import OffsetTracker
+from pipeline.stream.outputs import Output, fit_dead_letter
+from pipeline.stream.window_progress import ProgressMetadata, decode_progress
+from pipeline.stream.windows import Position
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ class KafkaWorker:
     # -- offsets ------------------------------------------------------------------------
     def commit(self) -> None:
         """Commit what is done: closed windows are published first, so the progress stored
-        with the offsets (pipeline/progress.py) only names acknowledged windows."""
+        with the offsets (pipeline/stream/window_progress.py) only names acknowledged windows."""
         self._last_commit_ms = self.clock()
         while self.engine.queued():
             self._publish(self.engine.run_batch())

@@ -1,7 +1,7 @@
 """Low-level framing of recording files: file header, blocks, record encoding.
 
 The byte layout is documented in docs/recording-format.md; this module is its single
-implementation. `pipeline.recording` builds the writer, reader and summary on top.
+implementation. `pipeline.recordings.file` builds the writer, reader and summary on top.
 All integers are little-endian.
 """
 

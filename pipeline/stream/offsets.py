@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from pipeline.windows import Position
+from pipeline.stream.windows import Position
 
 TopicPartitionKey = tuple[str, int]
 

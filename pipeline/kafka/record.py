@@ -24,7 +24,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaTimeoutError
 
 from pipeline.errors import UserError
-from pipeline.recording import RecordingWriter
+from pipeline.recordings.file import RecordingWriter
 from pipeline.records import Record, record_size
 from pipeline.settings import KafkaSettings
 

@@ -3,7 +3,7 @@
     info = inspect_recording("run.iotrec", TopicSettings(), timeline_bins=600)
     print(format_table(info)); json.dumps(to_json(info)); plot_timeline(info, "run.png")
 
-Two streaming passes, each in constant memory: `pipeline.recording_summary.summarize` (counts,
+Two streaming passes, each in constant memory: `pipeline.recordings.summary.summarize` (counts,
 devices, time span, digest), then -- only when there is a labels topic or a plot is
 wanted -- one pass collecting the label spans and, per plotted device and modality, which
 of `timeline_bins` time bins hold records. Memory grows with devices, labels and bins,
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from pipeline.recording import open_recording
-from pipeline.recording_summary import RecordingSummary, summarize
+from pipeline.recordings.file import open_recording
+from pipeline.recordings.summary import RecordingSummary, summarize
 from pipeline.settings import TopicSettings
 
 ROLES = ("camera", "audio", "telemetry", "labels")

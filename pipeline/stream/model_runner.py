@@ -15,8 +15,8 @@ from encoders.modality import Modality
 from fusion.batch import WindowBatch
 from fusion.modelfile import load_model
 from pipeline.errors import UserError
-from pipeline.features import FeatureSpec
-from pipeline.outputs import Decision, ModelId
+from pipeline.stream.features import FeatureSpec
+from pipeline.stream.outputs import Decision, ModelId
 
 
 class ModelNotFoundError(UserError):

@@ -7,8 +7,8 @@
 The records go through exactly what a live replay goes through, minus the broker:
 `merge_by_time` orders them across (topic, partition) streams as `iotfuse replay` does
 before sending (each stream kept in file order), the topic map renames them, and
-`run_offline` (pipeline/app.py) drives the same `Engine` the Kafka worker drives: decode,
-align, windows, encoders, fusion. End of the recording closes every window (no idle
+`run_offline` (pipeline/stream/assembly.py) drives the same `Engine` the Kafka worker
+drives: decode, align, windows, encoders, fusion. End of the recording closes every window (no idle
 timeouts: no wall clock is involved). Each event is written as the exact JSON value the
 worker would publish, one per line; dead letters as one JSON line each: original key,
 topic, partition, offset, timestamp, stage, reason and message (not the payload).
@@ -28,12 +28,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
-from pipeline.app import run_offline
-from pipeline.engine import Engine
-from pipeline.outputs import Output
-from pipeline.recording import open_recording
+from pipeline.kafka.replay import merge_by_time
+from pipeline.recordings.file import open_recording
 from pipeline.records import Record, record_size
-from pipeline.replayer import merge_by_time
+from pipeline.stream.assembly import run_offline
+from pipeline.stream.engine import Engine
+from pipeline.stream.outputs import Output
 
 LOOKAHEAD_BYTES = 64 * 1024 * 1024  # records held to merge streams by timestamp
 

@@ -24,7 +24,7 @@ from pipeline.decode import (
 )
 from pipeline.records import Record
 from pipeline.settings import LimitSettings, TopicSettings
-from pipeline.windows import Item, Position
+from pipeline.stream.windows import Item, Position
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,8 +19,8 @@ from kafka.errors import CorruptRecordError
 
 from pipeline.decode import RejectedRecord
 from pipeline.decode.errors import Reason
-from pipeline.outputs import Output, dead_letter
 from pipeline.records import Record
+from pipeline.stream.outputs import Output, dead_letter
 
 PROBE_TIMEOUT_S = 5.0  # per partition: how long a probe waits for its record
 

@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 
 from encoders.modality import Modality
-from pipeline.align import Aligner
 from pipeline.decode import RejectedRecord
 from pipeline.errors import UserError
-from pipeline.features import FeatureSpec, window_inputs
-from pipeline.ingest import IngestConfig, ingest
 from pipeline.records import Record
 from pipeline.settings import Settings
-from pipeline.windows import Window, WindowConfig, Windower
+from pipeline.stream.align import Aligner
+from pipeline.stream.features import FeatureSpec, window_inputs
+from pipeline.stream.ingest import IngestConfig, ingest
+from pipeline.stream.windows import Window, WindowConfig, Windower
 
 log = logging.getLogger(__name__)
 OnRecords = Callable[[int, int], None]  # (records, bytes) read so far
@@ -173,8 +173,8 @@ def recording_windows(
     on_records: OnRecords | None = None,
 ) -> list[list[LabelledWindow]]:
     """Labelled windows of each recording (each read on its own: device ids may repeat)."""
-    from pipeline.app import window_config
-    from pipeline.recording import RecordingError, read_records
+    from pipeline.recordings.file import RecordingError, read_records
+    from pipeline.stream.assembly import window_config
 
     ingest_cfg = IngestConfig.from_settings(settings.topics, settings.limits, spec.sample_rate)
     windows: WindowConfig = window_config(settings, spec.window_ms)

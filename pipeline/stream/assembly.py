@@ -2,7 +2,7 @@
 
 - `run_offline(records)`: any iterable of records (a recording, a list in a test) in, the
   outputs out, as fast as the machine allows. End of input closes every window.
-- `KafkaWorker` (pipeline/worker.py): the same engine between a consumer and a producer.
+- `KafkaWorker` (pipeline/kafka/worker.py): the same engine between a consumer and a producer.
 """
 
 from __future__ import annotations
@@ -10,17 +10,17 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Iterator
 
-from pipeline.align import Aligner
 from pipeline.clock import Clock, wall_clock_ms
-from pipeline.engine import Engine, EngineConfig
 from pipeline.errors import UserError
-from pipeline.ingest import IngestConfig
 from pipeline.metrics import Metrics
-from pipeline.model_runner import ModelRunner
-from pipeline.outputs import Output
 from pipeline.records import Record, number_unset_offsets
 from pipeline.settings import Settings
-from pipeline.windows import WindowConfig
+from pipeline.stream.align import Aligner
+from pipeline.stream.engine import Engine, EngineConfig
+from pipeline.stream.ingest import IngestConfig
+from pipeline.stream.model_runner import ModelRunner
+from pipeline.stream.outputs import Output
+from pipeline.stream.windows import WindowConfig
 
 
 class ConfigMismatchError(UserError):

@@ -3,7 +3,7 @@
     summary = train_from_recordings(TrainOptions(data=(Path("train.iotrec"),), out=Path("m")),
                                     settings, stream=sys.stderr)
 
-1. Windows: the recordings' records go through `pipeline.dataset.labelled_windows` (the
+1. Windows: the recordings' records go through `pipeline.learn.dataset.labelled_windows` (the
    live pipeline's aligner, ingest, windower and feature code); labels come from the
    labels-topic records the recordings hold.
 2. Validation split (`split_windows`): every 5th device is held out whole (with fewer
@@ -32,10 +32,10 @@ from typing import Any, TextIO, overload
 import numpy as np
 
 from encoders.modality import ALL_MODALITIES, Modality
-from pipeline.dataset import LabelledWindow, OnRecords, recording_windows
 from pipeline.errors import UserError
-from pipeline.features import FeatureSpec
+from pipeline.learn.dataset import LabelledWindow, OnRecords, recording_windows
 from pipeline.settings import Settings
+from pipeline.stream.features import FeatureSpec
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +331,7 @@ def train_from_recordings(
     from fusion.model import FusionClassifier
     from fusion.modelfile import save_model
     from fusion.train import TrainConfig, train
-    from pipeline.model_runner import resolve_device
+    from pipeline.stream.model_runner import resolve_device
 
     _check_out(options)
     device = resolve_device(options.device)

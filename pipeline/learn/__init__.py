@@ -1,0 +1,1 @@
+"""Learning from recordings: labelled windows, training, evaluation and its report."""
