@@ -128,11 +128,3 @@ class AudioCNN(Trunk):
         x = x.unsqueeze(1)  # [n, n_mels, frames] -> [n, 1, n_mels, frames]
         x = self.stages(x)  # [n, 1, F, L] -> [n, E, F/16, L/16]
         return x.mean(dim=(2, 3))  # [n, E, f, l] -> [n, E]
-
-
-def build_audio_trunk(cfg: AudioConfig) -> Trunk:
-    if cfg.trunk == "hf":
-        from encoders.hf import HFAudioTrunk  # transformers is imported only when needed
-
-        return HFAudioTrunk(cfg)
-    return AudioCNN(cfg)

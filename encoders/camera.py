@@ -99,11 +99,3 @@ class CameraCNN(Trunk):
         x = self.stages(x)  # [n*T, 3, S, S] -> [n*T, E, S/16, S/16]
         x = x.mean(dim=(2, 3))  # [n*T, E, h, w] -> [n*T, E]
         return x.view(n, t, -1).mean(dim=1)  # [n*T, E] -> [n, T, E] -> [n, E]
-
-
-def build_camera_trunk(cfg: CameraConfig) -> Trunk:
-    if cfg.trunk == "hf":
-        from encoders.hf import HFVisionTrunk  # transformers is imported only when needed
-
-        return HFVisionTrunk(cfg)
-    return CameraCNN(cfg)

@@ -96,7 +96,3 @@ class TelemetryCNN(Trunk):
         x = x.transpose(1, 2)  # [n, steps, 2M] -> [n, 2M, steps]
         x = self.stages(x)  # [n, 2M, steps] -> [n, E/2, steps/2]
         return torch.cat([x.mean(dim=2), x.amax(dim=2)], dim=1)  # -> [n, E]
-
-
-def build_telemetry_trunk(cfg: TelemetryConfig) -> Trunk:
-    return TelemetryCNN(cfg)

@@ -21,11 +21,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from encoders.audio import AudioPreprocessor, build_audio_trunk
+from encoders.audio import AudioPreprocessor
 from encoders.base import Preprocessor, Trunk, fold_batchnorm
-from encoders.camera import CameraPreprocessor, build_camera_trunk
+from encoders.camera import CameraPreprocessor
 from encoders.modality import Modality
-from encoders.telemetry import TelemetryPreprocessor, build_telemetry_trunk
+from encoders.telemetry import TelemetryPreprocessor
+from encoders.trunks import build_audio_trunk, build_camera_trunk, build_telemetry_trunk
 from fusion.attribution import shapley
 from fusion.batch import WindowBatch
 from fusion.config import ModelConfig

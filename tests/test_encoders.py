@@ -9,10 +9,11 @@ import pytest
 import torch
 from torchaudio.transforms import MelSpectrogram
 
-from encoders.audio import LOG_EPS, AudioConfig, AudioPreprocessor, build_audio_trunk
+from encoders.audio import LOG_EPS, AudioConfig, AudioPreprocessor
 from encoders.base import ModelConfigError, RawInfo
-from encoders.camera import CameraConfig, CameraPreprocessor, build_camera_trunk
-from encoders.telemetry import TelemetryConfig, TelemetryPreprocessor, build_telemetry_trunk
+from encoders.camera import CameraConfig, CameraPreprocessor
+from encoders.telemetry import TelemetryConfig, TelemetryPreprocessor
+from encoders.trunks import build_audio_trunk, build_camera_trunk, build_telemetry_trunk
 from tests.test_fusion_model import one_thread  # noqa: F401  (autouse fixture)
 
 INFO = RawInfo(audio_sample_rate=8000)
