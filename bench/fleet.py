@@ -25,7 +25,7 @@ from prometheus_client import Histogram
 
 from encoders.modality import Modality
 from pipeline.kafka.admin import TopicNames, ensure_topics
-from pipeline.kafka.config import MAX_REQUEST_BYTES
+from pipeline.kafka.config import MAX_RECORD_BYTES
 from pipeline.kafka.producer import BoundedProducer
 from pipeline.kafka.worker import KafkaWorker
 from pipeline.metrics import Metrics
@@ -188,7 +188,7 @@ def producer(bootstrap: str, batch_bytes: int = 16384) -> BoundedProducer[None]:
             acks="all",
             linger_ms=5,
             batch_size=batch_bytes,
-            max_request_size=MAX_REQUEST_BYTES,
+            max_request_size=MAX_RECORD_BYTES,
         ),
         32 * 1024 * 1024,
     )

@@ -74,8 +74,9 @@ from live_latency import LiveRun, live_latency
 from pipeline.cli import torch_threads
 from pipeline.clock import wall_clock_ms
 from pipeline.kafka.admin import TopicNames
-from pipeline.kafka.config import MAX_REQUEST_BYTES, producer_config, to_record
+from pipeline.kafka.config import MAX_RECORD_BYTES, producer_config
 from pipeline.kafka.local.broker import LocalKafka
+from pipeline.kafka.messages import to_record
 from pipeline.metrics import Metrics
 from pipeline.records import Record
 from pipeline.stream.assembly import build_engine, run_offline
@@ -152,7 +153,7 @@ def per_message(bootstrap: str, runner: ModelRunner, records: list[Record]) -> R
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap,
         auto_offset_reset="earliest",
-        max_partition_fetch_bytes=MAX_REQUEST_BYTES,
+        max_partition_fetch_bytes=MAX_RECORD_BYTES,
     )
     consumer.assign([TopicPartition(t, p) for t in names.inputs for p in range(PARTITIONS)])
     events = KafkaProducer(**producer_config(settings))

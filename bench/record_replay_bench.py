@@ -35,15 +35,10 @@ from pathlib import Path
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 
+from pipeline.kafka.config import recorder_config, replayer_config
 from pipeline.kafka.local.broker import LocalKafka
-from pipeline.kafka.record import RecordOptions, consumer_config, record_to_file
-from pipeline.kafka.replay import (
-    RecordingScan,
-    ReplayOptions,
-    prepare,
-    producer_config,
-    replay_to_kafka,
-)
+from pipeline.kafka.record import RecordOptions, record_to_file
+from pipeline.kafka.replay import RecordingScan, ReplayOptions, prepare, replay_to_kafka
 from pipeline.records import Record, record_size
 from pipeline.settings import KafkaSettings
 
@@ -94,7 +89,7 @@ def timed(name: str, fn: Callable[[], tuple[int, int]]) -> Step:
 
 
 def raw_produce(kafka: KafkaSettings, records: Iterator[Record]) -> tuple[int, int]:
-    producer = KafkaProducer(**producer_config(kafka))
+    producer = KafkaProducer(**replayer_config(kafka))
     count = nbytes = 0
     for r in records:
         producer.send(
@@ -108,7 +103,7 @@ def raw_produce(kafka: KafkaSettings, records: Iterator[Record]) -> tuple[int, i
 
 
 def raw_consume(kafka: KafkaSettings, topic: str, expected: int) -> tuple[int, int]:
-    consumer = KafkaConsumer(**consumer_config(kafka))
+    consumer = KafkaConsumer(**recorder_config(kafka))
     consumer.assign([TopicPartition(topic, p) for p in range(PARTITIONS)])
     consumer.seek_to_beginning()
     count = nbytes = 0

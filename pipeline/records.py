@@ -6,10 +6,11 @@ everything downstream (decoding, windowing, sinks) is plain functions over them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 Headers = tuple[tuple[str, bytes], ...]
+OnCounts = Callable[[int, int], None]  # (records, bytes) so far; rate-limits itself
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,8 +25,11 @@ class SettingsError(ValueError):
     """A setting is unknown or has a value of the wrong type."""
 
 
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+def _f(default: Any, help: str, *, secret: bool = False) -> Any:
+    return field(default=default, metadata={"help": help, "secret": secret})
+
+
+MASK = "***"
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,9 @@ class KafkaSettings:
     security_protocol: str = _f("PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.")
     sasl_mechanism: str = _f("", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 when SASL is used.")
     sasl_username: str = _f("", "SASL username.")
-    sasl_password: str = _f("", "SASL password (prefer the environment variable).")
+    sasl_password: str = _f(
+        "", "SASL password (prefer the environment variable); printed masked.", secret=True
+    )
     ssl_cafile: str = _f("", "CA certificate file for TLS.")
     ssl_certfile: str = _f("", "Client certificate file for TLS.")
     ssl_keyfile: str = _f("", "Client key file for TLS.")
@@ -64,20 +69,6 @@ class KafkaSettings:
         "dead-letter topics unless the broker creates topics on first use, to exist before "
         "failing.",
     )
-
-    def client_config(self) -> dict[str, Any]:
-        """Security settings as kafka-python keyword arguments (empty ones left out)."""
-        cfg: dict[str, Any] = {"security_protocol": self.security_protocol}
-        optional = {
-            "sasl_mechanism": self.sasl_mechanism,
-            "sasl_plain_username": self.sasl_username,
-            "sasl_plain_password": self.sasl_password,
-            "ssl_cafile": self.ssl_cafile,
-            "ssl_certfile": self.ssl_certfile,
-            "ssl_keyfile": self.ssl_keyfile,
-        }
-        cfg.update({k: v for k, v in optional.items() if v})
-        return cfg
 
 
 @dataclass(frozen=True)
@@ -270,6 +261,19 @@ def load_settings(
     if cli:
         settings = apply_overrides(settings, cli, "command line")
     return settings
+
+
+def masked(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Every setting as plain data, each secret that is set replaced by `MASK`: what
+    `iotfuse config` prints, and the only form in which settings reach a log."""
+    out: dict[str, dict[str, Any]] = {}
+    for section in _section_types():
+        values = getattr(settings, section)
+        out[section] = {}
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            out[section][f.name] = MASK if f.metadata.get("secret") and value else value
+    return out
 
 
 def settings_markdown() -> str:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.kafka.config import security_config
 from pipeline.metrics import Metrics
 from pipeline.settings import SettingsError, load_settings, settings_markdown
 
@@ -54,7 +55,7 @@ def test_security_settings_pass_through_to_clients() -> None:
             "IOTFUSE_KAFKA__SASL_USERNAME": "u",
         }
     )
-    assert s.kafka.client_config() == {
+    assert security_config(s.kafka) == {
         "security_protocol": "SASL_SSL",
         "sasl_mechanism": "PLAIN",
         "sasl_plain_username": "u",

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
-from pipeline.commands.learn import send_paced
+from pipeline.clock import send_paced
 from pipeline.kafka.admin import TopicNames
 from pipeline.kafka.replay import Pacer
 from pipeline.recordings.file import read_records

@@ -218,8 +218,8 @@ def _run_live(
     table: EventTable,
     speed: float | None,
 ) -> None:
-    from pipeline.commands.learn import simulate_to_kafka
     from pipeline.kafka.admin import TopicNames, ensure_topics
+    from pipeline.kafka.produce import simulate_to_kafka
     from pipeline.kafka.worker import KafkaWorker
     from pipeline.stream.assembly import build_engine
 
@@ -267,27 +267,17 @@ def _follow_events(
     clock: Callable[[], float] = time.monotonic,
 ) -> None:
     """Show events until each expected window has one, or QUIET_S without a new one."""
-    from kafka import KafkaConsumer
+    from pipeline.kafka.follow import TopicFollower
 
-    consumer = KafkaConsumer(
-        settings.topics.events,
-        group_id=None,
-        bootstrap_servers=settings.kafka.bootstrap_servers,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-    )
     deadline = clock() + QUIET_S
-    try:
+    with TopicFollower(settings.kafka, settings.topics.events) as events:
         while not table.complete and clock() < deadline:
-            for messages in consumer.poll(timeout_ms=200).values():
-                if any([table.add(json.loads(m.value)) for m in messages]):
-                    deadline = clock() + QUIET_S
+            if any([table.add(json.loads(value)) for value in events.poll(timeout_ms=200)]):
+                deadline = clock() + QUIET_S
             for task in tasks:
                 task.check()
             if tasks[-1].is_alive():  # still producing: silence is not the end yet
                 deadline = max(deadline, clock() + QUIET_S)
-    finally:
-        consumer.close()
     if not table.complete:
         print(
             f"demo: no new event for {QUIET_S:.0f} s; stopping with "

@@ -5,14 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import signal
-import threading
 from collections.abc import Callable
-from types import FrameType
 
 from pipeline.commands.common import bootstrap_arg
+from pipeline.commands.console import interrupt_on_signals, stop_on_signals
 from pipeline.metrics import Metrics
-from pipeline.settings import Settings, settings_markdown
+from pipeline.settings import Settings, masked, settings_markdown
 
 
 def broker_args(p: argparse.ArgumentParser) -> None:
@@ -42,26 +40,16 @@ def run_foreground(
 
     if runtime.cached_classpath() is None:
         out(f"downloading Apache Kafka {KAFKA_VERSION} jars with Maven (first run only) ...")
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        # set from another thread: Event.set in a handler could deadlock with stop.wait()
-        threading.Thread(target=stop.set, daemon=True).start()
-
     kafka = LocalKafka(nodes=nodes, port=port)
-    signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.getsignal(s) for s in signals}
     try:
-        for s in signals:  # while starting, a signal interrupts the start
-            signal.signal(s, signal.default_int_handler)
-        try:
+        with interrupt_on_signals():  # while starting, a signal abandons the start
             kafka.start()
-        except KeyboardInterrupt:
-            out("interrupted while starting; stopped")
-            return 130
-        try:
-            for s in signals:
-                signal.signal(s, on_signal)
+    except KeyboardInterrupt:
+        kafka.close()
+        out("interrupted while starting; stopped")
+        return 130
+    try:
+        with stop_on_signals(lambda _name: None) as stop:
             out(f"bootstrap.servers={kafka.bootstrap_servers}")
             out(
                 f"Apache Kafka {KAFKA_VERSION}: {nodes} node(s) ready; logs: "
@@ -69,12 +57,9 @@ def run_foreground(
             )
             stop.wait()
             out("stopping ...")
-        finally:
-            kafka.close()
-        return 0
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        kafka.close()
+    return 0
 
 
 def topics_args(p: argparse.ArgumentParser) -> None:
@@ -85,6 +70,7 @@ def topics_args(p: argparse.ArgumentParser) -> None:
 
 def topics(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.kafka.admin import TopicNames, ensure_topics
+    from pipeline.kafka.config import security_config
 
     t = settings.topics
     names = TopicNames.from_settings(t)
@@ -93,7 +79,7 @@ def topics(args: argparse.Namespace, settings: Settings) -> int:
         names,
         t.partitions,
         t.replication_factor,
-        client_config=settings.kafka.client_config(),
+        client_config=security_config(settings.kafka),
     )
     print(
         f"topics ready on {settings.kafka.bootstrap_servers}: "
@@ -114,5 +100,5 @@ def config(args: argparse.Namespace, settings: Settings) -> int:
     elif args.markdown:
         print(settings_markdown())
     else:
-        print(json.dumps(dataclasses.asdict(settings), indent=2))
+        print(json.dumps(masked(settings), indent=2))
     return 0

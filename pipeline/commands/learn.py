@@ -14,21 +14,13 @@ import argparse
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pipeline.commands.common import count, positive
 from pipeline.errors import UserError
-from pipeline.records import Record, record_size
+from pipeline.records import OnCounts, Record, record_size
 from pipeline.settings import Settings
-
-if TYPE_CHECKING:
-    from pipeline.kafka.producer import BoundedProducer
-    from pipeline.kafka.replay import Pacer
-
-Progress = Callable[[int, int], None]
-
 
 # --- simulate ----------------------------------------------------------------------------
 
@@ -73,7 +65,8 @@ def simulate_args(p: argparse.ArgumentParser) -> None:
 
 
 def simulate(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.commands.recordings import ProgressLine, stop_on_signals
+    from pipeline.commands.console import ProgressLine, stop_on_signals
+    from pipeline.kafka.produce import simulate_to_kafka
     from pipeline.simulate import ScenarioConfig
     from pipeline.simulate import simulate as scenario_records
 
@@ -124,7 +117,7 @@ def simulate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def simulate_to_file(
-    records: Iterable[Record], out: Path, overwrite: bool, stop: threading.Event, progress: Progress
+    records: Iterable[Record], out: Path, overwrite: bool, stop: threading.Event, progress: OnCounts
 ) -> tuple[int, int]:
     """Write records to a new recording; returns (records, bytes)."""
     from pipeline.recordings.file import RecordingError, RecordingWriter
@@ -143,89 +136,6 @@ def simulate_to_file(
     except (RecordingError, OSError) as exc:
         raise UserError(f"cannot write {out}: {exc}") from exc
     return n, size
-
-
-def send_paced(
-    records: Iterable[Record],
-    send: Callable[[Record], None],
-    pacer: Pacer,
-    stop: threading.Event,
-    progress: Progress,
-) -> tuple[int, int]:
-    """Hand each record to `send` once the pacer says it is due; stops when `stop` is set.
-    Returns (records, bytes) sent."""
-    n = size = 0
-    for record in records:
-        pacer.wait(record.timestamp_ms)
-        if stop.is_set():
-            break
-        send(record)
-        n, size = n + 1, size + record_size(record)
-        progress(n, size)
-    return n, size
-
-
-def simulate_to_kafka(
-    records: Iterable[Record],
-    settings: Settings,
-    speed: float | None,
-    stop: threading.Event,
-    progress: Progress,
-) -> tuple[int, int]:
-    """Produce records (Kafka partitions them by key) paced by their timestamps / speed."""
-    from kafka import KafkaProducer
-    from kafka.errors import KafkaError
-
-    from pipeline.kafka.producer import BoundedProducer
-    from pipeline.kafka.replay import Pacer, producer_config, topic_partition_counts
-
-    t = settings.topics
-    topics = [t.camera, t.audio, t.telemetry, t.labels]
-    missing = sorted(set(topics) - set(topic_partition_counts(settings.kafka, topics)))
-    if missing:
-        raise UserError(
-            f"topic(s) {', '.join(missing)} do not exist on "
-            f"{settings.kafka.bootstrap_servers}; create them with `iotfuse topics`"
-        )
-    config = {
-        **producer_config(settings.kafka),
-        "client_id": f"{settings.kafka.client_id}-simulator",
-    }
-    out: BoundedProducer[int] = BoundedProducer(
-        KafkaProducer(**config), settings.kafka.max_in_flight_bytes
-    )
-    sent = [0]
-
-    def send(record: Record) -> None:
-        out.send(
-            sent[0],
-            record.topic,
-            record.key,
-            record.value,
-            record.headers,
-            timestamp_ms=record.timestamp_ms,
-        )
-        sent[0] += 1
-        _check_sent(out)
-
-    try:
-        result = send_paced(records, send, Pacer(speed, time.monotonic, stop.wait), stop, progress)
-        out.flush()
-        _check_sent(out)
-    except KafkaError as exc:
-        raise UserError(f"producing to {settings.kafka.bootstrap_servers} failed: {exc!r}") from exc
-    finally:
-        out.close()
-    return result
-
-
-def _check_sent(out: BoundedProducer[int]) -> None:
-    for index, exc in out.completed():
-        if exc is not None:
-            raise UserError(
-                f"the broker refused simulated record #{index} ({exc!r}); check "
-                "the topics' max.message.bytes and that the broker is healthy"
-            )
 
 
 # --- train -------------------------------------------------------------------------------
@@ -298,7 +208,7 @@ def train_args(p: argparse.ArgumentParser) -> None:
 
 
 def train(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.commands.recordings import ProgressLine
+    from pipeline.commands.console import ProgressLine
     from pipeline.learn.training import (
         DEFAULT_METRICS,
         TrainOptions,
@@ -379,7 +289,7 @@ def evaluate_args(p: argparse.ArgumentParser) -> None:
 
 
 def evaluate(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.commands.recordings import ProgressLine
+    from pipeline.commands.console import ProgressLine
     from pipeline.learn.evaluation import EvalOptions, evaluate_recordings
     from pipeline.learn.report import write_report
 

@@ -4,108 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, TextIO
 
 from pipeline.commands.common import bootstrap_arg, positive
+from pipeline.commands.console import ProgressLine, stop_on_signals
 from pipeline.errors import UserError
 from pipeline.settings import Settings
 
 if TYPE_CHECKING:
     from pipeline.recordings.offline import OfflineResult
-
-
-class ProgressLine:
-    """Records, bytes and rate (and events, if given) on `stream`: one updating line on a
-    terminal, else a line every `interval_s` (default 5 s). Call it with running totals;
-    it rate-limits itself."""
-
-    def __init__(
-        self,
-        verb: str,
-        stream: TextIO,
-        *,
-        total: int | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        interval_s: float | None = None,
-    ) -> None:
-        self.verb = verb
-        self.stream = stream
-        self.total = total
-        self.clock = clock
-        self.tty = stream.isatty()
-        self.interval_s = interval_s if interval_s is not None else (0.25 if self.tty else 5.0)
-        self._start = self._last = clock()
-        self._last_counts = (0, 0)
-
-    def __call__(self, records: int, nbytes: int, events: int | None = None) -> None:
-        now = self.clock()
-        if now - self._last < self.interval_s:
-            return
-        seconds = now - self._last
-        last_records, last_bytes = self._last_counts
-        rate = ((records - last_records) / seconds, (nbytes - last_bytes) / seconds)
-        self._last, self._last_counts = now, (records, nbytes)
-        self._show(self._text(records, nbytes, rate, now - self._start, events), final=False)
-
-    def finish(self, records: int, nbytes: int, events: int | None = None) -> None:
-        elapsed = max(self.clock() - self._start, 1e-9)
-        rate = (records / elapsed, nbytes / elapsed)
-        self._show(self._text(records, nbytes, rate, elapsed, events), final=True)
-
-    def _text(
-        self,
-        records: int,
-        nbytes: int,
-        rate: tuple[float, float],
-        elapsed: float,
-        events: int | None,
-    ) -> str:
-        share = f" of {self.total:,}" if self.total is not None else ""
-        made = f", {events:,} events" if events is not None else ""
-        return (
-            f"{self.verb}: {records:,}{share} records, {nbytes / 1e6:,.1f} MB,"
-            f" {rate[0]:,.0f} records/s, {rate[1] / 1e6:,.1f} MB/s{made}, {elapsed:,.1f} s"
-        )
-
-    def _show(self, text: str, final: bool) -> None:
-        if self.tty:
-            self.stream.write("\r" + text + "\x1b[K" + ("\n" if final else ""))
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
-
-
-@contextmanager
-def stop_on_signals() -> Iterator[threading.Event]:
-    """An event set by the first SIGINT/SIGTERM (a second one interrupts at once)."""
-    stop = threading.Event()
-
-    def handle(signum: int, _frame: FrameType | None) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        print(
-            f"\n{signal.Signals(signum).name}: finishing the current block; again to abort",
-            file=sys.stderr,
-        )
-        # from another thread: Event.set here could deadlock with a stop.wait() it interrupts
-        threading.Thread(target=stop.set, daemon=True).start()
-
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in previous:
-        signal.signal(s, handle)
-    try:
-        yield stop
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 @contextmanager

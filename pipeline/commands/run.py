@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import threading
-from types import FrameType
 
 from pipeline.commands.common import bootstrap_arg
+from pipeline.commands.console import stop_on_signals
 from pipeline.settings import Settings
 
 log = logging.getLogger("iotfuse.run")
@@ -31,23 +30,17 @@ def run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--idle-timeout-ms", type=int, help="close a silent device's windows after")
 
 
-def install_stop_handlers() -> threading.Event:
-    stop = threading.Event()
-
-    def handle(signum: int, _frame: FrameType | None) -> None:
-        log.info(
-            "received %s: finishing closed windows, committing, exiting",
-            signal.Signals(signum).name,
-        )
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handle)
-    signal.signal(signal.SIGINT, handle)
-    return stop
+def _announce(name: str) -> None:
+    log.info("received %s: finishing closed windows, committing, exiting", name)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    stop = install_stop_handlers()  # first: a stop while starting up still exits cleanly
+    # first: a stop while starting up still exits cleanly
+    with stop_on_signals(_announce, abort_on_second=False) as stop:
+        return _run(settings, stop)
+
+
+def _run(settings: Settings, stop: threading.Event) -> int:
     log.info("iotfuse run: starting; loading the model")
     from pipeline.kafka.worker import KafkaWorker
     from pipeline.metrics import Metrics

@@ -20,6 +20,7 @@ from kafka.admin import ConfigResource, ConfigResourceType
 
 from pipeline.clock import Clock, wall_clock_ms
 from pipeline.errors import UserError
+from pipeline.kafka.config import admin_config, security_config
 from pipeline.settings import Settings, TopicSettings
 
 log = logging.getLogger(__name__)
@@ -194,16 +195,15 @@ def _partition_counts(admin: KafkaAdminClient, topics: Sequence[str]) -> dict[st
     return counts
 
 
-def _admin(bootstrap_servers: str, client_config: Mapping[str, Any] | None) -> KafkaAdminClient:
-    config = {**(client_config or {}), "bootstrap_servers": bootstrap_servers}
-    return KafkaAdminClient(**config)
+def _admin(bootstrap_servers: str, security: Mapping[str, Any] | None) -> KafkaAdminClient:
+    return KafkaAdminClient(**admin_config(bootstrap_servers, security))
 
 
 def admin_client_or_none(bootstrap_servers: str) -> KafkaAdminClient | None:
     """An admin client, or None while no broker answers (for polling a starting cluster)."""
     try:
         return KafkaAdminClient(
-            bootstrap_servers=bootstrap_servers, bootstrap_timeout_ms=3000, request_timeout_ms=5000
+            **admin_config(bootstrap_servers, bootstrap_timeout_ms=3000, request_timeout_ms=5000)
         )
     except Exception:  # not serving yet: callers poll again
         return None
@@ -241,7 +241,7 @@ def prepare_outputs(settings: Settings, clock: Clock = wall_clock_ms) -> int | N
     then stopped the worker with "Failed to update metadata", naming no topic.
     """
     k, t = settings.kafka, settings.topics
-    with _admin(k.bootstrap_servers, k.client_config()) as admin:
+    with _admin(k.bootstrap_servers, security_config(k)) as admin:
         _await_outputs(admin, [t.events, t.deadletter], k.topic_wait_ms, clock)
         try:
             return max_message_bytes(admin, t.deadletter)

@@ -1,45 +1,71 @@
-"""The kafka-python clients of `iotfuse run`: their settings, and records as we hold them.
+"""Every kafka-python client's settings, built from `[kafka]` in one place.
 
-- consumer: one member of the workers' group, range assignor (co-partitioning), manual
-  commits, read_committed, fetch limits that admit the contract's largest images;
-- offsets: a group-less client asking only for log end offsets, on its own connection;
-- producer: idempotent, acks=all, transactional with `kafka.exactly_once`.
+A security option (TLS, SASL) or a limit changes here once and reaches every client:
+
+- `consumer_config`: one member of the workers' group, range assignor (co-partitioning),
+  manual commits, read_committed, fetch limits that admit the contract's largest records;
+- `offsets_config`: a group-less client asking only for log end offsets, on its own
+  connection;
+- `producer_config`: the worker's producer, idempotent, acks=all, transactional with
+  `kafka.exactly_once`;
+- `recorder_config`, `replayer_config`: `iotfuse record` and `iotfuse replay`;
+- `admin_config`, `events_reader_config`: topic administration and the demo's reader.
+
+`printable` is the only form in which a configuration may reach a log: secrets masked.
 """
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Mapping
 from typing import Any
 
 from kafka.coordinator.assignors.range import RangePartitionAssignor
 
-from pipeline.records import Record
-from pipeline.settings import Settings
+from pipeline.settings import MASK, KafkaSettings, Settings
 
-MAX_REQUEST_BYTES = 10 * 1024 * 1024 + 512 * 1024  # an 8 MiB image + headers as a dead letter
+# The largest record any client sends or fetches: an 8 MiB image plus headers, as a record
+# or as a dead letter. One limit for the worker, the recorder and the replayer.
+MAX_RECORD_BYTES = 10 * 1024 * 1024 + 512 * 1024
+
+_SECRET_KEYS = ("sasl_plain_password", "ssl_password", "sasl_oauth_token_provider")
 
 
-def _client(settings: Settings, role: str) -> dict[str, Any]:
-    """What every client of the worker shares: brokers, a client id, security settings."""
-    k = settings.kafka
+def security_config(k: KafkaSettings) -> dict[str, Any]:
+    """Security settings as kafka-python keyword arguments (empty ones left out)."""
+    cfg: dict[str, Any] = {"security_protocol": k.security_protocol}
+    optional = {
+        "sasl_mechanism": k.sasl_mechanism,
+        "sasl_plain_username": k.sasl_username,
+        "sasl_plain_password": k.sasl_password,
+        "ssl_cafile": k.ssl_cafile,
+        "ssl_certfile": k.ssl_certfile,
+        "ssl_keyfile": k.ssl_keyfile,
+    }
+    cfg.update({key: v for key, v in optional.items() if v})
+    return cfg
+
+
+def client_config(k: KafkaSettings, role: str) -> dict[str, Any]:
+    """What every client shares: brokers, a client id naming its role, security."""
     return {
         "bootstrap_servers": k.bootstrap_servers.split(","),
         "client_id": f"{k.client_id}-{role}",
-        **k.client_config(),
+        **security_config(k),
     }
 
 
 def consumer_config(settings: Settings) -> dict[str, Any]:
     k = settings.kafka
     return {
-        **_client(settings, "consumer"),
+        **client_config(k, "consumer"),
         "group_id": k.group_id,
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
         # co-partitioning: partition i of every input topic goes to the same member
         "partition_assignment_strategy": (RangePartitionAssignor,),
         "fetch_max_bytes": k.fetch_max_bytes,
-        "max_partition_fetch_bytes": MAX_REQUEST_BYTES,
+        "max_partition_fetch_bytes": MAX_RECORD_BYTES,
         "max_poll_records": k.max_poll_records,
         "session_timeout_ms": k.session_timeout_ms,
         "max_poll_interval_ms": k.max_poll_interval_ms,
@@ -53,9 +79,9 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
 def offsets_config(settings: Settings) -> dict[str, Any]:
     """A group-less client that only asks for end offsets, on its own connection: on the
     consumer's it would queue behind the fetch in flight (a broker answers one request per
-    connection at a time), 60 ms a call while draining a backlog."""
+    connection at a time)."""
     return {
-        **_client(settings, "offsets"),
+        **client_config(settings.kafka, "offsets"),
         "enable_auto_commit": False,
         "isolation_level": "read_committed",  # the consumer's: end offsets it can reach
         "metadata_max_age_ms": 30_000,  # added partitions, as the consumer
@@ -65,11 +91,11 @@ def offsets_config(settings: Settings) -> dict[str, Any]:
 def producer_config(settings: Settings) -> dict[str, Any]:
     k = settings.kafka
     cfg: dict[str, Any] = {
-        **_client(settings, "producer"),
+        **client_config(k, "producer"),
         "acks": "all",
         "enable_idempotence": True,
         "linger_ms": 5,
-        "max_request_size": MAX_REQUEST_BYTES,
+        "max_request_size": MAX_RECORD_BYTES,
     }
     if k.exactly_once:
         cfg["transactional_id"] = k.transactional_id or f"{k.group_id}-{socket.gethostname()}"
@@ -77,13 +103,54 @@ def producer_config(settings: Settings) -> dict[str, Any]:
     return cfg
 
 
-def to_record(msg: Any) -> Record:
-    return Record(
-        topic=msg.topic,
-        partition=msg.partition,
-        offset=msg.offset,
-        timestamp_ms=int(msg.timestamp),
-        key=msg.key,
-        value=msg.value,
-        headers=tuple((str(k), bytes(v) if v is not None else b"") for k, v in msg.headers or ()),
-    )
+def recorder_config(k: KafkaSettings) -> dict[str, Any]:
+    """A group-less, never-committing consumer that admits the largest records."""
+    return {
+        **client_config(k, "recorder"),
+        "group_id": None,
+        "enable_auto_commit": False,
+        # records deleted under us (retention): go on from the oldest left, not the end
+        "auto_offset_reset": "earliest",
+        "isolation_level": "read_committed",  # aborted transactions are not part of a stream
+        "fetch_max_bytes": max(k.fetch_max_bytes, MAX_RECORD_BYTES),
+        "max_partition_fetch_bytes": MAX_RECORD_BYTES,
+        "max_poll_records": k.max_poll_records,
+    }
+
+
+def replayer_config(k: KafkaSettings) -> dict[str, Any]:
+    return {
+        **client_config(k, "replayer"),
+        "acks": "all",
+        "enable_idempotence": True,  # retries keep per-partition order, no duplicates
+        "linger_ms": 10,
+        "batch_size": 1024 * 1024,  # images are tens of KB: batch many per request
+        "max_request_size": MAX_RECORD_BYTES,
+    }
+
+
+def simulator_config(k: KafkaSettings) -> dict[str, Any]:
+    """Simulated devices producing live: the replayer's settings under their own name."""
+    return {**replayer_config(k), "client_id": f"{k.client_id}-simulator"}
+
+
+def admin_config(
+    bootstrap_servers: str, security: Mapping[str, Any] | None = None, **extra: Any
+) -> dict[str, Any]:
+    """An admin client's settings; `security` from `security_config` (None: plaintext)."""
+    return {**(security or {}), **extra, "bootstrap_servers": bootstrap_servers}
+
+
+def events_reader_config(k: KafkaSettings) -> dict[str, Any]:
+    """A group-less reader of the events topic from its start (the demo follows it)."""
+    return {
+        **client_config(k, "events-reader"),
+        "group_id": None,
+        "auto_offset_reset": "earliest",
+        "enable_auto_commit": False,
+    }
+
+
+def printable(config: Mapping[str, Any]) -> dict[str, Any]:
+    """`config` with every secret that is set masked: the only form fit for a log."""
+    return {k: (MASK if k in _SECRET_KEYS and v else v) for k, v in config.items()}

@@ -1,6 +1,6 @@
 """Kafka -> recording: every partition of some topics into one recording file.
 
-    with KafkaConsumer(**consumer_config(settings.kafka)) as consumer:  # no group, no commits
+    with KafkaConsumer(**recorder_config(settings.kafka)) as consumer:  # no group, no commits
         result = record(consumer, writer, RecordOptions(("iot.camera",), until_end=True), stop)
 
 Partitions are assigned manually (no consumer group, nothing committed), so recording
@@ -16,24 +16,23 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaTimeoutError
 
+from pipeline.clock import Seconds
 from pipeline.errors import UserError
+from pipeline.kafka.config import recorder_config
+from pipeline.kafka.messages import to_record
 from pipeline.recordings.file import RecordingWriter
-from pipeline.records import Record, record_size
+from pipeline.records import OnCounts, record_size
 from pipeline.settings import KafkaSettings
 
 StartAt = Literal["earliest", "latest"] | int  # int: a timestamp, epoch milliseconds
 StopReason = Literal["end", "duration", "stopped"]
-Clock = Callable[[], float]  # monotonic seconds
-Progress = Callable[[int, int], None]  # (records, bytes) so far; rate-limits itself
-
-MAX_RECORD_FETCH_BYTES = 10 * 1024 * 1024 + 512 * 1024  # an 8 MiB image plus headers
 
 
 class RecordError(UserError):
@@ -77,23 +76,6 @@ def parse_start(text: str) -> StartAt:
     return value
 
 
-def consumer_config(kafka: KafkaSettings) -> dict[str, Any]:
-    """A group-less, never-committing consumer that admits the largest records."""
-    return {
-        "bootstrap_servers": kafka.bootstrap_servers.split(","),
-        "client_id": f"{kafka.client_id}-recorder",
-        "group_id": None,
-        "enable_auto_commit": False,
-        # records deleted under us (retention): go on from the oldest left, not the end
-        "auto_offset_reset": "earliest",
-        "isolation_level": "read_committed",  # aborted transactions are not part of a stream
-        "fetch_max_bytes": max(kafka.fetch_max_bytes, MAX_RECORD_FETCH_BYTES),
-        "max_partition_fetch_bytes": MAX_RECORD_FETCH_BYTES,
-        "max_poll_records": kafka.max_poll_records,
-        **kafka.client_config(),
-    }
-
-
 def assign_partitions(consumer: KafkaConsumer, topics: Sequence[str]) -> list[TopicPartition]:
     """Assign every partition of `topics` to the consumer (no group); unknown topic: error."""
     tps: list[TopicPartition] = []
@@ -127,20 +109,6 @@ def seek_start(consumer: KafkaConsumer, tps: list[TopicPartition], start: StartA
             consumer.seek(tp, hit.offset if hit is not None else ends[tp])
 
 
-def to_record(msg: Any) -> Record:
-    """A kafka-python ConsumerRecord as a Record (a null header value becomes b"")."""
-    headers = tuple((str(k), b"" if v is None else bytes(v)) for k, v in msg.headers or ())
-    return Record(
-        topic=msg.topic,
-        partition=msg.partition,
-        offset=msg.offset,
-        timestamp_ms=int(msg.timestamp) if msg.timestamp is not None else -1,
-        key=msg.key,
-        value=msg.value,
-        headers=headers,
-    )
-
-
 def _unfinished(
     consumer: KafkaConsumer, ends: dict[TopicPartition, int]
 ) -> dict[TopicPartition, int]:
@@ -161,8 +129,8 @@ def record(
     writer: RecordingWriter,
     options: RecordOptions,
     stop: threading.Event,
-    progress: Progress | None = None,
-    clock: Clock = time.monotonic,
+    progress: OnCounts | None = None,
+    clock: Seconds = time.monotonic,
 ) -> RecordResult:
     """Record `options.topics` from the consumer into the writer until end, duration or stop.
 
@@ -209,7 +177,7 @@ def record(
 
 def open_consumer(kafka: KafkaSettings) -> KafkaConsumer:
     try:
-        return KafkaConsumer(**consumer_config(kafka))
+        return KafkaConsumer(**recorder_config(kafka))
     except KafkaTimeoutError as exc:  # kafka-python: "Unable to bootstrap from ..."
         raise RecordError(
             f"cannot reach Kafka at {kafka.bootstrap_servers} ({exc}): check"
@@ -222,7 +190,7 @@ def record_to_file(
     options: RecordOptions,
     out: str | os.PathLike[str],
     stop: threading.Event,
-    progress: Progress | None = None,
+    progress: OnCounts | None = None,
     *,
     overwrite: bool = False,
 ) -> RecordResult:

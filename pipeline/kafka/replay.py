@@ -15,107 +15,29 @@ with at least the partitions the recording uses.
 
 from __future__ import annotations
 
-import heapq
-import itertools
-import math
 import os
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import kafka.errors as kafka_errors
 from kafka import KafkaAdminClient, KafkaProducer
 
+from pipeline.clock import Pacer, Seconds, Sleep
 from pipeline.errors import UserError
+from pipeline.kafka.config import admin_config, replayer_config, security_config
 from pipeline.kafka.producer import BoundedProducer
-from pipeline.kafka.record import MAX_RECORD_FETCH_BYTES, Clock, Progress
 from pipeline.recordings.file import RecordingError, open_recording
-from pipeline.records import Record, record_size
+from pipeline.recordings.merge import merge_by_time
+from pipeline.records import OnCounts, Record, record_size
 from pipeline.settings import KafkaSettings
 
-Sleep = Callable[[float], object]
 Token = tuple[str, int, int]  # source topic, partition, offset of a sent record
-_RECORD_OVERHEAD = 200  # bytes a buffered Record costs beyond its key, value and headers
 
 
 class ReplayError(UserError):
     """The recording cannot be replayed to these topics, or the broker refused a record."""
-
-
-class Pacer:
-    """Spaces records by their timestamps divided by `speed` (None: no waiting).
-
-    The first timestamped record anchors the schedule: a record stamped `ts` is due at
-    `anchor_clock + (ts - anchor_ts) / 1000 / speed`. Waiting for the due time (never for
-    a record already late, nor one without timestamp, -1) keeps time spent sending from
-    adding up: the schedule does not drift."""
-
-    def __init__(self, speed: float | None, clock: Clock, sleep: Sleep) -> None:
-        if speed is not None and not (math.isfinite(speed) and speed > 0):
-            raise ValueError(f"speed must be a positive number (None: max speed), got {speed}")
-        self.speed = speed
-        self.clock = clock
-        self.sleep = sleep
-        self._anchor: tuple[int, float] | None = None  # (timestamp_ms, clock seconds)
-        self.slept_s = 0.0  # total asked of `sleep`
-
-    def delay(self, timestamp_ms: int) -> float:
-        """Seconds to wait now before sending a record stamped `timestamp_ms`."""
-        if self.speed is None or timestamp_ms < 0:
-            return 0.0
-        now = self.clock()
-        if self._anchor is None:
-            self._anchor = (timestamp_ms, now)
-            return 0.0
-        anchor_ts, anchor_clock = self._anchor
-        due = anchor_clock + (timestamp_ms - anchor_ts) / 1000.0 / self.speed
-        return max(0.0, due - now)
-
-    def wait(self, timestamp_ms: int) -> None:
-        seconds = self.delay(timestamp_ms)
-        if seconds > 0:
-            self.slept_s += seconds
-            self.sleep(seconds)
-
-
-def merge_by_time(blocks: Iterable[list[Record]], lookahead_bytes: int) -> Iterator[Record]:
-    """Records in timestamp order across (topic, partition) streams, each stream in its
-    file order, holding at most ~`lookahead_bytes` of records (plus one block).
-
-    Exact when streams are skewed by less than the look-ahead in the file; a record found
-    later than that comes out late (its timestamp behind ones already sent)."""
-    queues: dict[tuple[str, int], deque[tuple[Record, int]]] = {}  # (record, buffered bytes)
-    heads: list[tuple[int, int, tuple[str, int]]] = []  # (head timestamp, tie-break, stream)
-    tie = itertools.count()
-    source = iter(blocks)
-    buffered = 0
-    exhausted = False
-    while True:
-        while not exhausted and buffered < lookahead_bytes:
-            block = next(source, None)
-            if block is None:
-                exhausted = True
-                break
-            for rec in block:
-                stream = (rec.topic, rec.partition)
-                queue = queues.setdefault(stream, deque())
-                if not queue:
-                    heapq.heappush(heads, (rec.timestamp_ms, next(tie), stream))
-                cost = record_size(rec) + _RECORD_OVERHEAD
-                queue.append((rec, cost))
-                buffered += cost
-        if not heads:
-            return
-        _, _, stream = heapq.heappop(heads)
-        queue = queues[stream]
-        rec, cost = queue.popleft()
-        buffered -= cost
-        if queue:
-            heapq.heappush(heads, (queue[0][0].timestamp_ms, next(tie), stream))
-        yield rec
 
 
 def parse_topic_map(items: Sequence[str]) -> dict[str, str]:
@@ -208,9 +130,7 @@ def check_partitions(needed: Mapping[str, int], available: Mapping[str, int]) ->
 def topic_partition_counts(kafka: KafkaSettings, topics: Iterable[str]) -> dict[str, int]:
     """Partition count of each existing topic among `topics`."""
     try:
-        admin = KafkaAdminClient(
-            bootstrap_servers=kafka.bootstrap_servers.split(","), **kafka.client_config()
-        )
+        admin = KafkaAdminClient(**admin_config(kafka.bootstrap_servers, security_config(kafka)))
     except kafka_errors.KafkaTimeoutError as exc:  # kafka-python: "Unable to bootstrap"
         raise ReplayError(
             f"cannot reach Kafka at {kafka.bootstrap_servers} ({exc}): check"
@@ -234,19 +154,6 @@ def prepare(
     needed = required_partitions(scan, options)
     check_partitions(needed, topic_partition_counts(kafka, needed))
     return scan
-
-
-def producer_config(kafka: KafkaSettings) -> dict[str, Any]:
-    return {
-        "bootstrap_servers": kafka.bootstrap_servers.split(","),
-        "client_id": f"{kafka.client_id}-replayer",
-        "acks": "all",
-        "enable_idempotence": True,  # retries keep per-partition order, no duplicates
-        "linger_ms": 10,
-        "batch_size": 1024 * 1024,  # images are tens of KB: batch many per request
-        "max_request_size": MAX_RECORD_FETCH_BYTES,
-        **kafka.client_config(),
-    }
 
 
 def _raise_failures(out: BoundedProducer[Token], sent: int) -> None:
@@ -282,8 +189,8 @@ def replay(
     options: ReplayOptions,
     pacer: Pacer,
     stop: threading.Event,
-    progress: Progress | None = None,
-    clock: Clock = time.monotonic,
+    progress: OnCounts | None = None,
+    clock: Seconds = time.monotonic,
 ) -> ReplayResult:
     """Send the recording's records through `out`, paced; flushes before returning."""
     started = clock()
@@ -317,10 +224,10 @@ def replay_to_kafka(
     kafka: KafkaSettings,
     options: ReplayOptions,
     stop: threading.Event,
-    progress: Progress | None = None,
+    progress: OnCounts | None = None,
     *,
     scan: RecordingScan | None = None,
-    clock: Clock = time.monotonic,
+    clock: Seconds = time.monotonic,
     sleep: Sleep | None = None,
 ) -> ReplayResult:
     """`prepare` (unless `scan` is given), then replay through a bounded producer.
@@ -329,7 +236,7 @@ def replay_to_kafka(
     if scan is None:
         prepare(source, kafka, options)
     try:
-        producer = KafkaProducer(**producer_config(kafka))
+        producer = KafkaProducer(**replayer_config(kafka))
     except kafka_errors.KafkaTimeoutError as exc:
         raise ReplayError(f"cannot reach Kafka at {kafka.bootstrap_servers} ({exc})") from None
     out: BoundedProducer[Token] = BoundedProducer(producer, kafka.max_in_flight_bytes)

@@ -34,13 +34,13 @@ from kafka.structs import OffsetAndMetadata
 from pipeline.clock import Clock, wall_clock_ms
 from pipeline.kafka.admin import await_input_topics, prepare_outputs
 from pipeline.kafka.config import (
-    MAX_REQUEST_BYTES,
+    MAX_RECORD_BYTES,
     consumer_config,
     offsets_config,
     producer_config,
-    to_record,
 )
 from pipeline.kafka.log_end import LogEnd
+from pipeline.kafka.messages import to_record
 from pipeline.kafka.producer import BoundedProducer
 from pipeline.kafka.unreadable import find_unreadable, unreadable_dead_letter
 from pipeline.settings import Settings
@@ -87,7 +87,7 @@ class KafkaWorker:
         # before the other clients: with the admin client closed while they ran, an
         # exactly-once worker fetched nothing at all in 4 of 8 runs
         limit = prepare_outputs(settings, clock)  # and never more than this producer sends:
-        self._deadletter_max = min(limit or MAX_REQUEST_BYTES, MAX_REQUEST_BYTES)
+        self._deadletter_max = min(limit or MAX_RECORD_BYTES, MAX_RECORD_BYTES)
         with ExitStack() as undo:  # a failed start closes the clients it opened (their
             # network threads ran on: a caller that retries or goes on leaked them)
             self.consumer = KafkaConsumer(**consumer_config(settings))

@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
-from pipeline.kafka.replay import merge_by_time
 from pipeline.recordings.file import open_recording
+from pipeline.recordings.merge import merge_by_time
 from pipeline.records import Record, record_size
 from pipeline.stream.assembly import run_offline
 from pipeline.stream.engine import Engine
