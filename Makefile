@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench lint typecheck clean
+.PHONY: install demo test bench lint format typecheck check clean
 
 install: $(STAMP)
 
@@ -29,11 +29,19 @@ test: install
 bench: install
 	$(BIN)/python bench/pipeline_bench.py
 
+SOURCES := pipeline encoders fusion tests bench scripts
+
 lint: install
-	$(BIN)/ruff check pipeline encoders fusion tests bench
+	$(BIN)/ruff check $(SOURCES)
+	$(BIN)/ruff format --check $(SOURCES)
+
+format: install
+	$(BIN)/ruff format $(SOURCES)
 
 typecheck: install
 	$(BIN)/mypy
+
+check: lint typecheck
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache
