@@ -7,6 +7,8 @@ audio was received; window_samples = sample_rate * window_ms // 1000. Batched: [
         float32 [n, samples] -> [n, n_mels, frames], frames = samples // hop + 1
     AudioCNN (trunk="cnn"): small 2D CNN over the log-mel image, global average pool
     HFAudioTrunk (trunk="hf", encoders/hf.py): a local transformers AST over the log-mel
+
+Shape comments use the dimension names of the legend in encoders/__init__.py.
 """
 
 from __future__ import annotations

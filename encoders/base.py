@@ -7,6 +7,8 @@ Every modality goes through the same stages (ImageBind-style):
 A Preprocessor is a plain callable without parameters: it checks the raw input loudly (dtype,
 shape, sample rate) and turns it into what the trunk expects. A Trunk is an nn.Module that maps
 that input to one feature vector per row and says how wide it is (`out_dim`).
+
+Shape comments use the dimension names of the legend in encoders/__init__.py.
 """
 
 from __future__ import annotations

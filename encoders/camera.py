@@ -6,6 +6,8 @@ frames already resized. Batched: [n, T, S, S, 3].
     CameraPreprocessor: uint8 [n, T, S, S, 3] -> float [n, T, 3, S, S], (x/255 - mean) / std
     CameraCNN (trunk="cnn"): per frame strided depthwise-separable convs, mean over space and time
     HFVisionTrunk (trunk="hf", encoders/hf.py): a local transformers vision model per frame
+
+Shape comments use the dimension names of the legend in encoders/__init__.py.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ weights, trunk included, from its own model.safetensors: loading a saved model n
 hf_path.
 
 Features are the model's pooler_output when it has one, else the mean of last_hidden_state.
+
+Shape comments use the dimension names of the legend in encoders/__init__.py.
 """
 
 from __future__ import annotations

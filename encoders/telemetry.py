@@ -7,6 +7,8 @@ Raw input (built by the pipeline): float32 [steps, n_metrics] per window, metric
         standard deviations), mask from NaN, NaN -> 0
         float32 [n, steps, M] -> [n, steps, 2M] (M value channels, then M mask channels)
     TelemetryCNN: 1D convs over time, mean- and max-pooled
+
+Shape comments use the dimension names of the legend in encoders/__init__.py.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ phi_i = 0 (the null-player property); the result is set to exactly 0 there. Effi
 sum_i phi_i = v(all) - v(empty) = p(full input) - p(CLS only).
 
 The caller chooses the mode: use eval mode (FusionClassifier.predict does) so dropout is off.
+
+Shape comments use the dimension names of the legend in encoders/__init__.py.
 """
 
 from __future__ import annotations

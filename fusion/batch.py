@@ -8,6 +8,8 @@ only the rows that have it:
     rows[m]: int64 [n_m], which batch row (window index) each of them belongs to
 
 so the model never sees placeholder data for an absent modality.
+
+Shape comments use the dimension names of the legend in encoders/__init__.py.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ An absent modality is *masked* in attention (src_key_padding_mask), never zero-f
     [CLS] + (tokens + modality-type embedding) -> TransformerEncoder -> LayerNorm(CLS) -> logits
 
 `embed` and `fuse` are separate so that attribution can re-run only `fuse` on subsets.
+
+Shape comments use the dimension names of the legend in encoders/__init__.py.
 """
 
 from __future__ import annotations
