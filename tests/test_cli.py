@@ -53,3 +53,15 @@ def test_streaming_commands_leave_cores_to_decoding_and_kafka() -> None:
     for command in ("run", "replay", "demo"):
         got = torch_threads(0, command)
         assert got is not None and 1 <= got <= max(1, cores - 1 if cores > 1 else 1)
+
+
+def test_config_prints_secrets_masked(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IOTFUSE_KAFKA__SASL_PASSWORD", "hunter2-secret")
+    monkeypatch.setenv("IOTFUSE_KAFKA__SASL_USERNAME", "worker")
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert "hunter2-secret" not in out
+    kafka = json.loads(out)["kafka"]
+    assert kafka["sasl_password"] == "***" and kafka["sasl_username"] == "worker"

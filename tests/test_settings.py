@@ -8,7 +8,13 @@ import pytest
 
 from pipeline.kafka.config import security_config
 from pipeline.metrics import Metrics
-from pipeline.settings import SettingsError, load_settings, settings_markdown
+from pipeline.settings import (
+    KafkaSettings,
+    Settings,
+    SettingsError,
+    load_settings,
+    settings_markdown,
+)
 
 
 def test_precedence_defaults_file_env_cli(tmp_path: Path) -> None:
@@ -74,3 +80,35 @@ def test_metrics_reference_is_up_to_date() -> None:
     assert doc.read_text() == Metrics().markdown() + "\n", (
         "docs/metrics.md is stale: run `iotfuse config --metrics > docs/metrics.md`"
     )
+
+
+def test_every_kafka_client_gets_the_security_settings_and_logs_them_masked() -> None:
+    from pipeline.kafka import config
+
+    s = Settings(
+        kafka=KafkaSettings(
+            security_protocol="SASL_SSL",
+            sasl_mechanism="SCRAM-SHA-512",
+            sasl_username="worker",
+            sasl_password="s3cret",
+            ssl_cafile="/ca.pem",
+        )
+    )
+    k = s.kafka
+    built = {
+        "consumer": config.consumer_config(s),
+        "offsets": config.offsets_config(s),
+        "producer": config.producer_config(s),
+        "recorder": config.recorder_config(k),
+        "replayer": config.replayer_config(k),
+        "simulator": config.simulator_config(k),
+        "events reader": config.events_reader_config(k),
+        "admin": config.admin_config(k.bootstrap_servers, config.security_config(k)),
+    }
+    for role, cfg in built.items():
+        assert cfg["security_protocol"] == "SASL_SSL", role
+        assert cfg["sasl_plain_password"] == "s3cret", role
+        assert cfg["ssl_cafile"] == "/ca.pem", role
+        assert "s3cret" not in repr(config.printable(cfg)), role
+    sizes = {built["producer"]["max_request_size"], built["recorder"]["max_partition_fetch_bytes"]}
+    assert sizes == {config.MAX_RECORD_BYTES}
