@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-Headers = tuple[tuple[str, bytes], ...]
+Headers = tuple[tuple[str, bytes | None], ...]  # a header value may be null
 OnCounts = Callable[[int, int], None]  # (records, bytes) so far; rate-limits itself
 
 
@@ -35,7 +35,7 @@ class Record:
 
 def payload_bytes(key: bytes | None, value: bytes | None, headers: Headers) -> int:
     """Key, value and header bytes of a record (header names counted in characters)."""
-    return len(key or b"") + len(value or b"") + sum(len(k) + len(v) for k, v in headers)
+    return len(key or b"") + len(value or b"") + sum(len(k) + len(v or b"") for k, v in headers)
 
 
 def record_size(record: Record) -> int:

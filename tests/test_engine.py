@@ -10,14 +10,11 @@ from pathlib import Path
 import pytest
 
 from encoders.modality import Modality
-from pipeline.decode import RejectedRecord
-from pipeline.decode.errors import Reason
 from pipeline.metrics import Metrics
 from pipeline.settings import Settings
 from pipeline.stream.assembly import build_engine, run_offline
 from pipeline.stream.engine import Engine
 from pipeline.stream.model_runner import ModelRunner
-from pipeline.stream.outputs import RECORD_OVERHEAD_BYTES, dead_letter, fit_dead_letter
 from tests.contract import Published, check_contract, scenario
 from tests.factory import (
     CLASSES,
@@ -305,20 +302,6 @@ def test_a_closed_window_classified_early_does_not_wait_for_company(runner: Mode
             engine.process(r)
         assert engine.queued() == 1
         assert engine.batch_due() == early  # without: waits batch_timeout_ms for others
-
-
-def test_a_dead_letter_too_large_for_its_topic_goes_without_its_value() -> None:
-    bad = number([record(TOPICS.camera, "cam-1", T0, b"\x00" * 5000)])[0]
-    out = dead_letter(
-        bad,
-        RejectedRecord("validate", Reason.UNSUPPORTED_FORMAT, "not an image"),
-        TOPICS.deadletter,
-    )
-    size = 5 + 5000 + sum(len(k) + len(v) for k, v in out.headers) + RECORD_OVERHEAD_BYTES
-    assert fit_dead_letter(out, size) is out  # fits: unchanged
-    slim = fit_dead_letter(out, size - 1)
-    assert slim.value == b"" and slim.key == b"cam-1" and slim.holds == out.holds
-    assert slim.headers == (*out.headers, ("iotfuse.error.value_omitted", b"5000"))
 
 
 def test_a_record_stamped_far_ahead_is_counted_and_reported_once_per_device(

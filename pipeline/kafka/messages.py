@@ -8,9 +8,9 @@ from pipeline.records import Record
 
 
 def to_record(msg: Any) -> Record:
-    """A kafka-python ConsumerRecord as a Record (a null header value becomes b"", a missing
-    timestamp -1)."""
-    headers = tuple((str(k), b"" if v is None else bytes(v)) for k, v in msg.headers or ())
+    """A kafka-python ConsumerRecord as a Record (a null header value stays null, a missing
+    timestamp becomes -1)."""
+    headers = tuple((str(k), None if v is None else bytes(v)) for k, v in msg.headers or ())
     return Record(
         topic=msg.topic,
         partition=msg.partition,

@@ -192,6 +192,7 @@ def append_record(buf: bytearray, record: Record, names: dict[str, bytes]) -> No
         buf += key
     for name, header_value in headers:
         name_bytes = encode_name(name, names)
+        header_value = header_value or b""  # a null header value is recorded as empty
         buf += HEADER_HEAD.pack(len(name_bytes), len(header_value))
         buf += name_bytes
         buf += header_value

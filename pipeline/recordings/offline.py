@@ -63,7 +63,11 @@ Progress = Callable[[OfflineCounts], None]
 def dead_letter_json(out: Output) -> dict[str, Any]:
     """A dead letter as one JSON object: where the record came from and why it was
     rejected, from the contract's `iotfuse.error.*` headers; not its value."""
-    headers = {k: v.decode("utf-8", "replace") for k, v in out.headers}  # ours come last
+    headers = {
+        k: (v or b"").decode("utf-8", "replace")
+        for k, v in out.headers
+        if k.startswith("iotfuse.error.")  # the worker's own, never an input's
+    }
     entry: dict[str, Any] = {"key": None}
     if out.key is not None:
         try:
