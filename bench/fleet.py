@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import threading
 import time
 import uuid
 import wave
@@ -33,6 +32,7 @@ from pipeline.records import Record
 from pipeline.settings import Settings
 from pipeline.stream.assembly import build_engine
 from pipeline.stream.model_runner import ModelRunner
+from pipeline.testing import WorkerThread
 
 PARTITIONS = 3
 TICK_MS = 100  # telemetry every tick, camera every 2nd, audio every 5th
@@ -214,17 +214,15 @@ class Stalled(RuntimeError):
     """The worker stopped making progress (known causes: the module docstring)."""
 
 
-class WorkerThread:
-    """A KafkaWorker running in a thread, its latency observations recorded."""
+class MeasuredWorker(WorkerThread[KafkaWorker]):
+    """A KafkaWorker on a thread (pipeline.testing.WorkerThread), its latency observations
+    recorded."""
 
     def __init__(self, settings: Settings, runner: ModelRunner) -> None:
         metrics = Metrics()
         self.latency = LatencySamples(metrics)
-        self.worker = KafkaWorker(settings, build_engine(settings, runner, metrics))
-        self.stop = threading.Event()
         self.first_at: float | None = None  # when the worker had taken in its first record
-        self.thread = threading.Thread(target=self.worker.run, args=(self.stop,), daemon=True)
-        self.thread.start()
+        super().__init__(KafkaWorker(settings, build_engine(settings, runner, metrics)))
 
     def wait_acked(self, n: int) -> None:
         """Until n events are acknowledged, then stop; Stalled if none comes for STALL_S."""
@@ -234,7 +232,9 @@ class WorkerThread:
                 if self.first_at is None and self.records_in() > 0:
                     self.first_at = time.perf_counter()
                 if not self.thread.is_alive():
-                    raise RuntimeError(f"the worker died after {count} of {n} events")
+                    raise RuntimeError(f"the worker died after {count} of {n} events") from (
+                        self.error
+                    )
                 if count > seen:
                     seen, since = count, time.monotonic()
                 elif time.monotonic() - since > STALL_S:

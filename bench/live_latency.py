@@ -17,10 +17,10 @@ import torch
 from fleet import (
     STALL_S,
     TICK_MS,
+    MeasuredWorker,
     Media,
     Raw,
     Stalled,
-    WorkerThread,
     memory_mib,
     produced,
     producer,
@@ -47,7 +47,7 @@ def live_worker(
     torch.set_num_threads(threads)
     runner = ModelRunner.load(directory)
     runner.classify([warm_up])
-    run = WorkerThread(settings, runner)
+    run = MeasuredWorker(settings, runner)
     wait_for(lambda: bool(run.worker.consumer.assignment()), STALL_S, "partitions")
     conn.send("ready")
     ready_mib, cpu0, wall0 = memory_mib("VmRSS"), time.process_time(), time.perf_counter()

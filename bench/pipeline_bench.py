@@ -57,10 +57,10 @@ import torch
 from fleet import (
     PARTITIONS,
     PER_WINDOW,
+    MeasuredWorker,
     Rate,
     Raw,
     Stalled,
-    WorkerThread,
     closing,
     make_media,
     memory_mib,
@@ -136,7 +136,7 @@ def end_to_end(
     """A worker of a new consumer group reads the topics from the beginning: the drain (from
     its first record) and the whole run (from its start, group join included)."""
     start = time.perf_counter()
-    run = WorkerThread(settings_for(bootstrap, names), runner)
+    run = MeasuredWorker(settings_for(bootstrap, names), runner)
     run.wait_acked(windows)
     assert run.first_at is not None  # events were acknowledged: records came in first
     return (

@@ -126,18 +126,3 @@ def make_model(
     )
     save_model(FusionClassifier(cfg), directory)
     return directory
-
-
-class FakeClock:
-    """A clock that only moves when slept on (or told to): sleeps are recorded, not slept."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds

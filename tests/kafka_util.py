@@ -8,8 +8,12 @@ from dataclasses import replace
 
 from kafka import KafkaConsumer, KafkaProducer
 
+from pipeline.kafka.worker import KafkaWorker
 from pipeline.records import Record
 from pipeline.settings import Settings
+from pipeline.stream.assembly import build_engine
+from pipeline.stream.model_runner import ModelRunner
+from pipeline.testing import WorkerThread
 from tests.contract import Published
 from tests.factory import TOPICS
 
@@ -31,6 +35,11 @@ def settings_for(bootstrap: str, names: object, **runtime: object) -> Settings:
         windows=replace(s.windows, idle_timeout_ms=1500),
         runtime=replace(s.runtime, metrics_port=0, commit_interval_ms=200, **runtime),
     )
+
+
+def worker_thread(settings: Settings, runner: ModelRunner) -> WorkerThread[KafkaWorker]:
+    """A KafkaWorker with its own engine, running on a thread (stop it with `close`)."""
+    return WorkerThread(KafkaWorker(settings, build_engine(settings, runner)))
 
 
 def to_topics(records: Iterable[Record], names: object) -> list[Record]:

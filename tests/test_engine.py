@@ -15,6 +15,7 @@ from pipeline.settings import Settings
 from pipeline.stream.assembly import build_engine, run_offline
 from pipeline.stream.engine import Engine
 from pipeline.stream.model_runner import ModelRunner
+from pipeline.testing import FakeClock
 from tests.contract import Published, check_contract, scenario
 from tests.factory import (
     CLASSES,
@@ -32,14 +33,6 @@ from tests.factory import (
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory: pytest.TempPathFactory) -> ModelRunner:
     return ModelRunner.load(make_model(tmp_path_factory.mktemp("model")), "cpu")
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_000
-
-    def __call__(self) -> int:
-        return self.now
 
 
 def published(outputs: list) -> list[Published]:

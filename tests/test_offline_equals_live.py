@@ -21,8 +21,7 @@ from pipeline.settings import KafkaSettings
 from pipeline.stream.model_runner import ModelRunner
 from tests.contract import Published
 from tests.factory import T0, TOPICS, device_stream, make_model, record, telemetry
-from tests.kafka_util import read_until, settings_for
-from tests.test_pipeline_kafka import WorkerThread
+from tests.kafka_util import read_until, settings_for, worker_thread
 
 pytestmark = pytest.mark.kafka
 
@@ -102,7 +101,7 @@ def test_offline_replay_publishes_what_the_live_pipeline_publishes(
         threading.Event(),
     )
     assert sent.records == len(records)
-    worker = WorkerThread(settings_for(bootstrap, topics), ModelRunner.load(model_dir, "cpu"))
+    worker = worker_thread(settings_for(bootstrap, topics), ModelRunner.load(model_dir, "cpu"))
 
     def complete(got: list[Published]) -> bool:
         windows = {

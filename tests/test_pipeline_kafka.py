@@ -21,9 +21,17 @@ from pipeline.kafka.worker import KafkaWorker
 from pipeline.settings import Settings
 from pipeline.stream.assembly import build_engine
 from pipeline.stream.model_runner import ModelRunner
+from pipeline.testing import WorkerThread
 from tests.contract import Published, check_contract, scenario
 from tests.factory import CLASSES, T0, device_stream, make_model
-from tests.kafka_util import produce, read_until, settings_for, to_topics, wait_until
+from tests.kafka_util import (
+    produce,
+    read_until,
+    settings_for,
+    to_topics,
+    wait_until,
+    worker_thread,
+)
 
 pytestmark = pytest.mark.kafka
 
@@ -38,39 +46,12 @@ def runner(model_dir: Path) -> ModelRunner:
     return ModelRunner.load(model_dir, "cpu")
 
 
-class WorkerThread:
-    """A KafkaWorker running in a thread, stopped like SIGTERM would (stop event)."""
-
-    def __init__(self, settings: Settings, runner: ModelRunner) -> None:
-        self.worker = KafkaWorker(settings, build_engine(settings, runner))
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.worker.run(self.stop)
-        except BaseException as exc:  # surfaced by check()
-            self.error = exc
-
-    def check(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=60)
-        assert not self.thread.is_alive(), "worker did not stop"
-        self.check()
-
-
 @pytest.fixture
 def start_worker(runner: ModelRunner) -> Iterator:
-    started: list[WorkerThread] = []
+    started: list[WorkerThread[KafkaWorker]] = []
 
-    def start(settings: Settings) -> WorkerThread:
-        started.append(WorkerThread(settings, runner))
+    def start(settings: Settings) -> WorkerThread[KafkaWorker]:
+        started.append(worker_thread(settings, runner))
         return started[-1]
 
     yield start

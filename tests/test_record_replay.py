@@ -41,7 +41,7 @@ from pipeline.recordings.file import RecordingError, RecordingWriter, open_recor
 from pipeline.recordings.summary import summarize
 from pipeline.records import Record
 from pipeline.settings import KafkaSettings
-from tests.factory import FakeClock
+from pipeline.testing import FakeSeconds
 from tests.kafka_util import wait_until
 
 # Recent timestamps: the broker's time retention (7 days, checked 30 s after start and every
@@ -54,7 +54,7 @@ HEADERS = (("content-type", b"image/jpeg"), ("dup", b""), ("dup", b"\x00\xff"))
 
 
 def test_pacer_at_10x_asks_for_a_tenth_of_the_recorded_gaps() -> None:
-    clock = FakeClock()
+    clock = FakeSeconds()
     pacer = Pacer(10.0, clock, clock.sleep)
     for ts in range(T0, T0 + 3001, 250):  # 3 s of timestamps, a record every 250 ms
         pacer.wait(ts)
@@ -64,7 +64,7 @@ def test_pacer_at_10x_asks_for_a_tenth_of_the_recorded_gaps() -> None:
 
 
 def test_pacer_subtracts_time_spent_sending_and_never_waits_for_late_records() -> None:
-    clock = FakeClock()
+    clock = FakeSeconds()
     pacer = Pacer(2.0, clock, clock.sleep)
     pacer.wait(T0)
     clock.now += 0.1  # sending took 100 ms
@@ -80,7 +80,7 @@ def test_pacer_subtracts_time_spent_sending_and_never_waits_for_late_records() -
 
 
 def test_pacer_at_max_speed_never_sleeps() -> None:
-    clock = FakeClock()
+    clock = FakeSeconds()
     pacer = Pacer(None, clock, clock.sleep)
     for ts in (T0, T0 + 60_000, T0 + 3_600_000):
         pacer.wait(ts)
@@ -202,7 +202,7 @@ def test_until_end_records_exactly_the_offsets_below_the_end_at_start(tmp_path: 
 
 def test_recorder_flushes_every_interval_and_stops_after_the_duration(tmp_path: Path) -> None:
     consumer = FakeConsumer("t", partitions=1, records=0, grow=2)
-    clock = FakeClock()
+    clock = FakeSeconds()
     polls: list[int] = []
 
     def progress(records: int, _bytes: int) -> None:
@@ -225,7 +225,7 @@ class Terminal(io.StringIO):
 
 def test_progress_is_one_updating_line_on_a_terminal_and_periodic_lines_otherwise() -> None:
     for stream, expected_lines in ((Terminal(), 1), (io.StringIO(), 3)):
-        clock = FakeClock()
+        clock = FakeSeconds()
         line = ProgressLine("record", stream, clock=clock)
         for second in range(1, 13):  # 12 s of updates, 4 per second
             for _ in range(4):
@@ -411,7 +411,7 @@ def test_replay_at_10x_asks_the_pacer_for_a_tenth_of_the_span(
     with RecordingWriter(path) as writer:
         for r in [*records, unsendable]:
             writer.write(r)
-    clock = FakeClock()
+    clock = FakeSeconds()
     options = ReplayOptions(speed=10.0, topic_map={"src": topics.audio})
     result = replay_to_kafka(
         path,

@@ -15,7 +15,8 @@ from pipeline.kafka.replay import Pacer
 from pipeline.recordings.file import read_records
 from pipeline.records import Record
 from pipeline.simulate import CLASSES, ScenarioConfig, episodes_from_records, simulate
-from tests.factory import T0, TOPICS, FakeClock
+from pipeline.testing import FakeSeconds
+from tests.factory import T0, TOPICS
 from tests.kafka_util import read_until
 
 
@@ -91,7 +92,7 @@ def _rec(ts: int) -> Record:
 
 
 def test_send_paced_waits_the_timestamp_gaps_divided_by_speed() -> None:
-    clock, sent = FakeClock(100.0), []
+    clock, sent = FakeSeconds(100.0), []
     n, size = send_paced(
         [_rec(T0), _rec(T0 + 1000), _rec(T0 + 3000)],
         sent.append,
@@ -105,7 +106,7 @@ def test_send_paced_waits_the_timestamp_gaps_divided_by_speed() -> None:
 
 
 def test_send_paced_stops_when_asked() -> None:
-    clock, stop, sent = FakeClock(100.0), threading.Event(), []
+    clock, stop, sent = FakeSeconds(100.0), threading.Event(), []
 
     def send(record: Record) -> None:
         sent.append(record)

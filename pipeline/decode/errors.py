@@ -53,6 +53,7 @@ class Reason(StrEnum):
     TELEMETRY_NOT_UTF8 = "telemetry_not_utf8"
     TELEMETRY_NOT_JSON = "telemetry_not_json"
     TELEMETRY_NOT_OBJECT = "telemetry_not_object"
+    TELEMETRY_TOO_DEEP = "telemetry_too_deep"
     TELEMETRY_NON_FINITE = "telemetry_non_finite"
 
 

@@ -137,7 +137,7 @@ def _probe(value: bytes, content_type: str | None, limits: ImageLimits) -> Image
             f"image is {width}x{height} pixels, over the {limits.max_width}x"
             f"{limits.max_height} limit; downscale at the camera or raise the pixel limit",
         )
-    _check_complete(value, fmt)
+    _check_complete(value, fmt, limits.max_bytes)
     if sof in _PROGRESSIVE_SOF and value.count(b"\xff\xda") > _JPEG_MAX_SCANS:  # SOS markers
         raise invalid(Reason.IMAGE_CORRUPT, f"JPEG has over {_JPEG_MAX_SCANS} scans")
     return ImageInfo(format=fmt, width=width, height=height)
@@ -233,9 +233,9 @@ def _jpeg_frame_size(value: bytes, pos: int, marker: int) -> tuple[int, int, int
     return int(width), int(height), marker
 
 
-def _check_complete(value: bytes, fmt: ImageFormat) -> None:
+def _check_complete(value: bytes, fmt: ImageFormat, max_bytes: int) -> None:
     if fmt == "png":
-        end = _png_end(value)
+        end = _png_end(value, max_bytes)
     else:
         end = len(value.rstrip(b"\x00"))  # zero padding is allowed, see module docstring
         if value[end - 2 : end] != _JPEG_EOI:
@@ -252,10 +252,12 @@ def _check_complete(value: bytes, fmt: ImageFormat) -> None:
         )
 
 
-def _png_end(value: bytes) -> int:
+def _png_end(value: bytes, max_bytes: int) -> int:
     """Walk the PNG chunks (lengths and types, not CRCs) to the end of IEND.
 
     Every declared chunk length must fit in the value: decoders trust them for allocations.
+    A chunk that claims more than the largest image accepted (`max_bytes`) is no truncated
+    image but a corrupt one: no whole file could hold it.
     """
     pos, n = 8, len(value)
     for _ in range(_PNG_MAX_CHUNKS):
@@ -266,6 +268,12 @@ def _png_end(value: bytes) -> int:
         length, kind = struct.unpack_from(">I4s", value, pos)
         if length > _PNG_MAX_CHUNK or not kind.isalpha():
             raise invalid(Reason.IMAGE_CORRUPT, f"PNG chunk header at byte {pos} is invalid")
+        if pos + 12 + length > max_bytes:
+            raise invalid(
+                Reason.IMAGE_CORRUPT,
+                f"PNG chunk {kind.decode('ascii')} at byte {pos} claims {length} bytes, past "
+                f"the {max_bytes}-byte image limit: the file is corrupt",
+            )
         pos += 12 + length  # length, type, data, CRC
         if kind == b"IEND":
             if length != 0 or pos > n:

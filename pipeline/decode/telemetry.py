@@ -6,6 +6,9 @@ Decisions:
 - NaN, Infinity, -Infinity and numbers that overflow a float (1e999) are rejected wherever
   they appear, also inside ignored nested fields: the producer is broken either way.
 - A leading byte-order mark is not JSON (RFC 8259) and is rejected as not_json.
+- Objects and arrays nested deeper than `TelemetryLimits.max_depth` (32) are rejected as
+  telemetry_too_deep before parsing: valid JSON, but no device sends it, and Python's
+  parser would otherwise call 1,000 levels not JSON.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pipeline.decode.errors import Reason, invalid, preview, undecodable
 @dataclass(frozen=True, slots=True)
 class TelemetryLimits:
     max_bytes: int = 64 * 1024
+    max_depth: int = 32
 
 
 class _NonFinite(Exception):
@@ -44,6 +48,7 @@ def parse_telemetry(value: bytes, limits: TelemetryLimits = TelemetryLimits()) -
             Reason.TELEMETRY_NOT_UTF8,
             f"telemetry is not UTF-8 ({exc.reason} at byte {exc.start}); encode JSON as UTF-8",
         ) from None
+    _check_depth(text, limits.max_depth)
     document = _loads(text, value)
     if not isinstance(document, dict):
         raise undecodable(
@@ -52,6 +57,33 @@ def parse_telemetry(value: bytes, limits: TelemetryLimits = TelemetryLimits()) -
             '{"metric": number, ...}',
         )
     return _metrics(document)
+
+
+def _check_depth(text: str, max_depth: int) -> None:
+    """Reject nesting deeper than `max_depth` (brackets inside strings do not count)."""
+    if text.count("{") + text.count("[") <= max_depth:
+        return  # cannot nest deeper: the common case costs two counts
+    depth, in_string, escaped = 0, False, False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            depth += 1
+            if depth > max_depth:
+                raise invalid(
+                    Reason.TELEMETRY_TOO_DEEP,
+                    f"telemetry nests objects or arrays deeper than {max_depth} levels; send "
+                    "a flat JSON object of metrics",
+                )
+        elif ch in "}]":
+            depth -= 1
 
 
 def _loads(text: str, value: bytes) -> object:
