@@ -1,4 +1,5 @@
-"""Shared fixtures: one real local Kafka broker for the session, fresh topics per test.
+"""Shared fixtures: one real local Kafka broker for the session, fresh topics per test; the
+models (a small random one per module, the shipped one); one torch thread for tiny models.
 
 A test marked `kafka` that fails gets the log tail of every LocalKafka it used appended to
 its report (the session broker, and clusters registered with `show_broker_logs`).
@@ -13,10 +14,12 @@ from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.kafka.admin import TopicNames, ensure_topics
 from pipeline.kafka.local.broker import LocalKafka
 from pipeline.stream.model_runner import ModelRunner
+from tests.factory import make_model
 
 _EXTRA_BROKERS = pytest.StashKey[list[LocalKafka]]()
 
@@ -66,6 +69,24 @@ def kafka(_no_leftover_jvms: list[int]) -> Iterator[LocalKafka]:
 def shipped() -> ModelRunner:
     """The shipped default model (fusion/default_model), on the CPU."""
     return ModelRunner.load(None, "cpu")
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory: pytest.TempPathFactory) -> ModelRunner:
+    """A small random model (tests/factory.py `make_model`, every modality), one per module."""
+    return ModelRunner.load(make_model(tmp_path_factory.mktemp("model")), "cpu")
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from threads, and OpenMP threads on a busy 2-core machine
+    wait for each other (milliseconds become tens of ms). Restored after each test. A module
+    of tiny-model tests uses it for all its tests:
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

@@ -6,19 +6,16 @@ import itertools
 from math import factorial
 
 import numpy as np
+import pytest
 import torch
 from torch import Tensor
 
 from fusion.attribution import coalition_values, coalitions, shapley
 from fusion.batch import WindowBatch
 from fusion.model import FusionClassifier
-from tests.test_fusion_model import (
-    RATE,
-    all_subsets,
-    one_thread,  # noqa: F401  (autouse fixture)
-    random_window,
-    tiny_config,
-)
+from tests.factory import TINY_RATE, all_subsets, random_window, tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trained_looking_model() -> FusionClassifier:
@@ -141,7 +138,7 @@ def test_predict_attributes_the_predicted_class_and_zero_for_missing() -> None:
     model = trained_looking_model()
     rng = np.random.default_rng(0)
     subsets = all_subsets()
-    batch = WindowBatch.collate([random_window(rng, model.config, s) for s in subsets], RATE)
+    batch = WindowBatch.collate([random_window(rng, model.config, s) for s in subsets], TINY_RATE)
     pred = model.predict(batch)
     with torch.inference_mode():
         tokens, present = model.embed(batch)

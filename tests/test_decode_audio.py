@@ -19,7 +19,7 @@ from pipeline.decode import (
     parse_content_type,
 )
 from pipeline.decode.audio import _sinc_is_affordable
-from tests.test_decode_image import mutate
+from tests.factory import mutate
 
 PCM_GUID_TAIL = b"\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"
 # (wav format tag, bits, raw format name, numpy dtype) for every supported encoding

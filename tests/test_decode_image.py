@@ -20,25 +20,7 @@ from pipeline.decode import (
     decode_image,
     probe_image,
 )
-
-
-def mutate(data: bytes, rng: random.Random) -> bytes:
-    """One random damage: truncation, byte flips, insertion, deletion or duplication."""
-    buf = bytearray(data)
-    kind = rng.randrange(5)
-    pos = rng.randrange(len(buf) + 1)
-    if kind == 0:
-        return bytes(buf[:pos])
-    if kind == 1:
-        for _ in range(rng.randint(1, 8)):
-            i = rng.randrange(len(buf))
-            buf[i] = rng.randrange(256) if rng.random() < 0.5 else buf[i] ^ (1 << rng.randrange(8))
-        return bytes(buf)
-    if kind == 2:
-        return bytes(buf[:pos] + rng.randbytes(rng.randint(1, 64)) + buf[pos:])
-    if kind == 3:
-        return bytes(buf[:pos] + buf[pos + rng.randint(1, 64) :])
-    return bytes(buf[:pos] + buf[rng.randrange(len(buf) + 1) :] + buf[pos:])
+from tests.factory import jpeg_header_only, mutate
 
 
 def frame(width: int, height: int) -> np.ndarray:
@@ -69,15 +51,6 @@ def png_header_only(width: int, height: int) -> bytes:
     """A syntactically complete PNG claiming width x height, without any pixel data."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IEND", b"")
-
-
-def jpeg_header_only(width: int, height: int, sof: int = 0xC0) -> bytes:
-    """SOI, an APP0 segment, a SOFn frame header claiming width x height, EOI: no pixels."""
-    app0 = b"\xff\xe0" + struct.pack(">H", 16) + b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
-    components = b"\x01\x11\x00\x02\x11\x01\x03\x11\x01"
-    body = struct.pack(">BHHB", 8, height, width, 3) + components
-    frame_header = bytes([0xFF, sof]) + struct.pack(">H", len(body) + 2) + body
-    return b"\xff\xd8" + app0 + frame_header + b"\xff\xd9"
 
 
 def rejected(call: Callable[[], object]) -> RejectedRecord:

@@ -16,7 +16,7 @@ from pipeline.decode import (
     device_id,
     parse_telemetry,
 )
-from tests.test_decode_image import mutate
+from tests.factory import mutate
 
 
 def reason_of(value: bytes, max_bytes: int = 64 * 1024) -> Reason:

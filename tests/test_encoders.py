@@ -14,7 +14,9 @@ from encoders.base import ModelConfigError, RawInfo
 from encoders.camera import CameraConfig, CameraPreprocessor
 from encoders.telemetry import TelemetryConfig, TelemetryPreprocessor
 from encoders.trunks import build_audio_trunk, build_camera_trunk, build_telemetry_trunk
-from tests.test_fusion_model import one_thread  # noqa: F401  (autouse fixture)
+from tests.factory import tiny_ast, tiny_vit
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 INFO = RawInfo(audio_sample_rate=8000)
 CAMERA = CameraConfig(image_size=32, num_frames=2, width=4, embed_dim=8)
@@ -181,41 +183,7 @@ def test_modality_configs_refuse_bad_values(make: object, message: str) -> None:
         make()  # type: ignore[operator]
 
 
-# --- transformers trunks (tiny models built here, never downloaded) ---------------------------
-
-
-def tiny_vit(directory: Path) -> str:
-    """Save a 1-layer ViT (32x32 images) into directory; returns its path."""
-    from transformers import ViTConfig, ViTModel
-
-    cfg = ViTConfig(
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
-    ViTModel(cfg).save_pretrained(directory)
-    return str(directory)
-
-
-def tiny_ast(directory: Path, n_mels: int = 16) -> str:
-    from transformers import ASTConfig, ASTModel
-
-    cfg = ASTConfig(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        patch_size=16,
-        frequency_stride=16,
-        time_stride=16,
-        max_length=64,
-        num_mel_bins=n_mels,
-    )
-    ASTModel(cfg).save_pretrained(directory)
-    return str(directory)
+# --- transformers trunks (tiny models from tests/factory.py, never downloaded) ---------------
 
 
 def test_hf_vision_trunk_resizes_frames_and_pools(tmp_path: Path) -> None:

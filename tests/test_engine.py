@@ -22,17 +22,13 @@ from tests.factory import (
     T0,
     TOPICS,
     device_stream,
+    engine_with_early,
     make_model,
     number,
     record,
     strict_json,
     telemetry,
 )
-
-
-@pytest.fixture(scope="module")
-def runner(tmp_path_factory: pytest.TempPathFactory) -> ModelRunner:
-    return ModelRunner.load(make_model(tmp_path_factory.mktemp("model")), "cpu")
 
 
 def published(outputs: list) -> list[Published]:
@@ -204,16 +200,6 @@ def test_a_large_batch_split_over_threads_gives_the_same_decisions(runner: Model
     for device, e in one.items():
         assert e["label"] == three[device]["label"]
         assert abs(e["confidence"] - three[device]["confidence"]) < 1e-5
-
-
-def engine_with_early(runner: ModelRunner, early: bool, metrics: Metrics | None = None) -> Engine:
-    s = Settings()
-    return build_engine(
-        replace(s, runtime=replace(s.runtime, early_inference=early)),
-        runner,
-        metrics,
-        clock=FakeClock(),
-    )
 
 
 def live(

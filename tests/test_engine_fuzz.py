@@ -20,8 +20,7 @@ from pipeline.records import Record
 from pipeline.settings import Settings
 from pipeline.stream.assembly import build_engine, run_offline
 from pipeline.stream.model_runner import ModelRunner
-from tests.factory import T0, TOPICS, jpeg, number, png, strict_json, wav
-from tests.test_decode_image import mutate
+from tests.factory import T0, TOPICS, jpeg, mutate, number, png, strict_json, wav
 
 EXTREMES = [
     0.0,

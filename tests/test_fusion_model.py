@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,71 +10,11 @@ import torch
 
 from encoders.modality import ALL_MODALITIES, Modality
 from fusion.batch import WindowBatch
-from fusion.config import AudioConfig, CameraConfig, FusionConfig, ModelConfig, TelemetryConfig
 from fusion.model import FusionClassifier
 from fusion.modelfile import save_model
+from tests.factory import TINY_RATE, all_subsets, random_window, tiny_config
 
-RATE = 8000
-
-
-def tiny_config(
-    modalities: Sequence[Modality] = ALL_MODALITIES,
-    classes: tuple[str, ...] = ("a", "b", "c"),
-    dropout: float = 0.0,
-    **sections: object,
-) -> ModelConfig:
-    """A model small enough for fast CPU tests: 32x32x2 frames, 0.5 s audio, 3x8 telemetry."""
-    defaults: dict[str, object] = {
-        "camera": CameraConfig(image_size=32, num_frames=2, width=4, embed_dim=8),
-        "audio": AudioConfig(
-            sample_rate=RATE, n_fft=256, hop_ms=10, n_mels=16, width=4, embed_dim=8
-        ),
-        "telemetry": TelemetryConfig(metrics=("t", "v", "p"), steps=8, width=8, embed_dim=8),
-    }
-    defaults.update(sections)
-    chosen = {m.value: defaults[m.value] for m in modalities}
-    return ModelConfig(
-        name="tiny",
-        classes=classes,
-        window_ms=500,
-        modalities=tuple(modalities),
-        fusion=FusionConfig(dim=16, layers=1, heads=2, dropout=dropout),
-        **chosen,
-    )  # type: ignore[arg-type]
-
-
-def random_window(
-    rng: np.random.Generator, cfg: ModelConfig, modalities: Sequence[Modality]
-) -> dict[Modality, np.ndarray]:
-    window: dict[Modality, np.ndarray] = {}
-    if Modality.CAMERA in modalities and cfg.camera is not None:
-        c = cfg.camera
-        window[Modality.CAMERA] = rng.integers(
-            0, 256, (c.num_frames, c.image_size, c.image_size, 3), dtype=np.uint8
-        )
-    if Modality.AUDIO in modalities and cfg.audio is not None:
-        n = cfg.audio.window_samples(cfg.window_ms)
-        window[Modality.AUDIO] = (0.1 * rng.standard_normal(n)).astype(np.float32)
-    if Modality.TELEMETRY in modalities and cfg.telemetry is not None:
-        t = cfg.telemetry
-        x = rng.standard_normal((t.steps, len(t.metrics))).astype(np.float32)
-        x[rng.random(x.shape) < 0.2] = np.nan
-        window[Modality.TELEMETRY] = x
-    return window
-
-
-def all_subsets() -> list[tuple[Modality, ...]]:
-    return [s for k in range(4) for s in itertools.combinations(ALL_MODALITIES, k)]
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from threads, and OpenMP threads on a busy 2-core machine
-    wait for each other (milliseconds become tens of ms). Restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -88,7 +26,7 @@ def model() -> FusionClassifier:
 def test_every_subset_of_modalities_per_row(model: FusionClassifier) -> None:
     rng = np.random.default_rng(0)
     subsets = all_subsets()  # 8 rows: none, singles, pairs, all three
-    batch = WindowBatch.collate([random_window(rng, model.config, s) for s in subsets], RATE)
+    batch = WindowBatch.collate([random_window(rng, model.config, s) for s in subsets], TINY_RATE)
     with torch.inference_mode():
         out = model(batch)
     assert out["logits"].shape == (8, 3)
@@ -107,7 +45,7 @@ def test_collate_keeps_only_rows_with_the_modality() -> None:
         random_window(rng, cfg, s)
         for s in [(Modality.CAMERA,), (Modality.AUDIO, Modality.TELEMETRY), ALL_MODALITIES]
     ]
-    batch = WindowBatch.collate(windows, RATE)
+    batch = WindowBatch.collate(windows, TINY_RATE)
     assert batch.size == 3
     assert batch.rows[Modality.CAMERA].tolist() == [0, 2]
     assert batch.rows[Modality.AUDIO].tolist() == [1, 2]
@@ -115,8 +53,8 @@ def test_collate_keeps_only_rows_with_the_modality() -> None:
     assert batch.raw[Modality.CAMERA].dtype == torch.uint8
     np.testing.assert_array_equal(batch.raw[Modality.AUDIO][0].numpy(), windows[1][Modality.AUDIO])
     moved = batch.to("cpu")
-    assert moved.rows[Modality.AUDIO].dtype == torch.int64 and moved.audio_sample_rate == RATE
-    empty = WindowBatch.collate([random_window(rng, cfg, ())], RATE)
+    assert moved.rows[Modality.AUDIO].dtype == torch.int64 and moved.audio_sample_rate == TINY_RATE
+    empty = WindowBatch.collate([random_window(rng, cfg, ())], TINY_RATE)
     assert empty.raw == {} and empty.size == 1
 
 
@@ -124,9 +62,9 @@ def test_collate_refuses_mixed_shapes_and_unknown_keys() -> None:
     a = {Modality.AUDIO: np.zeros(4000, np.float32)}
     b = {Modality.AUDIO: np.zeros(3999, np.float32)}
     with pytest.raises(ValueError, match="audio: windows have different raw shapes"):
-        WindowBatch.collate([a, b], RATE)
+        WindowBatch.collate([a, b], TINY_RATE)
     with pytest.raises(ValueError, match="unknown modality"):
-        WindowBatch.collate([{"lidar": np.zeros(3)}], RATE)  # type: ignore[dict-item]
+        WindowBatch.collate([{"lidar": np.zeros(3)}], TINY_RATE)  # type: ignore[dict-item]
 
 
 def test_missing_modality_of_another_row_changes_nothing(model: FusionClassifier) -> None:
@@ -136,9 +74,9 @@ def test_missing_modality_of_another_row_changes_nothing(model: FusionClassifier
         random_window(rng, model.config, ALL_MODALITIES),
     ]
     with torch.inference_mode():
-        before = model(WindowBatch.collate(windows, RATE))["logits"]
+        before = model(WindowBatch.collate(windows, TINY_RATE))["logits"]
         windows[1][Modality.CAMERA] = 255 - windows[1][Modality.CAMERA]  # row 0 has no camera
-        after = model(WindowBatch.collate(windows, RATE))["logits"]
+        after = model(WindowBatch.collate(windows, TINY_RATE))["logits"]
     torch.testing.assert_close(after[0], before[0], rtol=0, atol=1e-6)
     assert not torch.allclose(after[1], before[1], atol=1e-4)  # row 1 does see its camera
 
@@ -148,11 +86,11 @@ def test_row_output_is_independent_of_batch_composition(model: FusionClassifier)
     subsets = all_subsets()
     windows = [random_window(rng, model.config, s) for s in subsets]
     with torch.inference_mode():
-        together = model(WindowBatch.collate(windows, RATE))["logits"]
+        together = model(WindowBatch.collate(windows, TINY_RATE))["logits"]
         for i, window in enumerate(windows):
-            alone = model(WindowBatch.collate([window], RATE))["logits"]
+            alone = model(WindowBatch.collate([window], TINY_RATE))["logits"]
             torch.testing.assert_close(alone[0], together[i], rtol=1e-5, atol=1e-5)
-        reversed_ = model(WindowBatch.collate(windows[::-1], RATE))["logits"]
+        reversed_ = model(WindowBatch.collate(windows[::-1], TINY_RATE))["logits"]
     torch.testing.assert_close(reversed_.flip(0), together, rtol=1e-5, atol=1e-5)
 
 
@@ -176,13 +114,13 @@ def test_model_refuses_modality_it_was_not_built_for() -> None:
     full = tiny_config()
     window = random_window(np.random.default_rng(4), full, ALL_MODALITIES)
     with pytest.raises(ValueError, match="uses only"):
-        model(WindowBatch.collate([window], RATE))
+        model(WindowBatch.collate([window], TINY_RATE))
     only = {Modality.TELEMETRY: window[Modality.TELEMETRY]}
-    assert model(WindowBatch.collate([only], RATE))["logits"].shape == (1, 3)
+    assert model(WindowBatch.collate([only], TINY_RATE))["logits"].shape == (1, 3)
 
 
 def test_empty_batch_gives_empty_outputs(model: FusionClassifier) -> None:
-    pred = model.predict(WindowBatch.collate([], RATE))
+    pred = model.predict(WindowBatch.collate([], TINY_RATE))
     assert pred.probs.shape == (0, 3) and pred.attribution.shape == (0, 3)
 
 
@@ -190,7 +128,7 @@ def test_gradients_reach_every_stage(model: FusionClassifier) -> None:
     model.train()
     rng = np.random.default_rng(5)
     batch = WindowBatch.collate(
-        [random_window(rng, model.config, ALL_MODALITIES) for _ in range(3)], RATE
+        [random_window(rng, model.config, ALL_MODALITIES) for _ in range(3)], TINY_RATE
     )
     loss = model(batch)["logits"].logsumexp(dim=1).sum()
     loss.backward()
@@ -214,7 +152,9 @@ def test_preprocessors_hold_no_parameters_and_state_dict_has_no_buffers_of_their
 
 def test_predict_restores_training_mode_and_gives_probabilities(model: FusionClassifier) -> None:
     rng = np.random.default_rng(6)
-    batch = WindowBatch.collate([random_window(rng, model.config, s) for s in all_subsets()], RATE)
+    batch = WindowBatch.collate(
+        [random_window(rng, model.config, s) for s in all_subsets()], TINY_RATE
+    )
     model.train()
     pred = model.predict(batch)
     assert model.training
@@ -232,7 +172,9 @@ def test_folding_batchnorm_keeps_outputs_and_refuses_training(
         bn.running_var.uniform_(0.5, 2)
         bn.weight.data.uniform_(0.5, 1.5)
         bn.bias.data.uniform_(-0.5, 0.5)
-    batch = WindowBatch.collate([random_window(rng, model.config, s) for s in all_subsets()], RATE)
+    batch = WindowBatch.collate(
+        [random_window(rng, model.config, s) for s in all_subsets()], TINY_RATE
+    )
     before = model.predict(batch)
     folded = model.fold_for_inference()
     assert not any(

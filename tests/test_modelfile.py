@@ -17,19 +17,14 @@ from fusion.batch import WindowBatch
 from fusion.config import AudioConfig, CameraConfig, ModelConfig, ModelConfigError
 from fusion.model import FusionClassifier
 from fusion.modelfile import ModelFileError, load_model, save_model
-from tests.test_encoders import tiny_ast, tiny_vit
-from tests.test_fusion_model import (
-    RATE,
-    all_subsets,
-    one_thread,  # noqa: F401  (autouse fixture)
-    random_window,
-    tiny_config,
-)
+from tests.factory import TINY_RATE, all_subsets, random_window, tiny_ast, tiny_config, tiny_vit
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sample_batch(cfg: ModelConfig, seed: int = 0) -> WindowBatch:
     rng = np.random.default_rng(seed)
-    return WindowBatch.collate([random_window(rng, cfg, s) for s in all_subsets()], RATE)
+    return WindowBatch.collate([random_window(rng, cfg, s) for s in all_subsets()], TINY_RATE)
 
 
 @pytest.fixture
@@ -167,7 +162,7 @@ def test_hf_trunks_round_trip_without_hf_path(tmp_path: Path) -> None:
     vit, ast = tiny_vit(tmp_path / "vit"), tiny_ast(tmp_path / "ast")
     cfg = tiny_config(
         camera=CameraConfig(image_size=48, num_frames=2, trunk="hf", hf_path=vit),
-        audio=AudioConfig(sample_rate=RATE, n_fft=256, n_mels=16, trunk="hf", hf_path=ast),
+        audio=AudioConfig(sample_rate=TINY_RATE, n_fft=256, n_mels=16, trunk="hf", hf_path=ast),
     )
     torch.manual_seed(0)
     model = FusionClassifier(cfg).eval()

@@ -16,8 +16,7 @@ from pipeline.cli import main
 from pipeline.recordings.file import RecordingWriter
 from pipeline.records import Record
 from tests.contract import Published, check_event, expected_windows, scenario
-from tests.factory import CLASSES, T0, TOPICS, device_stream, make_model, record
-from tests.test_decode_image import jpeg_header_only
+from tests.factory import CLASSES, T0, TOPICS, device_stream, jpeg_header_only, make_model, record
 
 
 @pytest.fixture(scope="module")

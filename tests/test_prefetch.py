@@ -4,21 +4,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import pytest
-
 from encoders.modality import Modality
 from pipeline.settings import Settings
 from pipeline.stream.assembly import build_engine, run_offline
 from pipeline.stream.engine import Engine
 from pipeline.stream.model_runner import ModelRunner
 from tests.contract import Published
-from tests.factory import T0, TOPICS, device_stream, make_model, number, record
-from tests.test_decode_image import jpeg_header_only
-
-
-@pytest.fixture(scope="module")
-def runner(tmp_path_factory: pytest.TempPathFactory) -> ModelRunner:
-    return ModelRunner.load(make_model(tmp_path_factory.mktemp("model")), "cpu")
+from tests.factory import T0, TOPICS, device_stream, jpeg_header_only, number, record
 
 
 def engine_with(runner: ModelRunner, threads: int) -> Engine:

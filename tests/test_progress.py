@@ -18,7 +18,7 @@ from pipeline.stream.window_progress import (
     decode_progress,
     encode_progress,
 )
-from tests.factory import T0, TOPICS, make_model, number, record, telemetry
+from tests.factory import T0, TOPICS, number, record, telemetry
 
 
 def test_a_few_devices_round_trip_exactly() -> None:
@@ -49,11 +49,6 @@ def test_devices_left_out_are_warned_about_once(caplog: pytest.LogCaptureFixture
         metadata(2, {"dev-1": T0})
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "20000 devices of partition 0" in warnings[0]
-
-
-@pytest.fixture(scope="module")
-def runner(tmp_path_factory: pytest.TempPathFactory) -> ModelRunner:
-    return ModelRunner.load(make_model(tmp_path_factory.mktemp("model")), "cpu")
 
 
 def test_progress_names_the_partitions_devices_and_forgets_revoked_ones(

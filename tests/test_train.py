@@ -21,12 +21,9 @@ from fusion.train import (
     fit_telemetry_stats,
     train,
 )
-from tests.test_fusion_model import (
-    RATE,
-    one_thread,  # noqa: F401  (autouse fixture)
-    random_window,
-    tiny_config,
-)
+from tests.factory import TINY_RATE, random_window, tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def colour_data(cfg: ModelConfig, n: int, seed: int) -> list[Example]:
@@ -60,7 +57,7 @@ def telemetry_data(cfg: ModelConfig, n: int, seed: int) -> list[Example]:
 
 
 def accuracy(model: FusionClassifier, data: list[Example]) -> float:
-    batch = WindowBatch.collate([w for w, _ in data], RATE)
+    batch = WindowBatch.collate([w for w, _ in data], TINY_RATE)
     pred = model.predict(batch).label_idx.numpy()
     y = np.array([label for _, label in data])
     return float(classification_report(confusion_matrix(y, pred, 3), "abc")["accuracy"])

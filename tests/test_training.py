@@ -181,7 +181,7 @@ def test_a_local_transformers_camera_trunk_can_be_frozen(recording: Path, tmp_pa
     import torch
     from transformers import ViTModel
 
-    from tests.test_encoders import tiny_vit
+    from tests.factory import tiny_vit
 
     vit = tiny_vit(tmp_path / "vit")
     _train(

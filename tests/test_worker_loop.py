@@ -12,8 +12,7 @@ from pipeline.kafka.worker import KafkaWorker
 from pipeline.metrics import Metrics
 from pipeline.stream.align import Aligner
 from pipeline.stream.model_runner import ModelRunner
-from tests.factory import T0, TOPICS, device_stream, number
-from tests.test_engine import engine_with_early, runner  # noqa: F401  (fixture)
+from tests.factory import T0, TOPICS, device_stream, engine_with_early, number
 
 TEL = (TOPICS.telemetry,)
 
@@ -26,7 +25,7 @@ class AllCaughtUp:
 
 
 def test_a_window_closing_with_its_early_result_is_published_before_the_rest_of_the_poll(
-    runner: ModelRunner,  # noqa: F811
+    runner: ModelRunner,
 ) -> None:
     tel = (Modality.TELEMETRY,)
     recs = number(device_stream("a", T0, 3, tel) + device_stream("b", T0 + 2000, 1, tel))
@@ -68,7 +67,7 @@ class PauseLog:
 
 
 def test_over_capacity_pauses_while_windows_can_close_then_reads_on_until_under_it(
-    runner: ModelRunner,  # noqa: F811
+    runner: ModelRunner,
 ) -> None:
     engine = engine_with_early(runner, False)
     engine.cfg = replace(engine.cfg, max_open_windows=2)
