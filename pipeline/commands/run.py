@@ -8,6 +8,7 @@ import threading
 
 from pipeline.commands.common import bootstrap_arg
 from pipeline.commands.console import stop_on_signals
+from pipeline.logs import capture_native_stderr
 from pipeline.settings import Settings
 
 log = logging.getLogger("iotfuse.run")
@@ -41,6 +42,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _run(settings: Settings, stop: threading.Event) -> int:
+    capture_native_stderr()  # libpng/libjpeg/OpenCV complaints: rate-limited log lines
     log.info("iotfuse run: starting; loading the model")
     from pipeline.kafka.worker import KafkaWorker
     from pipeline.metrics import Metrics

@@ -37,6 +37,7 @@ import numpy as np
 from encoders.modality import Modality
 from pipeline.clock import Clock, wall_clock_ms
 from pipeline.decode import RejectedRecord
+from pipeline.logs import Throttle
 from pipeline.metrics import Metrics
 from pipeline.records import Record
 from pipeline.stream.features import FeatureSpec, WindowInputs, window_inputs
@@ -122,16 +123,30 @@ class Engine:
         self.prefetch = FramePrefetch(cfg.features, cfg.feature_threads)
         self._complete: dict[WindowKey, Window] = {}  # open, end passed, not classified yet
         self._early: dict[WindowKey, _Classified] = {}
+        self._rejections = Throttle(log)  # one line per reason a minute: floods stay quiet
 
     # -- records in ---------------------------------------------------------------------
+    def _reject(self, record: Record, err: RejectedRecord) -> Output:
+        """Count a rejected record, say so (once a minute per reason), dead-letter it."""
+        self.metrics.labelled(self.metrics.dead_letters, str(err.reason)).inc()
+        self._rejections.log(
+            logging.WARNING,
+            str(err.reason),
+            "dead-lettered %s/%d@%d: %s",
+            record.topic,
+            record.partition,
+            record.offset,
+            err,
+        )
+        return dead_letter(record, err, self.cfg.deadletter_topic)
+
     def process(self, record: Record) -> list[Output]:
         """Ingest one record; returns its dead letter if it is rejected."""
         now = self.clock()
         try:
             got = ingest(record, self.cfg.ingest)
         except RejectedRecord as err:
-            self.metrics.labelled(self.metrics.dead_letters, str(err.reason)).inc()
-            return [dead_letter(record, err, self.cfg.deadletter_topic)]
+            return [self._reject(record, err)]
         self.metrics.labelled(self.metrics.records_in, got.item.modality).inc()
         self._check_partition(got.device_id, record)
         if got.item.ts_ms - now > FUTURE_WARN_MS:
@@ -290,9 +305,7 @@ class Engine:
         outputs = []
         bad = {it.position for it, _ in result.rejected}
         for item, err in result.rejected:
-            self.metrics.labelled(self.metrics.dead_letters, str(err.reason)).inc()
-            record = self._records[item.position]
-            outputs.append(dead_letter(record, err, self.cfg.deadletter_topic))
+            outputs.append(self._reject(self._records[item.position], err))
         holds = tuple(p for p in window.positions if p not in bad)
         for it in window.items.get(Modality.CAMERA, ()):
             self._records.pop(it.position, None)
