@@ -1,27 +1,24 @@
 """The worker's record loop without a broker: when a closed window's event goes out, when
-back-pressure pauses."""
+back-pressure pauses (on a real engine's load; every branch of the rule: test_backpressure)."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from kafka import TopicPartition
-
 from encoders.modality import Modality
-from pipeline.kafka.worker import KafkaWorker
-from pipeline.metrics import Metrics
+from pipeline.kafka.worker import backpressure_inputs, process_ready
 from pipeline.stream.align import Aligner
+from pipeline.stream.backpressure import Flow, decide
 from pipeline.stream.model_runner import ModelRunner
+from pipeline.stream.outputs import Output
 from tests.factory import T0, TOPICS, device_stream, engine_with_early, number
 
 TEL = (TOPICS.telemetry,)
 
 
-class AllCaughtUp:
+def all_caught_up(_topic: str, _partition: int) -> bool:
     """Every partition read to its end: the aligner releases what it holds."""
-
-    def caught_up(self, _topic: str, _partition: int) -> bool:
-        return True
+    return True
 
 
 def test_a_window_closing_with_its_early_result_is_published_before_the_rest_of_the_poll(
@@ -41,29 +38,14 @@ def test_a_window_closing_with_its_early_result_is_published_before_the_rest_of_
     order: list[str] = []
     process = engine.process
     engine.process = lambda r: order.append(f"{r.key.decode()}@{r.timestamp_ms - T0}") or process(r)
-    worker = KafkaWorker.__new__(KafkaWorker)  # no broker: only the loop runs
-    worker.aligner, worker.engine, worker.metrics = aligner, engine, Metrics()
-    worker.log_end = AllCaughtUp()
-    worker._publish = lambda outputs: order.extend(
-        "event" for o in outputs if o.topic == TOPICS.events
-    )
-    worker._process_ready()
+
+    def publish(outputs: list[Output]) -> None:
+        order.extend("event" for o in outputs if o.topic == TOPICS.events)
+
+    assert process_ready(aligner, all_caught_up, engine, publish) == 5 + 10
     assert order.index("event") == order.index("a@2500") + 1  # not after b's records
     assert order.count("event") == 1 and len(order) == 5 + 10 + 1
     assert order[-1] == "b@2900"  # b's later records came after it
-
-
-class PauseLog:
-    """The consumer's pause and resume calls, in order."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def pause(self, *partitions: object) -> None:
-        self.calls.append("pause")
-
-    def resume(self, *partitions: object) -> None:
-        self.calls.append("resume")
 
 
 def test_over_capacity_pauses_while_windows_can_close_then_reads_on_until_under_it(
@@ -73,18 +55,19 @@ def test_over_capacity_pauses_while_windows_can_close_then_reads_on_until_under_
     engine.cfg = replace(engine.cfg, max_open_windows=2)
     for device in ("a", "b", "c"):  # three open windows: over the cap of 2
         engine.process(number(device_stream(device, T0, 1, (Modality.TELEMETRY,)))[0])
-    worker = KafkaWorker.__new__(KafkaWorker)  # no broker: only the decision runs
-    worker.engine, worker.metrics, worker.consumer = engine, Metrics(), PauseLog()
-    worker._owned, worker._held_back = {TopicPartition(TOPICS.telemetry, 0)}, set()
-    worker._paused = worker._over_capacity = False
-    for progressed in (True, True, False, True, False, True):
-        worker._backpressure(progressed)
+    flow, calls, warnings = Flow.READING, list[str](), 0  # calls: the consumer's, in order
+    for released in (1, 1, 0, 1, 0, 1):  # records the aligner released each step
+        decision = decide(flow, *backpressure_inputs(engine, released))
+        if decision.pause != (flow is Flow.PAUSED):
+            calls.append("pause" if decision.pause else "resume")
+        warnings += decision.over_capacity_started
+        flow = decision.flow
     # paused while the aligner released records; read on once it released none (the open
     # windows close only with more input), and not paused again while still over the cap
-    assert worker.consumer.calls == ["pause", "resume"]
-    assert worker.metrics.value("iotfuse_over_capacity_total") == 1
+    assert calls == ["pause", "resume"]
+    assert warnings == 1
     engine.cfg = replace(engine.cfg, max_open_windows=10)  # under the limit again
-    worker._backpressure(False)
+    flow = decide(flow, *backpressure_inputs(engine, 0)).flow
     engine.cfg = replace(engine.cfg, max_open_windows=2)
-    worker._backpressure(True)  # a new episode pauses again
-    assert worker.consumer.calls == ["pause", "resume", "pause"]
+    decision = decide(flow, *backpressure_inputs(engine, 1))  # a new episode pauses again
+    assert decision.pause and decision.pause_started

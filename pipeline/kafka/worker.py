@@ -6,7 +6,7 @@ Delivery (see docs/contract.md):
 - exactly-once (`kafka.exactly_once`): outputs and the committable offsets go into one
   Kafka transaction, committed every `commit_interval_ms`.
 In-flight producer data is bounded by `kafka.max_in_flight_bytes`; open windows and
-buffered bytes by back-pressure (`_backpressure`).
+buffered bytes by back-pressure (the rule: pipeline/stream/backpressure.py).
 A broker that cannot be reached for a while is waited out: commits (and the flush before
 them), log-end and lag queries that fail with a retriable error are counted, logged and
 tried again later (the producer retries sends for `delivery.timeout.ms`, then the worker
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
@@ -44,7 +45,8 @@ from pipeline.kafka.messages import to_record
 from pipeline.kafka.producer import BoundedProducer
 from pipeline.kafka.unreadable import find_unreadable, unreadable_dead_letter
 from pipeline.settings import Settings
-from pipeline.stream.align import Aligner
+from pipeline.stream.align import Aligner, CaughtUp
+from pipeline.stream.backpressure import Flow, Limits, Load, decide
 from pipeline.stream.engine import Engine
 from pipeline.stream.offsets import OffsetTracker
 from pipeline.stream.outputs import Output, fit_dead_letter
@@ -72,9 +74,8 @@ class KafkaWorker:
         self.exactly_once = settings.kafka.exactly_once
         self._in_txn = False
         self._last_commit_ms = clock()
-        self._paused = False
+        self._flow = Flow.READING  # back-pressure's last decision
         self._last_broker_warning_ms = -10_000
-        self._over_capacity = False  # reading on over capacity (warned once per episode)
         self._progress_metadata = ProgressMetadata()
         self._owned: set[TopicPartition] = set()
         self._last_status_ms = clock()
@@ -135,7 +136,7 @@ class KafkaWorker:
                     continue  # re-delivered after a rebalance: already in a window or done
                 self.aligner.push(record)
                 count += 1
-        released = self._process_ready()
+        released = process_ready(self.aligner, self.log_end.caught_up, self.engine, self._publish)
         if not self.aligner.buffered:  # a device is not silent while its records wait here
             self.engine.tick()
         while self.engine.batch_due():
@@ -146,7 +147,7 @@ class KafkaWorker:
         self._drain_acks()
         if self.clock() - self._last_commit_ms >= self.settings.runtime.commit_interval_ms:
             self.commit()
-        self._backpressure(progressed=released > 0)
+        self._backpressure(released)
         self._consumed += count
         self._status()
         return count
@@ -179,19 +180,6 @@ class KafkaWorker:
                 )
                 self.consumer.seek(tp, offset + 1)
             return {}
-
-    def _process_ready(self) -> int:
-        """The records the aligner releases, in event-time order; returns how many. A window
-        that closes with its early result is published at once, not after the rest of the
-        poll's records (at 117 devices close-to-send p99 went from 100-220 ms to 5-7, latency
-        p50 57-87 -> 22-38)."""
-        ready = self.aligner.pop_ready(self.log_end.caught_up)
-        self.metrics.aligning_bytes.set(self.aligner.buffered_bytes)
-        for record in ready:
-            self._publish(self.engine.process(record))
-            if self.engine.queue_classified_early():
-                self._publish(self.engine.run_batch())
-        return len(ready)
 
     def _status(self, every_ms: int = 10_000) -> None:
         """A concise progress line every 10 s."""
@@ -379,55 +367,71 @@ class KafkaWorker:
                 self.settings.kafka.bootstrap_servers,
             )
 
-    def _backpressure(self, progressed: bool) -> None:
-        """Pause everything while windows are over capacity and the worker can free some
-        without reading more: closed windows wait for the model, or the aligner released
-        records this step (they move watermarks, which close windows).
-
-        Otherwise the open windows close only with more input (a window closes when its
-        device's records pass its end, and the aligner holds records back until every input
-        topic of their partition caught up): reading goes on over capacity, with a warning,
-        until it is back under the limits (rather than pausing again every other step).
-        Waiting instead, 12 devices (12-24 open windows) against a cap of 6 emitted a few of
-        their 48 windows, then nothing; treating paused partitions as caught up dropped
-        frames as late. No record is lost for the cap: it bounds memory as far as the data
-        allows.
-
-        Topic-partitions running ahead of their peers are deliberately not paused one by
-        one: with kafka-python 3.0.12 a partition resumed after a pause with records half
-        read was never fetched again (a backlog stalled in 2 of 4 benchmark rounds). The
-        aligner's per-partition limit bounds what a leading partition buffers instead."""
-        full = self.engine.over_capacity()
-        paused = full and not self._over_capacity and (progressed or self.engine.queued() > 0)
-        windows, nbytes = self.engine.windower.open_windows, self.engine.windower.buffered_bytes
-        if full and not paused and not self._over_capacity:
+    def _backpressure(self, released: int) -> None:
+        """Apply back-pressure's decision (pipeline/stream/backpressure.py) to this step's
+        load: pause or resume every owned partition; count and log a pause, or reading on
+        over capacity, when it starts."""
+        load, limits = backpressure_inputs(self.engine, released)
+        decision = decide(self._flow, load, limits)
+        self._flow = decision.flow
+        if decision.over_capacity_started:
             self.metrics.over_capacity.inc()
             log.warning(
                 "over capacity: %d open windows, %d buffered bytes (windows.max_open_windows "
                 "%d, windows.max_buffered_bytes %d), and they close only with more input; "
                 "reading on. Raise the limits if memory allows, or spread the devices over "
                 "more workers (more partitions)",
-                windows,
-                nbytes,
-                self.engine.cfg.max_open_windows,
-                self.engine.cfg.max_buffered_bytes,
+                load.open_windows,
+                load.buffered_bytes,
+                limits.max_open_windows,
+                limits.max_buffered_bytes,
             )
-        self._over_capacity = full and (self._over_capacity or not paused)
-        if paused and not self._paused:
+        if decision.pause_started:
             self.metrics.pauses.inc()
             log.info(
                 "back-pressure: %d open windows, %d buffered bytes; pausing consumption",
-                windows,
-                nbytes,
+                load.open_windows,
+                load.buffered_bytes,
             )
-        self._paused = paused
-        self.metrics.paused.set(1 if paused else 0)
-        pause = set(self._owned) if paused else set()
+        self.metrics.paused.set(1 if decision.pause else 0)
+        pause = set(self._owned) if decision.pause else set()
         if pause - self._held_back:
             self.consumer.pause(*(pause - self._held_back))
         if self._held_back - pause:
             self.consumer.resume(*(self._held_back - pause))
         self._held_back = pause
+
+
+def backpressure_inputs(engine: Engine, released: int) -> tuple[Load, Limits]:
+    """What back-pressure decides on after a step: the engine's load (`released`: records
+    the aligner released this step) and its limits."""
+    windower, cfg = engine.windower, engine.cfg
+    load = Load(
+        open_windows=windower.open_windows,
+        buffered_bytes=windower.buffered_bytes,
+        queued_windows=engine.queued(),
+        released_records=released,
+    )
+    return load, Limits(cfg.max_open_windows, cfg.max_buffered_bytes)
+
+
+def process_ready(
+    aligner: Aligner,
+    caught_up: CaughtUp,
+    engine: Engine,
+    publish: Callable[[list[Output]], None],
+) -> int:
+    """Hand the records the aligner releases to the engine, in event-time order, and
+    `publish` what comes out; returns how many. A window that closes with its early result
+    is published at once, not after the rest of the poll's records (at 117 devices
+    close-to-send p99 went from 100-220 ms to 5-7, latency p50 57-87 -> 22-38)."""
+    ready = aligner.pop_ready(caught_up)
+    engine.metrics.aligning_bytes.set(aligner.buffered_bytes)
+    for record in ready:
+        publish(engine.process(record))
+        if engine.queue_classified_early():
+            publish(engine.run_batch())
+    return len(ready)
 
 
 class _Rebalance(AsyncConsumerRebalanceListener):  # type: ignore[misc]
