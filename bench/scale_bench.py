@@ -34,16 +34,10 @@ from pipeline.settings import Settings
 from pipeline.stream.assembly import build_engine
 from pipeline.stream.model_runner import ModelRunner
 from pipeline.stream.window_progress import ProgressMetadata
+from pipeline.testing import FakeClock
 
 T0 = 1_767_225_600_000  # a multiple of the 2 s window
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0 + 10_000  # the records' time: none is stamped in the future
-
-    def __call__(self) -> int:
-        return self.now
+NOW = T0 + 10_000  # the clock starts at the records' time: none is stamped in the future
 
 
 def best(fn: Callable[[], object], repeat: int) -> float:
@@ -59,7 +53,7 @@ def heap_per_device(runner: ModelRunner, records: list[Record]) -> tuple[float, 
     """Python heap per device of an engine that took `records` (a second engine: tracing
     allocations slows `process` several times): windows open; closed (idle) and emitted;
     after `windows.forget_after_ms` of silence."""
-    clock = Clock()
+    clock = FakeClock(NOW)
     engine = build_engine(Settings(), runner, clock=clock)
     tracemalloc.start()
     heap0 = tracemalloc.get_traced_memory()[0]
@@ -78,7 +72,7 @@ def heap_per_device(runner: ModelRunner, records: list[Record]) -> tuple[float, 
 
 
 def one_fleet(runner: ModelRunner, devices: int, repeat: int) -> str:
-    clock = Clock()
+    clock = FakeClock(NOW)
     engine = build_engine(Settings(), runner, clock=clock)
     records = [
         Record(
