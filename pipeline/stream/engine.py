@@ -11,13 +11,13 @@ replay and the tests all drive the same `Engine`:
     engine.take_released()                    # positions that need no output (late records)
 
 Early inference (`early_inference`, the Kafka worker's spare time only): a window is
-complete once its device sent a record past its end, but it closes only when the watermark
-passes it, `allowed_lateness_ms` later. Every device's window ends on the same epoch
-boundary, so closing is a burst. `infer_early` classifies complete windows in that gap
-(again if a record joins one after that); at close the result is used as it is unless a
-record joined the window since (then the window is classified with its batch). Events
-carry the same content either way; only the moment of the work changes, and no output
-leaves before the window closes.
+complete once every active modality of its device sent a record past its end, but it closes
+only when the device's watermark passes it, `allowed_lateness_ms` later (windows.py). Every
+device's window ends on the same epoch boundary, so closing is a burst. `infer_early`
+classifies complete windows in that gap (again if a record joins one after that); at close
+the result is used as it is unless a record joined the window since (then the window is
+classified with its batch). Events carry the same content either way; only the moment of
+the work changes, and no output leaves before the window closes.
 
 Every position an output holds is released by the caller once the broker acknowledged it.
 """
@@ -380,14 +380,15 @@ class Engine:
 
     def _report_future(self, device: str, ts_ms: int, now: int) -> None:
         """Processed as the contract says (event time is the record's timestamp), but its
-        watermark then makes the device's records late until real time catches up: count
-        it, and say so once per device."""
+        modality's watermark then runs ahead, and once every modality the device sends does,
+        the device's records are late until real time catches up: count it, and say so once
+        per device."""
         self.metrics.future_records.inc()
         if device not in self._clock_reported:
             self._clock_reported.add(device)
             log.warning(
                 "device %s sent a record stamped %.0f s ahead of this worker's clock; windows "
-                "close by event time, so its records will be late (dropped) until real time "
+                "close by event time, so its records may be late (dropped) until real time "
                 "catches up. Check the device's clock, or a producer stamping microseconds",
                 device,
                 (ts_ms - now) / 1000,

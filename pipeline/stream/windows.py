@@ -1,14 +1,28 @@
 """Per-device tumbling event-time windows, exactly as the wire contract defines them.
 
 - A record with event time `ts` belongs to the window starting at `floor(ts / W) * W`.
-- A device's watermark is the largest event time seen on any of its modalities minus
-  the allowed lateness. Every window whose end is <= the watermark closes.
+- Each modality of a device has a watermark: the largest event time seen on it minus the
+  allowed lateness. The device's watermark is the smallest over its *active* modalities,
+  and every window whose end is <= it closes (contract v1.1; v1 took the largest event
+  time over all modalities, so a modality delivered a little after the others, e.g. by a
+  gateway flushing one topic after another, found its windows closed and was dropped).
+- A modality is active once heard from, until it has been silent for `modality_silence_ms`
+  of wall-clock time while its device was heard from: a device without a microphone (never
+  heard) or with a dead one (silent while the camera goes on) is not held back by audio.
+  A stretch of `modality_silence_ms` or more in which the whole device is silent does not
+  count (a gateway reconnecting after buffering a few windows): the modalities active when
+  it went quiet hold its windows again until each is heard, or silent that long once more.
+  Silence is judged when the device's records arrive, so a modality that went silent
+  releases the windows it held at the device's next record (or at the idle timeout).
 - A device silent for `idle_timeout_ms` of wall-clock time has all its windows closed.
-- A window is complete once its device sent a record at or past its end, though it stays
-  open for late records until the watermark passes it; `add` reports windows as they
-  complete, so their inference can start early (pipeline/stream/engine.py).
+- A window is complete once every active modality of its device sent a record at or past
+  its end, though it stays open for late records until the watermark passes it; `add`
+  reports windows as they complete, so their inference can start early
+  (pipeline/stream/engine.py).
 - A record whose window already closed (or was passed by the watermark) is late: it is
-  reported to the caller, who counts and releases it; it never reopens a window.
+  reported to the caller, who counts and releases it; it never reopens a window. A record
+  of a modality whose own watermark lags the others is not late as long as its window is
+  open, and it holds the window open: that is the point of the per-modality watermark.
 - A device silent for `forget_after_ms` of wall-clock time with no window open is
   forgotten, watermark included, so that devices coming and going (or a producer writing
   random keys) cannot grow memory without bound; a record of it arriving later starts
@@ -74,12 +88,17 @@ class WindowConfig:
     allowed_lateness_ms: int = 500
     idle_timeout_ms: int = 5000
     forget_after_ms: int = 3_600_000
+    modality_silence_ms: int = 5000
 
     def __post_init__(self) -> None:
         if self.window_ms <= 0:
             raise ValueError(f"window_ms must be positive, got {self.window_ms}")
         if self.allowed_lateness_ms < 0 or self.idle_timeout_ms <= 0:
             raise ValueError("allowed_lateness_ms must be >= 0 and idle_timeout_ms > 0")
+        if self.modality_silence_ms <= 0:
+            raise ValueError(
+                f"modality_silence_ms must be positive, got {self.modality_silence_ms}"
+            )
         if self.forget_after_ms < self.idle_timeout_ms:
             raise ValueError("forget_after_ms must be at least idle_timeout_ms")
 
@@ -88,9 +107,19 @@ class WindowConfig:
 
 
 @dataclass(slots=True)
+class _Lane:
+    """One modality of a device: its event time, and when it was last heard from."""
+
+    modality: Modality
+    max_ts: int
+    heard_wall_ms: int  # moved forward past stretches in which the whole device was silent
+
+
+@dataclass(slots=True)
 class _Device:
     open: dict[int, Window] = field(default_factory=dict)  # start_ms -> window
-    max_ts: int | None = None
+    lanes: tuple[_Lane, ...] = ()  # the modalities heard from (a tuple: smaller than a dict)
+    completed_until: int | None = None  # every window ending at or before this was complete
     closed_until: int | None = None  # every window ending at or before this is closed
     last_seen_wall_ms: int = 0
 
@@ -122,6 +151,7 @@ class Windower:
 
     def add(self, device_id: str, item: Item, now_wall_ms: int) -> AddResult:
         dev = self._devices.setdefault(device_id, _Device())
+        self._hear(dev, item, now_wall_ms)
         dev.last_seen_wall_ms = now_wall_ms
         self._seen[device_id] = None
         self._seen.move_to_end(device_id)
@@ -137,14 +167,14 @@ class Windower:
             self.open_windows += 1
         window.add(item)
         self.buffered_bytes += item.nbytes
-        before = dev.max_ts
-        max_ts = dev.max_ts = item.ts_ms if before is None else max(before, item.ts_ms)
-        watermark = max_ts - self.config.allowed_lateness_ms
+        device_ts = self._device_ts(dev, now_wall_ms)
+        watermark = device_ts - self.config.allowed_lateness_ms
         boundary = self.config.start_of(watermark)  # largest window boundary <= watermark
         closed = self._close_until(dev, boundary)
+        before = dev.completed_until
         if before is not None and end <= before:  # opened behind the device's time: complete
             return AddResult(window, closed, [window] if opened else [])
-        return AddResult(window, closed, self._completed(dev, before, max_ts))
+        return AddResult(window, closed, self._completed(dev, device_ts))
 
     def expire_idle(self, now_wall_ms: int) -> list[Window]:
         """Close every window of devices silent for at least the idle timeout."""
@@ -220,12 +250,37 @@ class Windower:
         if dev.closed_until is None or closed_until > dev.closed_until:
             dev.closed_until = closed_until
 
-    def _completed(self, dev: _Device, before: int | None, max_ts: int) -> list[Window]:
-        """Open windows whose end the device's latest event time has just reached."""
-        low = None if before is None else self.config.start_of(before)
-        high = self.config.start_of(max_ts)
-        if low == high:
+    def _hear(self, dev: _Device, item: Item, now: int) -> None:
+        """Note the item's modality as heard from now, at its event time."""
+        gap = now - dev.last_seen_wall_ms
+        if dev.lanes and (gap >= self.config.modality_silence_ms or gap < 0):
+            for lane in dev.lanes:
+                # the whole device was silent that long: the gap is no modality's silence.
+                # The clock stepped back: whatever was heard in its future was heard now.
+                lane.heard_wall_ms = (
+                    lane.heard_wall_ms + gap if gap > 0 else min(lane.heard_wall_ms, now)
+                )
+        for lane in dev.lanes:
+            if lane.modality is item.modality:
+                lane.max_ts = max(lane.max_ts, item.ts_ms)
+                lane.heard_wall_ms = now
+                return
+        dev.lanes += (_Lane(item.modality, item.ts_ms, now),)
+
+    def _device_ts(self, dev: _Device, now: int) -> int:
+        """The device's event time: the smallest over its active modalities of the largest
+        event time seen on each (the modality just heard is active)."""
+        silence = self.config.modality_silence_ms
+        return min(lane.max_ts for lane in dev.lanes if now - lane.heard_wall_ms < silence)
+
+    def _completed(self, dev: _Device, device_ts: int) -> list[Window]:
+        """Open windows whose end the device's event time has just reached. That time may
+        step back (a modality heard again holds it back): each window completes once."""
+        low = dev.completed_until
+        high = self.config.start_of(device_ts)
+        if low is not None and high <= low:
             return []  # no window end reached (most records)
+        dev.completed_until = high
         return [
             w for w in dev.open.values() if w.end_ms <= high and (low is None or w.end_ms > low)
         ]
