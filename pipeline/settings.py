@@ -86,8 +86,18 @@ class TopicSettings:
 @dataclass(frozen=True)
 class WindowSettings:
     window_ms: int = _f(0, "Window length; 0 = the model's window length (default 2000).")
-    allowed_lateness_ms: int = _f(500, "Watermark = largest event time seen minus this.")
+    allowed_lateness_ms: int = _f(
+        500,
+        "A modality's watermark = largest event time seen on it minus this; a device's is the "
+        "smallest over its active modalities.",
+    )
     idle_timeout_ms: int = _f(5000, "Wall-clock silence after which a device's windows close.")
+    modality_silence_ms: int = _f(
+        5000,
+        "Wall-clock silence (while its device is heard from) after which a modality stops "
+        "holding the device's windows back: a device without a microphone, or with a dead "
+        "one, is not held back by audio.",
+    )
     forget_after_ms: int = _f(
         3_600_000,
         "Wall-clock silence past the idle timeout after which a device is "
