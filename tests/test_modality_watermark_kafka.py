@@ -11,7 +11,6 @@ device's is the smallest over its active modalities.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -23,11 +22,10 @@ from encoders.modality import Modality
 from pipeline.kafka.admin import TopicNames
 from pipeline.kafka.worker import KafkaWorker
 from pipeline.records import Record
-from pipeline.settings import Settings
-from pipeline.stream.assembly import build_engine
 from pipeline.stream.model_runner import ModelRunner
-from tests.factory import T0, TOPICS, device_stream, make_model
-from tests.kafka_util import produce, read_until, settings_for, to_topics, wait_until
+from pipeline.testing import WorkerThread
+from tests.factory import T0, TOPICS, device_stream
+from tests.kafka_util import produce, read_until, settings_for, to_topics, wait_until, worker_thread
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -40,66 +38,37 @@ APART_S = 2.0  # between one topic's flush and the next
 PER_WINDOW = {"camera": 10, "audio": 4, "telemetry": 20}  # device_stream's rates, 2 s windows
 
 
-@pytest.fixture(scope="module")
-def runner(tmp_path_factory: pytest.TempPathFactory) -> ModelRunner:
-    return ModelRunner.load(make_model(tmp_path_factory.mktemp("model")), "cpu")
-
-
-class WorkerThread:
-    """A KafkaWorker running in a thread until `close` (as SIGTERM would stop it)."""
-
-    def __init__(self, settings: Settings, runner: ModelRunner) -> None:
-        self.worker = KafkaWorker(settings, build_engine(settings, runner))
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.worker.run(self.stop)
-        except BaseException as exc:  # surfaced by check()
-            self.error = exc
-
-    def check(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def records_in(self) -> float:
-        self.check()
-        metrics = self.worker.metrics
-        return sum(metrics.value("iotfuse_records_in_total", {"modality": m}) for m in PER_WINDOW)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=60)
-        assert not self.thread.is_alive(), "worker did not stop"
-        self.check()
+def records_in(worker: WorkerThread[KafkaWorker]) -> float:
+    worker.check()
+    metrics = worker.worker.metrics
+    return sum(metrics.value("iotfuse_records_in_total", {"modality": m}) for m in PER_WINDOW)
 
 
 @pytest.fixture
-def worker(bootstrap: str, topics: TopicNames, runner: ModelRunner) -> Iterator[WorkerThread]:
+def worker(
+    bootstrap: str, topics: TopicNames, runner: ModelRunner
+) -> Iterator[WorkerThread[KafkaWorker]]:
     settings = settings_for(bootstrap, topics)
     # windows close by watermark only here: the idle timeout outlasts the delays
     settings = replace(settings, windows=replace(settings.windows, idle_timeout_ms=60_000))
-    started = WorkerThread(settings, runner)
+    started = worker_thread(settings, runner)
     yield started
     started.stop.set()
     started.thread.join(timeout=60)
 
 
 def deliver(
-    bootstrap: str, topics: TopicNames, worker: WorkerThread, records: list[Record]
+    bootstrap: str, topics: TopicNames, worker: WorkerThread[KafkaWorker], records: list[Record]
 ) -> None:
     """Produce, then wait until the worker has taken every record (so what comes next is
     read after them, not merged with them in event time as a backlog would be)."""
-    expected = worker.records_in() + len(records)
+    expected = records_in(worker) + len(records)
     produce(bootstrap, to_topics(records, topics))
-    wait_until(lambda: worker.records_in() >= expected, 60, f"{len(records)} records taken")
+    wait_until(lambda: records_in(worker) >= expected, 60, f"{len(records)} records taken")
 
 
 def test_modalities_flushed_per_topic_seconds_apart_are_all_in_their_windows(
-    bootstrap: str, topics: TopicNames, worker: WorkerThread
+    bootstrap: str, topics: TopicNames, worker: WorkerThread[KafkaWorker]
 ) -> None:
     wait_until(lambda: bool(worker.worker.consumer.assignment()), 60, "partition assignment")
     streams = {d: device_stream(d, T0, 8) for d in ORDERS}
