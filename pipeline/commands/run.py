@@ -42,7 +42,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _run(settings: Settings, stop: threading.Event) -> int:
-    capture_native_stderr()  # libpng/libjpeg/OpenCV complaints: rate-limited log lines
     log.info("iotfuse run: starting; loading the model")
     from pipeline.kafka.worker import KafkaWorker
     from pipeline.metrics import Metrics
@@ -66,6 +65,7 @@ def _run(settings: Settings, stop: threading.Event) -> int:
         " (exactly-once)" if settings.kafka.exactly_once else "",
         f":{settings.runtime.metrics_port}/metrics" if settings.runtime.metrics_port else "off",
     )
+    capture_native_stderr()  # from now on libpng/libjpeg/OpenCV complaints are log lines
     worker.run(stop)
     emitted = int(metrics.value("iotfuse_windows_emitted_total"))
     log.info("stopped cleanly: %d windows emitted", emitted)
