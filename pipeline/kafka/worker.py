@@ -42,6 +42,7 @@ from pipeline.kafka.config import (
 )
 from pipeline.kafka.log_end import LogEnd
 from pipeline.kafka.messages import to_record
+from pipeline.logs import Throttle
 from pipeline.kafka.producer import BoundedProducer
 from pipeline.kafka.unreadable import find_unreadable, unreadable_dead_letter
 from pipeline.settings import Settings
@@ -49,7 +50,7 @@ from pipeline.stream.align import Aligner, CaughtUp
 from pipeline.stream.backpressure import Flow, Limits, Load, decide
 from pipeline.stream.engine import Engine
 from pipeline.stream.offsets import OffsetTracker
-from pipeline.stream.outputs import Output, fit_dead_letter
+from pipeline.stream.outputs import Output, fit_dead_letter, wire_bytes
 from pipeline.stream.window_progress import ProgressMetadata, decode_progress
 from pipeline.stream.windows import Position
 
@@ -89,6 +90,7 @@ class KafkaWorker:
         # exactly-once worker fetched nothing at all in 4 of 8 runs
         limit = prepare_outputs(settings, clock)  # and never more than this producer sends:
         self._deadletter_max = min(limit or MAX_RECORD_BYTES, MAX_RECORD_BYTES)
+        self._oversized = Throttle(log)  # a flood of them says so once a minute
         with ExitStack() as undo:  # a failed start closes the clients it opened (their
             # network threads ran on: a caller that retries or goes on leaked them)
             self.consumer = KafkaConsumer(**consumer_config(settings))
@@ -230,14 +232,16 @@ class KafkaWorker:
             return out
         fitted = fit_dead_letter(out, self._deadletter_max)
         if fitted is not out:
-            log.warning(
-                "a dead letter of %d bytes is over the %d bytes %s takes (its "
-                "max.message.bytes, and at most what this worker's producer sends): "
-                "sent without its value. `iotfuse topics` creates the topic with 10 "
-                "MiB, enough for every image the camera limits admit",
-                len(out.value or b""),
+            self._oversized.log(
+                logging.WARNING,
+                "oversized",
+                "a dead letter of %d bytes (key, value and headers) is over the %d bytes %s "
+                "takes (its max.message.bytes, and at most what this worker's producer "
+                "sends): sent without %s (header iotfuse.error.omitted)",
+                wire_bytes(out.key, out.value, out.headers),
                 self._deadletter_max,
                 out.topic,
+                (dict(fitted.headers).get("iotfuse.error.omitted") or b"").decode(),
             )
         return fitted
 
