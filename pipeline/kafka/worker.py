@@ -42,9 +42,9 @@ from pipeline.kafka.config import (
 )
 from pipeline.kafka.log_end import LogEnd
 from pipeline.kafka.messages import to_record
-from pipeline.logs import Throttle
 from pipeline.kafka.producer import BoundedProducer
 from pipeline.kafka.unreadable import find_unreadable, unreadable_dead_letter
+from pipeline.logs import Throttle
 from pipeline.settings import Settings
 from pipeline.stream.align import Aligner, CaughtUp
 from pipeline.stream.backpressure import Flow, Limits, Load, decide
