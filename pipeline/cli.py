@@ -100,10 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     setup_logging(settings.runtime.log_level, settings.runtime.log_format)
     threads = torch_threads(settings.runtime.torch_threads, args.command)
-    if threads:  # the process's CPU budget for torch
-        import torch
+    if threads:  # the process's CPU budget for inference (torch, ONNX Runtime)
+        from pipeline.stream.model_runner import set_inference_threads
 
-        torch.set_num_threads(threads)
+        set_inference_threads(threads)
     handler: Handler = args.handler
     try:
         return handler(args, settings)
@@ -111,6 +111,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except UserError as exc:
         print(f"iotfuse {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as exc:  # an edge install (no torch) asked to train, ...
+        if exc.name not in ("torch", "torchaudio", "transformers"):
+            raise
+        from pipeline.stream.model_runner import TORCH_MISSING
+
+        print(f"iotfuse {args.command}: this needs {exc.name}: {TORCH_MISSING}", file=sys.stderr)
         return 1
 
 

@@ -111,7 +111,12 @@ def class_indices(windows: Sequence[LabelledWindow], classes: Sequence[str]) -> 
 
 
 def model_classifier(model: Any, batch_size: int) -> Classify:
-    """Argmax of the model's logits, `batch_size` windows at a time (eval mode)."""
+    """Argmax of the model's logits, `batch_size` windows at a time (eval mode); an
+    exported model (fusion.onnx_model.OnnxModel) gives the argmax of its probabilities."""
+    from fusion.onnx_model import OnnxModel
+
+    if isinstance(model, OnnxModel):
+        return model.label_classifier(batch_size)
     import torch
 
     from fusion.batch import WindowBatch

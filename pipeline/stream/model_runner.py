@@ -1,4 +1,12 @@
-"""Glue between windows and the fusion model: load a model dir, classify window inputs."""
+"""Glue between windows and the fusion model: load a model dir, classify window inputs.
+
+A model directory is either a torch model (`iotfuse train`: model.safetensors) or an
+exported one (`iotfuse export`: model.onnx, run on ONNX Runtime by
+pipeline/stream/onnx_runner.py); `ModelRunner.load` chooses by what the directory holds,
+and both classify the same windows into the same decisions. torch is imported only for a
+torch model, so an install without torch (`pip install iotfuse[edge]`) serves exported
+models.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +14,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from encoders.modality import Modality
-from fusion.batch import WindowBatch
-from fusion.modelfile import load_model
+from fusion.onnx_model import OnnxModel
 from pipeline.errors import UserError
 from pipeline.stream.features import FeatureSpec
 from pipeline.stream.outputs import Decision, ModelId
+
+if TYPE_CHECKING:
+    import torch
+
+TORCH_MISSING = (
+    "torch is not installed (an edge install); install the full one (pip install "
+    "'iotfuse[full]') or serve an exported model (iotfuse export --out DIR, then --model DIR)"
+)
 
 
 class ModelNotFoundError(UserError):
@@ -27,33 +41,68 @@ def default_model_dir() -> Path:
     return Path(str(resources.files("fusion") / "default_model"))
 
 
+def import_torch() -> Any:
+    """torch, or a UserError saying what to install."""
+    try:
+        import torch
+    except ImportError:
+        raise UserError(f"this needs torch: {TORCH_MISSING}") from None
+    return torch
+
+
 def resolve_device(name: str) -> torch.device:
+    th = import_torch()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+        name = "cuda" if th.cuda.is_available() else "cpu"
+    elif name.startswith("cuda") and not th.cuda.is_available():
         raise UserError(f"device {name!r} requested but CUDA is not available; use cpu or auto")
-    return torch.device(name)
+    device: torch.device = th.device(name)
+    return device
+
+
+def set_inference_threads(threads: int) -> None:
+    """The process's CPU budget for inference: torch's threads (when torch is installed)
+    and every ONNX Runtime session created afterwards."""
+    from pipeline.stream import onnx_runner
+
+    onnx_runner.THREADS = threads
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(threads)
 
 
 @dataclass
 class ModelRunner:
     """A loaded model, ready to classify batches of window inputs."""
 
-    model: Any
-    config: Any
+    model: Any  # a folded FusionClassifier, or an OnnxModel
+    config: Any  # its ModelConfig, or the exported model's fusion.onnx_model.ServingConfig
     version: str
-    device: torch.device
+    device: Any  # torch.device, or the ONNX Runtime device name ("cpu", "cuda")
 
     @classmethod
     def load(cls, directory: str | Path | None, device: str = "auto") -> ModelRunner:
+        from pipeline.stream import onnx_runner
+
         path = Path(directory) if directory else default_model_dir()
         if not (path / "config.json").exists():
             hint = (
                 "train one with `iotfuse train --data REC --out DIR` and pass --model DIR"
                 if not directory
-                else "pass a directory written by `iotfuse train`"
+                else "pass a directory written by `iotfuse train` or `iotfuse export`"
             )
             raise ModelNotFoundError(f"no iotfuse model at {path} (config.json missing): {hint}")
+        if onnx_runner.is_exported(path):
+            model = onnx_runner.load(path, device)
+            return cls(model, model.config, model.version, onnx_runner.device_name(model))
+        try:
+            import torch  # noqa: F401  (only to say what to install when it is missing)
+        except ImportError:
+            raise UserError(f"{path} is a torch model but {TORCH_MISSING}") from None
+        from fusion.modelfile import load_model
+
         dev = resolve_device(device)
         try:
             loaded = load_model(path, device=str(dev))
@@ -63,6 +112,10 @@ class ModelRunner:
         return cls(loaded.model, loaded.config, loaded.version, dev)
 
     @property
+    def exported(self) -> bool:
+        return isinstance(self.model, OnnxModel)
+
+    @property
     def model_id(self) -> ModelId:
         return ModelId(name=self.config.name, version=self.version)
 
@@ -70,14 +123,22 @@ class ModelRunner:
     def features(self) -> FeatureSpec:
         return FeatureSpec.from_model_config(self.config)
 
-    def classify(self, windows: Sequence[dict[Modality, np.ndarray]]) -> list[Decision]:
-        if not windows:
-            return []
+    def predict(self, windows: Sequence[dict[Modality, np.ndarray]]) -> tuple[Any, Any]:
+        """(probs float32 [B, C], Shapley attribution float32 [B, M]) as numpy arrays."""
+        if isinstance(self.model, OnnxModel):
+            probs, _label, attribution = self.model.predict(windows)
+            return probs, attribution
+        from fusion.batch import WindowBatch
+
         rate = self.config.audio.sample_rate if self.config.audio is not None else 16000
         batch = WindowBatch.collate(windows, audio_sample_rate=rate).to(self.device)
         pred = self.model.predict(batch)
-        probs = pred.probs.detach().cpu().numpy()  # [B, C]
-        attribution = pred.attribution.detach().cpu().numpy()  # [B, M]
+        return pred.probs.detach().cpu().numpy(), pred.attribution.detach().cpu().numpy()
+
+    def classify(self, windows: Sequence[dict[Modality, np.ndarray]]) -> list[Decision]:
+        if not windows:
+            return []
+        probs, attribution = self.predict(windows)  # [B, C], [B, M]
         classes = list(self.config.classes)
         slots = list(self.config.modalities)
         out: list[Decision] = []
