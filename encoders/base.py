@@ -13,8 +13,9 @@ Shape comments use the dimension names of the legend in encoders/__init__.py.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -83,8 +84,12 @@ def check_raw(raw: Tensor, name: str, dtype: torch.dtype, shape: tuple[int, ...]
         )
 
 
+ConvNorm = Literal["batch", "group"]  # the normalisation of every ConvBlock (a model switch)
+
+
 class ConvBlock(nn.Sequential):
-    """Conv (optionally depthwise-separable) + BatchNorm + GELU, 1D or 2D."""
+    """Conv (optionally depthwise-separable) + BatchNorm + GELU, 1D or 2D (the norm can be
+    swapped for GroupNorm afterwards: `use_group_norm`)."""
 
     def __init__(self, c_in: int, c_out: int, stride: int, separable: bool, dims: int = 2):
         conv = nn.Conv2d if dims == 2 else nn.Conv1d
@@ -115,3 +120,25 @@ def fold_batchnorm(module: nn.Module) -> int:
             del block[-2]  # [..., conv, BN, GELU] -> [..., conv (with bias), GELU]
             folded += 1
     return folded
+
+
+def group_norm_groups(channels: int) -> int:
+    """GroupNorm's group count for a block of `channels`: up to 8 groups that divide it."""
+    return math.gcd(channels, 8)
+
+
+def use_group_norm(module: nn.Module) -> int:
+    """Replace each ConvBlock's BatchNorm with a GroupNorm over the same channels.
+
+    BatchNorm normalises every example with statistics of the whole batch, so one
+    example's gradient depends on the others: DP-SGD, which bounds each example's
+    gradient on its own, cannot use it (Opacus refuses it), nor can per-example gradients
+    with torch.func. GroupNorm normalises each example alone. Called on a freshly built
+    model (the weights are new); returns how many blocks changed."""
+    swapped = 0
+    for block in module.modules():
+        if isinstance(block, ConvBlock) and isinstance(block[-2], nn.modules.batchnorm._BatchNorm):
+            channels = block[-2].num_features
+            block[-2] = nn.GroupNorm(group_norm_groups(channels), channels)
+            swapped += 1
+    return swapped

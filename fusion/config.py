@@ -6,6 +6,8 @@
       audio: AudioConfig | None                 (the modality configs live next to their
       telemetry: TelemetryConfig | None          encoders, in encoders/, and are re-exported here)
       fusion: FusionConfig                      the transformer over modality tokens
+      conv_norm: "batch" | "group"              the CNN trunks' norm ("group" for DP-SGD)
+      privacy: PrivacyConfig | None             how DP-SGD trained it (absent: no DP)
 
 `ModelConfig.from_dict` accepts exactly what `to_dict` writes (plain JSON data) and refuses
 anything else with a ModelConfigError naming the field: unknown keys, wrong types, missing
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from encoders.audio import AudioConfig
-from encoders.base import ModelConfigError, require
+from encoders.base import ConvNorm, ModelConfigError, require
 from encoders.camera import CameraConfig
 from encoders.modality import ALL_MODALITIES, Modality
 from encoders.telemetry import TelemetryConfig
@@ -33,6 +35,7 @@ __all__ = [
     "FusionConfig",
     "ModelConfig",
     "ModelConfigError",
+    "PrivacyConfig",
     "TelemetryConfig",
 ]
 
@@ -62,6 +65,34 @@ class FusionConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PrivacyConfig:
+    """What DP-SGD (Opacus) spent training the model: (epsilon, delta)-DP for each
+    training example, with respect to the training windows (of each site, when federated)."""
+
+    epsilon: float  # spent, by the accountant, after the last step
+    delta: float
+    target_epsilon: float  # what was asked for (--dp-epsilon)
+    noise_multiplier: float  # Gaussian noise std / max_grad_norm
+    max_grad_norm: float  # each example's gradient clipped to this L2 norm
+    sample_rate: float  # Poisson sampling rate of a step (expected batch / examples)
+    steps: int  # optimiser steps (of the site that spent the most, when federated)
+    accountant: str = "rdp"
+    scope: Literal["central", "per-site"] = "central"
+
+    def __post_init__(self) -> None:
+        require(
+            self.epsilon >= 0 and self.target_epsilon > 0,
+            f"privacy.epsilon must be >= 0 and target_epsilon > 0, got {self.epsilon}, "
+            f"{self.target_epsilon}",
+        )
+        require(0 < self.delta < 1, f"privacy.delta must be in (0, 1), got {self.delta}")
+        require(
+            self.noise_multiplier >= 0 and self.max_grad_norm > 0,
+            "privacy.noise_multiplier must be >= 0 and max_grad_norm > 0",
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     name: str
     classes: tuple[str, ...]  # C class names; logits and scores follow this order
@@ -71,6 +102,8 @@ class ModelConfig:
     audio: AudioConfig | None = None
     telemetry: TelemetryConfig | None = None
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    conv_norm: ConvNorm = "batch"  # "group": GroupNorm in every CNN block (DP-compatible)
+    privacy: PrivacyConfig | None = None
 
     def __post_init__(self) -> None:
         require(isinstance(self.name, str) and bool(self.name.strip()), "name must be non-empty")
@@ -87,6 +120,10 @@ class ModelConfig:
             f"classes has duplicates: {list(self.classes)}",
         )
         require(self.window_ms >= 1, f"window_ms must be >= 1, got {self.window_ms}")
+        require(
+            self.conv_norm in ("batch", "group"),
+            f'conv_norm must be "batch" or "group", got {self.conv_norm!r}',
+        )
         try:
             modalities = tuple(Modality(m) for m in self.modalities)
         except ValueError as e:

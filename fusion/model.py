@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from encoders.audio import AudioPreprocessor
-from encoders.base import Preprocessor, Trunk, fold_batchnorm
+from encoders.base import Preprocessor, Trunk, fold_batchnorm, use_group_norm
 from encoders.camera import CameraPreprocessor
 from encoders.modality import Modality
 from encoders.telemetry import TelemetryPreprocessor
@@ -71,6 +71,8 @@ class FusionClassifier(nn.Module):
         trunks: dict[Modality, Trunk] = {}
         for m in self.modalities:
             self.preprocess[m], trunks[m] = build_stages(config, m)
+            if config.conv_norm == "group":  # the DP recipe's switch (see use_group_norm)
+                use_group_norm(trunks[m])
         self.config = resolved_config(config, trunks)
         self.trunks = nn.ModuleDict({m.value: t for m, t in trunks.items()})
         self.heads = nn.ModuleDict(

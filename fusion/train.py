@@ -9,6 +9,12 @@ are the caller's: build it after torch.manual_seed(...) for a fully reproducible
 same seed, data, device and thread count, two runs give identical weights.
 
 On return the model holds the weights of the best epoch (also in TrainResult.state_dict).
+
+What one epoch's batches are and what one step does is a `Recipe`: `SGD` (the default:
+shuffled batches, backward, gradient clipping, AdamW) or `fusion.dp.DPSGD` (Poisson-sampled
+batches, per-example clipping and Gaussian noise by Opacus). `Parallel` makes either run as
+one of several data-parallel processes (torch.distributed DDP): each process takes its
+share of every batch and of the validation windows, and they sum their scores.
 """
 
 from __future__ import annotations
@@ -17,11 +23,12 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from encoders.modality import Modality
 from fusion.batch import WindowBatch
@@ -41,6 +48,7 @@ class TrainConfig:
     modality_dropout: float | None = None  # None: use model.config.fusion.modality_dropout
     device: str = "cpu"  # the caller picks "cuda" when it wants it
     grad_clip: float = 1.0  # max global gradient norm
+    keep_best: bool = True  # False: keep the last epoch (a federated site's local round)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -87,6 +95,90 @@ def drop_modalities(present: Tensor, p: float, generator: torch.Generator) -> Te
     return keep | (pick & lost[:, None])  # [B, M]
 
 
+class TrainStep(nn.Module):
+    """A training forward pass: embed, modality dropout, fuse. As one module so DDP can wrap
+    it (DDP syncs gradients of what runs through its forward)."""
+
+    def __init__(self, model: FusionClassifier, p_drop: float, generator: torch.Generator):
+        super().__init__()
+        self.model = model
+        self.p_drop = p_drop
+        self.generator = generator
+
+    def forward(self, batch: WindowBatch) -> Tensor:
+        tokens, present = self.model.embed(batch)  # [B, M, D], [B, M]
+        present = drop_modalities(present, self.p_drop, self.generator)  # [B, M]
+        logits: Tensor = self.model.fuse(tokens, present)  # [B, C]
+        return logits
+
+
+class Parallel(Protocol):
+    """One of `world` data-parallel processes (pipeline.learn.distributed implements it)."""
+
+    rank: int
+    world: int
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """The module whose forward syncs gradients across the processes (DDP)."""
+        ...
+
+    def all_sum(self, values: np.ndarray) -> np.ndarray:
+        """Element-wise sum over the processes (float64)."""
+        ...
+
+
+class Recipe(Protocol):
+    """What an epoch's batches are and what one optimisation step does."""
+
+    def batches(self, n: int, generator: torch.Generator) -> list[list[int]]:
+        """This process's example indices of each step of one epoch."""
+        ...
+
+    def step(self, batch: WindowBatch, y: Tensor) -> float:
+        """One optimisation step on a batch; returns its mean loss."""
+        ...
+
+
+class SGD:
+    """The default recipe: a seeded shuffle cut into batches, cross-entropy, global gradient
+    clipping, AdamW. With `parallel`, every batch is split across the processes (the global
+    batch stays `batch_size`; a last batch smaller than the process count is skipped so
+    that every process takes part in every step)."""
+
+    def __init__(
+        self,
+        step_module: TrainStep,
+        optimizer: torch.optim.Optimizer,
+        cfg: TrainConfig,
+        parallel: Parallel | None = None,
+    ):
+        self.module = step_module if parallel is None else parallel.wrap(step_module)
+        self.params = [p for p in step_module.parameters() if p.requires_grad]
+        self.optimizer = optimizer
+        self.cfg = cfg
+        self.parallel = parallel
+
+    def batches(self, n: int, generator: torch.Generator) -> list[list[int]]:
+        order = torch.randperm(n, generator=generator).tolist()
+        size = self.cfg.batch_size
+        chunks = [order[i : i + size] for i in range(0, n, size)]
+        if self.parallel is None:
+            return chunks
+        rank, world = self.parallel.rank, self.parallel.world
+        return [c[rank::world] for c in chunks if len(c) >= world]
+
+    def step(self, batch: WindowBatch, y: Tensor) -> float:
+        loss = F.cross_entropy(self.module(batch), y)  # [B, C], [B] -> scalar
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        self.optimizer.step()
+        return float(loss.item())
+
+
+RecipeFactory = Callable[[TrainStep, torch.optim.Optimizer, TrainConfig, int], Recipe]
+
+
 def evaluate(
     model: FusionClassifier, data: Sequence[Example], batch_size: int, device: torch.device
 ) -> tuple[float, np.ndarray]:
@@ -107,7 +199,12 @@ def train(
     val_data: Sequence[Example],
     cfg: TrainConfig,
     progress: Callable[[TrainProgress], None] | None = None,
+    *,
+    recipe: RecipeFactory | None = None,
+    parallel: Parallel | None = None,
 ) -> TrainResult:
+    """Train `model` in place; `recipe(step_module, optimizer, cfg, n_train)` builds the
+    Recipe (default: SGD, data-parallel with `parallel`)."""
     classes = model.config.classes
     _check_labels(train_data, "train_data", len(classes))
     _check_labels(val_data, "val_data", len(classes))
@@ -121,36 +218,33 @@ def train(
     )
     model.to(device)
     optimizer = _optimizer(model, cfg)
-    y_val = np.array([label for _, label in val_data], dtype=np.int64)
+    step_module = TrainStep(model, p_drop, generator)
+    steps: Recipe = (
+        SGD(step_module, optimizer, cfg, parallel)
+        if recipe is None
+        else recipe(step_module, optimizer, cfg, len(train_data))
+    )
     history: list[TrainProgress] = []
     best_epoch, best_f1, best_state = 0, -math.inf, _cpu_state(model)
     for epoch in range(1, cfg.epochs + 1):
         started = time.monotonic()
         model.train()
-        order = torch.randperm(len(train_data), generator=generator).tolist()
         total, batches = 0.0, 0
-        for batch, y in _batches(model, train_data, order, cfg.batch_size, device):
-            tokens, present = model.embed(batch)  # [B, M, D], [B, M]
-            present = drop_modalities(present, p_drop, generator)  # [B, M]
-            loss = F.cross_entropy(model.fuse(tokens, present), y)  # [B, C], [B] -> scalar
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            total, batches = total + loss.item(), batches + 1
-        val_loss, y_pred = evaluate(model, val_data, cfg.batch_size, device)
-        report = classification_report(confusion_matrix(y_val, y_pred, len(classes)), classes)
+        for indices in steps.batches(len(train_data), generator):
+            for batch, y in _batches(model, train_data, indices, len(indices), device):
+                total, batches = total + steps.step(batch, y), batches + 1
+        val_loss, report = _validate(model, val_data, cfg.batch_size, device, parallel)
         step = TrainProgress(
             epoch=epoch,
             epochs=cfg.epochs,
-            train_loss=total / batches,
+            train_loss=total / max(batches, 1),
             val_loss=val_loss,
             val_accuracy=report["accuracy"],
             val_macro_f1=report["macro_f1"],
             seconds=time.monotonic() - started,
         )
         history.append(step)
-        if step.val_macro_f1 > best_f1:
+        if step.val_macro_f1 > best_f1 or not cfg.keep_best:
             best_epoch, best_f1, best_state = epoch, step.val_macro_f1, _cpu_state(model)
         if progress is not None:
             progress(step)
@@ -161,11 +255,50 @@ def train(
     )
 
 
+def validation_counts(
+    model: FusionClassifier, data: Sequence[Example], batch_size: int, device: torch.device
+) -> tuple[float, np.ndarray]:
+    """(summed cross-entropy, confusion matrix [C, C]) over `data`: what processes or
+    federated sites add up to score a model on validation windows they hold apart."""
+    n_classes = len(model.config.classes)
+    if len(data) == 0:
+        return 0.0, np.zeros((n_classes, n_classes), dtype=np.int64)
+    mean_loss, y_pred = evaluate(model, data, batch_size, device)
+    y_true = np.array([label for _, label in data], dtype=np.int64)
+    return mean_loss * len(data), confusion_matrix(y_true, y_pred, n_classes)
+
+
+def _validate(
+    model: FusionClassifier,
+    data: Sequence[Example],
+    batch_size: int,
+    device: torch.device,
+    parallel: Parallel | None,
+) -> tuple[float, dict[str, float]]:
+    """Mean validation loss and the classification report; with `parallel` each process
+    scores its share of the windows and the counts are summed."""
+    share = data if parallel is None else data[parallel.rank :: parallel.world]
+    loss_sum, cm = validation_counts(model, share, batch_size, device)
+    if parallel is not None:
+        summed = parallel.all_sum(np.concatenate([[loss_sum], cm.ravel()]).astype(np.float64))
+        loss_sum, cm = float(summed[0]), summed[1:].round().astype(np.int64).reshape(cm.shape)
+    report = classification_report(cm, model.config.classes)
+    return loss_sum / max(int(cm.sum()), 1), report
+
+
 def fit_telemetry_stats(
     windows: Iterable[Mapping[Modality, np.ndarray]], n_metrics: int
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-metric mean and std of raw telemetry [steps, n_metrics] over all windows, ignoring
     NaN (missing). A metric never seen gets mean 0, std 1; a constant one gets std 1."""
+    return stats_from_sums(*telemetry_sums(windows, n_metrics))
+
+
+def telemetry_sums(
+    windows: Iterable[Mapping[Modality, np.ndarray]], n_metrics: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(count, sum, sum of squares) per metric [n_metrics] of the values present: what
+    federated sites send instead of values (sums over sites give the same statistics)."""
     count = np.zeros(n_metrics)
     total = np.zeros(n_metrics)
     total_sq = np.zeros(n_metrics)
@@ -178,6 +311,14 @@ def fit_telemetry_stats(
         count += seen.sum(axis=0)
         total += np.where(seen, x, 0.0).sum(axis=0)
         total_sq += np.where(seen, x * x, 0.0).sum(axis=0)
+    return count, total, total_sq
+
+
+def stats_from_sums(
+    count: np.ndarray, total: np.ndarray, total_sq: np.ndarray
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-metric (mean, std) from counts, sums and sums of squares [M]."""
+    n_metrics = len(count)
     mean = np.divide(total, count, out=np.zeros(n_metrics), where=count > 0)
     var = np.divide(total_sq, count, out=np.zeros(n_metrics), where=count > 0) - mean**2
     std = np.sqrt(np.maximum(var, 0.0))

@@ -16,11 +16,15 @@ import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.commands.common import count, positive
 from pipeline.errors import UserError
 from pipeline.records import OnCounts, Record, record_size
 from pipeline.settings import Settings
+
+if TYPE_CHECKING:
+    from pipeline.learn.privacy import DPOptions
 
 # --- simulate ----------------------------------------------------------------------------
 
@@ -205,16 +209,51 @@ def train_args(p: argparse.ArgumentParser) -> None:
         help="freeze the transformers trunks (train heads and fusion only)",
     )
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    p.add_argument(
+        "--nproc",
+        type=count,
+        default=1,
+        help="data-parallel training processes on this machine (DDP; under torchrun, "
+        "torchrun's processes are used instead)",
+    )
+    dp_args(p)
+
+
+def dp_args(p: argparse.ArgumentParser) -> None:
+    """--dp-epsilon/--dp-delta/--dp-max-grad-norm (train, federate)."""
+    p.add_argument(
+        "--dp-epsilon",
+        type=positive,
+        metavar="E",
+        help="train with DP-SGD (Opacus) to (E, delta)-differential privacy per training "
+        "window; swaps BatchNorm for GroupNorm",
+    )
+    p.add_argument(
+        "--dp-delta", type=positive, default=1e-5, metavar="D", help="DP delta (default 1e-5)"
+    )
+    p.add_argument(
+        "--dp-max-grad-norm",
+        type=positive,
+        default=1.0,
+        metavar="C",
+        help="DP-SGD: clip each window's gradient to this L2 norm (default 1.0)",
+    )
+
+
+def dp_options(args: argparse.Namespace) -> DPOptions | None:
+    from pipeline.learn.privacy import DPOptions
+
+    if args.dp_epsilon is None:
+        return None
+    return DPOptions(
+        epsilon=args.dp_epsilon, delta=args.dp_delta, max_grad_norm=args.dp_max_grad_norm
+    )
 
 
 def train(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.commands.console import ProgressLine
-    from pipeline.learn.training import (
-        DEFAULT_METRICS,
-        TrainOptions,
-        parse_modalities,
-        train_from_recordings,
-    )
+    from pipeline.learn.central import train_from_recordings
+    from pipeline.learn.training import DEFAULT_METRICS, TrainOptions, parse_modalities
 
     metrics = (
         tuple(m.strip() for m in args.metrics.split(",") if m.strip())
@@ -240,6 +279,8 @@ def train(args: argparse.Namespace, settings: Settings) -> int:
         freeze_hf=args.freeze_hf,
         augment=not args.no_augment,
         overwrite=args.overwrite,
+        dp=dp_options(args),
+        nproc=args.nproc,
     )
     try:
         summary = train_from_recordings(
@@ -252,6 +293,7 @@ def train(args: argparse.Namespace, settings: Settings) -> int:
         f"validation macro-F1 {summary.best_val_macro_f1:.3f}; {summary.train_windows} "
         f"training and {summary.val_windows} validation windows; windows "
         f"{summary.window_seconds:.0f} s, training {summary.seconds:.0f} s"
+        + ("" if summary.epsilon is None else f"; DP epsilon spent {summary.epsilon:.3f}")
     )
     return 0
 

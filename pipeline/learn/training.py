@@ -1,7 +1,8 @@
-"""Train a fusion model (or a single-modality baseline) from labelled recordings.
+"""The training recipe: how a fusion model (or a single-modality baseline) is trained from
+labelled recordings. `iotfuse train` runs it centrally (pipeline.learn.central), and every
+federated site runs it on its own recordings (pipeline.learn.federated.site).
 
-    summary = train_from_recordings(TrainOptions(data=(Path("train.iotrec"),), out=Path("m")),
-                                    settings, stream=sys.stderr)
+    prep = prepare(TrainOptions(data=(Path("train.iotrec"),), out=Path("m")), settings)
 
 1. Windows: the recordings' records go through `pipeline.learn.dataset.labelled_windows` (the
    live pipeline's aligner, ingest, windower and feature code); labels come from the
@@ -12,7 +13,9 @@
 3. Telemetry normalisation (mean/std per metric) is fitted on the training windows only
    and stored in the model config.
 4. `fusion.train.train`: the best epoch by validation macro-F1 is kept; every time the
-   validation score improves the model directory is rewritten (a checkpoint).
+   validation score improves the model directory is rewritten (a checkpoint). Training
+   windows are varied anew on every read (pipeline.learn.augment.Augmented).
+5. With `dp` (DPOptions): DP-SGD, GroupNorm in the CNN trunks (pipeline.learn.privacy).
 
 Deterministic: the same data, options, device and thread count give the same weights
 (and so the same `model.version`).
@@ -27,13 +30,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO, overload
+from typing import Any, TextIO
 
 import numpy as np
 
 from encoders.modality import ALL_MODALITIES, Modality
 from pipeline.errors import UserError
+from pipeline.learn.augment import Augmented as Augmented  # the recipe's parts in one place
+from pipeline.learn.augment import Example
 from pipeline.learn.dataset import LabelledWindow, OnRecords, recording_windows
+from pipeline.learn.privacy import DPOptions
 from pipeline.settings import Settings
 from pipeline.stream.features import FeatureSpec
 
@@ -64,6 +70,8 @@ class TrainOptions:
     audio_hf: str | None = None  # local transformers AST directory
     freeze_hf: bool = False  # train only the heads and fusion on top of the hf trunks
     overwrite: bool = False
+    dp: DPOptions | None = None  # train with DP-SGD (pipeline.learn.privacy)
+    nproc: int = 1  # data-parallel processes on this machine (pipeline.learn.distributed)
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -72,6 +80,8 @@ class TrainOptions:
             raise UserError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.val_block_ms < 1:
             raise UserError(f"val_block_ms must be >= 1, got {self.val_block_ms}")
+        if self.nproc < 1:
+            raise UserError(f"--nproc must be >= 1, got {self.nproc}")
 
     @property
     def model_name(self) -> str:
@@ -90,6 +100,7 @@ class TrainSummary:
     seconds: float  # training only (windows excluded)
     window_seconds: float  # building the windows from the recordings
     history: list[dict[str, float]]
+    epsilon: float | None = None  # spent by DP-SGD (None: trained without DP)
 
 
 def parse_modalities(text: str) -> tuple[Modality, ...]:
@@ -194,92 +205,6 @@ def with_telemetry_stats(config: Any, windows: Sequence[LabelledWindow]) -> Any:
     return dataclasses.replace(config, telemetry=telemetry)
 
 
-Example = tuple[dict[Modality, np.ndarray], int]  # a window's inputs and its class index
-
-
-def augment_camera(frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A new look of the same scene: mirrored (half the time), channels shuffled (half the
-    time), per-channel gain and a brightness shift. uint8 [T, S, S, 3] -> same."""
-    x = frames[:, :, ::-1] if rng.random() < 0.5 else frames  # [T, S, S, 3]
-    if rng.random() < 0.5:
-        x = x[..., rng.permutation(3)]
-    gain = rng.uniform(0.75, 1.25, size=3)  # [3], broadcast over the RGB axis
-    shifted = x.astype(np.float32) * gain + rng.uniform(-20.0, 20.0)
-    return np.clip(shifted, 0.0, 255.0).astype(np.uint8)
-
-
-def slower_camera(frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """As a camera with a lower frame rate sees the window: its T frames drawn from 1..T-1
-    distinct ones, each repeated. [T, S, S, 3] -> same."""
-    t = frames.shape[0]
-    distinct = int(rng.integers(1, max(t, 2)))
-    kept = np.linspace(0, t - 1, distinct).round().astype(np.int64)  # [distinct]
-    return frames[kept[np.linspace(0, distinct - 1, t).round().astype(np.int64)]]
-
-
-def sparser_telemetry(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """As a slower sensor: only every k-th time step (k in 2..10) keeps its values, the
-    others are missing (NaN). float32 [steps, M] -> same."""
-    k = int(rng.integers(2, 11))
-    offset = int(rng.integers(0, k))
-    out = np.full_like(x, np.nan)  # [steps, M]
-    out[offset::k] = x[offset::k]
-    return out
-
-
-def narrower_audio(x: np.ndarray, rng: np.random.Generator, sample_rate: int) -> np.ndarray:
-    """As a microphone sampled at a lower rate: nothing above a 3-6 kHz cutoff.
-    float32 [samples] -> same."""
-    spectrum = np.fft.rfft(x)  # [samples // 2 + 1]
-    spectrum[np.fft.rfftfreq(len(x), 1.0 / sample_rate) > rng.uniform(3000.0, 6000.0)] = 0
-    return np.fft.irfft(spectrum, n=len(x)).astype(np.float32)  # [samples]
-
-
-class Augmented(Sequence[Example]):
-    """Training examples, each one varied anew every time it is read, so the model sees
-    more scenes and hardware than the recordings hold: every camera window gets a new look
-    (`augment_camera`); with probability `p_hardware` each modality is also seen as slower
-    or narrower hardware records it (`slower_camera`, `narrower_audio`,
-    `sparser_telemetry`). Deterministic: one generator seeded with `seed`, and fusion.train
-    reads the examples in a seeded order."""
-
-    def __init__(
-        self,
-        examples: Sequence[Example],
-        seed: int,
-        sample_rate: int = 16000,
-        p_hardware: float = 0.3,
-    ) -> None:
-        self.examples = examples
-        self.rng = np.random.default_rng(seed)
-        self.sample_rate = sample_rate
-        self.p_hardware = p_hardware
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    @overload
-    def __getitem__(self, i: int) -> Example: ...
-
-    @overload
-    def __getitem__(self, i: slice) -> Sequence[Example]: ...
-
-    def __getitem__(self, i: int | slice) -> Example | Sequence[Example]:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        inputs, label = self.examples[i]
-        out = dict(inputs)
-        rng, p = self.rng, self.p_hardware
-        if Modality.CAMERA in out:
-            frames = augment_camera(out[Modality.CAMERA], rng)
-            out[Modality.CAMERA] = slower_camera(frames, rng) if rng.random() < p else frames
-        if Modality.AUDIO in out and rng.random() < p:
-            out[Modality.AUDIO] = narrower_audio(out[Modality.AUDIO], rng, self.sample_rate)
-        if Modality.TELEMETRY in out and rng.random() < p:
-            out[Modality.TELEMETRY] = sparser_telemetry(out[Modality.TELEMETRY], rng)
-        return out, label
-
-
 def choose_classes(windows: Sequence[LabelledWindow]) -> tuple[str, ...]:
     """The simulator's classes when every label is one of them, else the labels sorted."""
     from pipeline.simulate import CLASSES
@@ -312,85 +237,77 @@ class EpochBar:
         return best
 
 
-def _check_out(options: TrainOptions) -> None:
-    out = options.out
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a directory for the model")
-    if out.is_dir() and any(out.iterdir()) and not options.overwrite:
-        raise UserError(f"--out {out} is not empty; choose a new directory or pass --overwrite")
+@dataclass(frozen=True)
+class Prepared:
+    """The labelled windows of a training run, split, with the model config to train."""
+
+    config: Any  # fusion ModelConfig, telemetry statistics fitted on the training windows
+    train: list[LabelledWindow]
+    val: list[LabelledWindow]
+    window_seconds: float
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.config.classes)
 
 
-def train_from_recordings(
-    options: TrainOptions,
-    settings: Settings,
-    stream: TextIO | None = None,
-    on_records: OnRecords | None = None,
-) -> TrainSummary:
-    import torch
-
-    from fusion.model import FusionClassifier
-    from fusion.modelfile import save_model
-    from fusion.train import TrainConfig, train
-    from pipeline.stream.model_runner import resolve_device
-
-    _check_out(options)
-    device = resolve_device(options.device)
+def read_windows(
+    options: TrainOptions, settings: Settings, on_records: OnRecords | None = None
+) -> tuple[list[LabelledWindow], list[int], float]:
+    """(windows, the recording of each, seconds) of every --data recording."""
     untrained = model_config(options, ("a", "b"))  # the feature spec does not need classes
     started = time.monotonic()
     per_file = recording_windows(
         options.data, settings, FeatureSpec.from_model_config(untrained), on_records
     )
-    window_seconds = time.monotonic() - started
     windows = [w for got in per_file for w in got]
     sources = [i for i, got in enumerate(per_file) for _ in got]
+    return windows, sources, time.monotonic() - started
+
+
+def prepare(
+    options: TrainOptions, settings: Settings, on_records: OnRecords | None = None
+) -> Prepared:
+    windows, sources, seconds = read_windows(options, settings, on_records)
     classes = choose_classes(windows)
     train_w, val_w = split_windows(windows, options.val_fraction, options.val_block_ms, sources)
     config = with_telemetry_stats(model_config(options, classes), train_w)
+    if options.dp is not None:
+        from pipeline.learn.privacy import dp_architecture
+
+        config = dp_architecture(config)
+    return Prepared(config, train_w, val_w, seconds)
+
+
+def labelled_examples(
+    windows: Sequence[LabelledWindow], classes: Sequence[str]
+) -> list[tuple[dict[Modality, np.ndarray], int]]:
     index = {c: i for i, c in enumerate(classes)}
-    train_data = [(w.inputs, index[w.label]) for w in train_w]
-    val_data = [(w.inputs, index[w.label]) for w in val_w]
-    if stream is not None:
-        stream.write(
-            f"train: {len(windows)} windows ({len(train_w)} training, {len(val_w)} "
-            f"validation) in {window_seconds:.0f} s; classes {list(classes)}; "
-            f"{_class_counts(train_w, classes)}; device {device}\n"
-        )
-    torch.manual_seed(options.seed)
-    model = FusionClassifier(config)
-    bar = EpochBar(stream)
+    return [(w.inputs, index[w.label]) for w in windows]
 
-    def progress(step: Any) -> None:
-        if bar(step):
-            save_model(model, options.out)  # checkpoint: the best epoch so far
 
-    cfg = TrainConfig(
+def training_examples(
+    examples: Sequence[Example], config: Any, augment: bool, seed: int
+) -> Sequence[Example]:
+    """What the recipe trains on: the examples, varied anew on every read (Augmented)."""
+    rate = config.audio.sample_rate if config.audio is not None else 16000
+    return Augmented(examples, seed, rate) if augment else examples
+
+
+def train_config(options: TrainOptions, device: str) -> Any:
+    """fusion.train.TrainConfig of these options."""
+    from fusion.train import TrainConfig
+
+    return TrainConfig(
         epochs=options.epochs,
         batch_size=options.batch_size,
         lr=options.lr,
         seed=options.seed,
-        device=str(device),
+        device=device,
         modality_dropout=options.modality_dropout,
     )
-    started = time.monotonic()
-    rate = config.audio.sample_rate if config.audio is not None else 16000
-    examples = Augmented(train_data, options.seed, rate) if options.augment else train_data
-    result = train(model, examples, val_data, cfg, progress)
-    seconds = time.monotonic() - started
-    version = save_model(model, options.out)
-    return TrainSummary(
-        out=options.out,
-        version=version,
-        classes=classes,
-        train_windows=len(train_w),
-        val_windows=len(val_w),
-        best_epoch=result.best_epoch,
-        best_val_macro_f1=result.best_val_macro_f1,
-        seconds=seconds,
-        window_seconds=window_seconds,
-        history=[dataclasses.asdict(h) for h in result.history],
-    )
 
 
-def _class_counts(windows: Sequence[LabelledWindow], classes: Sequence[str]) -> str:
+def class_counts(windows: Sequence[LabelledWindow], classes: Sequence[str]) -> str:
     labels = np.array([w.label for w in windows])
     return ", ".join(f"{c} {int((labels == c).sum())}" for c in classes)
