@@ -89,3 +89,61 @@ def test_dropped_partitions_give_their_bytes_back() -> None:
     a.push(big("tel", 0, partition=1, nbytes=10))
     a.drop([("cam", 0)])
     assert (a.buffered, a.buffered_bytes) == (1, 10)
+
+
+def test_over_the_byte_budget_the_worker_releases_nothing_early_and_pauses_what_waits() -> None:
+    """Issue 19.3: the byte budget is shared. Two partitions of 600 bytes each, budget 1,000:
+    released without waiting, partition 0's camera went ahead of its telemetry, which was
+    still unread, although the bytes came from both. A pausable aligner (the Kafka worker)
+    releases nothing out of order; it names what to stop reading instead, never the
+    telemetry it waits for, and merges in order once that arrives."""
+    released = Aligner(("cam", "tel"), max_bytes=1000)
+    paused = Aligner(("cam", "tel"), max_bytes=1000, pausable=True)
+    for a in (released, paused):
+        for ts in range(6):
+            a.push(big("cam", 10 + ts, partition=0, nbytes=100))
+            a.push(big("cam", 10 + ts, partition=1, nbytes=100))
+    assert [r.timestamp_ms for r in released.pop_ready(lambda t, p: False)] == [10, 11]
+    assert paused.pop_ready(lambda t, p: False) == []
+    assert paused.pause == {("cam", 0), ("cam", 1)}
+    paused.push(big("tel", 12, partition=0, nbytes=10))
+    out = paused.pop_ready(lambda t, p: False)
+    assert [(r.topic, r.timestamp_ms) for r in out] == [
+        ("cam", 10),
+        ("cam", 11),
+        ("cam", 12),
+        ("tel", 12),
+    ]
+    assert paused.pause == frozenset()  # 910 bytes left: under the budget, read on
+
+
+def test_over_the_record_limit_the_worker_pauses_the_flooding_topic_not_the_late_one() -> None:
+    """One device floods telemetry while its partition's camera is still being read: the
+    telemetry is paused, the camera read on, and the merge stays in event-time order."""
+    a = Aligner(("cam", "tel"), limit=3, pausable=True)
+    for ts in range(10):
+        a.push(rec("tel", ts))
+    assert a.pop_ready(lambda t, p: t == "tel") == []
+    assert a.pause == {("tel", 0)}
+    a.push(rec("cam", 4))
+    assert [(r.topic, r.timestamp_ms) for r in a.pop_ready(lambda t, p: t == "tel")] == [
+        ("tel", 0),
+        ("tel", 1),
+        ("tel", 2),
+        ("tel", 3),
+        ("cam", 4),
+    ]
+    assert a.pause == {("tel", 0)}  # 6 held, still over: the camera goes on being read
+    a.push(rec("cam", 20))
+    assert len(a.pop_ready(lambda t, p: False)) == 6
+    assert a.pause == frozenset() and a.buffered == 1  # the camera record waits for tel
+
+
+def test_a_revoked_partition_is_no_longer_paused() -> None:
+    a = Aligner(("cam", "tel"), limit=1, pausable=True)
+    for ts in range(3):
+        a.push(rec("tel", ts, partition=2))
+    a.pop_ready(lambda t, p: False)
+    assert a.pause == {("tel", 2)}
+    a.drop([("tel", 2)])
+    assert a.pause == frozenset()

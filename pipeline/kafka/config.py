@@ -12,6 +12,10 @@ A security option (TLS, SASL) or a limit changes here once and reaches every cli
 - `admin_config`, `events_reader_config`: topic administration and the demo's reader.
 
 `printable` is the only form in which a configuration may reach a log: secrets masked.
+
+Every consumer's settings are built here, so building them also installs what every
+consumer of the process needs from kafka-python beyond settings (`consumer_fixes`):
+resuming paused partitions (pipeline/kafka/resume.py).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 
 from kafka.coordinator.assignors.range import RangePartitionAssignor
 
+from pipeline.kafka import resume
 from pipeline.settings import MASK, KafkaSettings, Settings
 
 # The largest record any client sends or fetches: an 8 MiB image plus headers, as a record
@@ -55,7 +60,13 @@ def client_config(k: KafkaSettings, role: str) -> dict[str, Any]:
     }
 
 
+def consumer_fixes() -> None:
+    """What every consumer needs beyond settings; installed once for the process."""
+    resume.install()
+
+
 def consumer_config(settings: Settings) -> dict[str, Any]:
+    consumer_fixes()
     k = settings.kafka
     return {
         **client_config(k, "consumer"),
@@ -80,6 +91,7 @@ def offsets_config(settings: Settings) -> dict[str, Any]:
     """A group-less client that only asks for end offsets, on its own connection: on the
     consumer's it would queue behind the fetch in flight (a broker answers one request per
     connection at a time)."""
+    consumer_fixes()
     return {
         **client_config(settings.kafka, "offsets"),
         "enable_auto_commit": False,
@@ -105,6 +117,7 @@ def producer_config(settings: Settings) -> dict[str, Any]:
 
 def recorder_config(k: KafkaSettings) -> dict[str, Any]:
     """A group-less, never-committing consumer that admits the largest records."""
+    consumer_fixes()
     return {
         **client_config(k, "recorder"),
         "group_id": None,
@@ -143,6 +156,7 @@ def admin_config(
 
 def events_reader_config(k: KafkaSettings) -> dict[str, Any]:
     """A group-less reader of the events topic from its start (the demo follows it)."""
+    consumer_fixes()
     return {
         **client_config(k, "events-reader"),
         "group_id": None,

@@ -85,6 +85,7 @@ class KafkaWorker:
         self.aligner = Aligner(
             (settings.topics.camera, settings.topics.audio, settings.topics.telemetry),
             max_bytes=settings.windows.max_aligning_bytes,
+            pausable=True,  # past its limits: stop reading what runs ahead (issue 19.3)
         )
         # before the other clients: with the admin client closed while they ran, an
         # exactly-once worker fetched nothing at all in 4 of 8 runs
@@ -399,6 +400,7 @@ class KafkaWorker:
             )
         self.metrics.paused.set(1 if decision.pause else 0)
         pause = set(self._owned) if decision.pause else set()
+        pause |= {TopicPartition(t, p) for t, p in self.aligner.pause} & self._owned
         if pause - self._held_back:
             self.consumer.pause(*(pause - self._held_back))
         if self._held_back - pause:
