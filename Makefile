@@ -7,8 +7,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
+# the edge install: `pip install '.[edge]'` without torch, serving exported models
+EDGE_VENV ?= build/edge-venv
 
-.PHONY: install demo test bench lint format typecheck check clean
+.PHONY: install demo test bench lint format typecheck check clean edge
 
 install: $(STAMP)
 
@@ -29,6 +31,15 @@ test: install
 bench: install
 	$(BIN)/python bench/pipeline_bench.py
 
+# The torch-free install in $(EDGE_VENV) (not editable: what a device would get), and its
+# size. `make test` runs the edge tests with it when IOTFUSE_EDGE_VENV names it (CI does).
+edge:
+	@test -x $(EDGE_VENV)/bin/python || $(PYTHON) -m venv $(EDGE_VENV)
+	$(EDGE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(EDGE_VENV)/bin/python -m pip install --quiet -c constraints.txt '.[edge]'
+	@! $(EDGE_VENV)/bin/python -c 'import torch' 2>/dev/null || { echo "torch in the edge venv" >&2; exit 1; }
+	@du -sh $(EDGE_VENV)
+
 SOURCES := pipeline encoders fusion tests bench scripts
 
 lint: install
@@ -44,4 +55,4 @@ typecheck: install
 check: lint typecheck
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache
+	rm -rf $(VENV) $(EDGE_VENV) .pytest_cache .mypy_cache

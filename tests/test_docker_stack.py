@@ -17,10 +17,12 @@ import base64
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
 import time
+import tomllib
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -304,6 +306,41 @@ def test_dockerfile_builds_a_non_root_image_with_model_healthcheck_and_entrypoin
         a.partition("=")[0]: a.partition("=")[2] for st in stages for op, a in st if op == "ARG"
     }
     assert args["TORCH_VARIANT"] == "cpu"
+
+
+def test_the_edge_target_serves_an_exported_model_without_torch() -> None:
+    stages = {st[0][1].split()[-1]: st for st in dockerfile()[1:]}  # name -> instructions
+    assert list(stages)[-1] == "runtime"  # a plain build still gives the full image
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    heavy = ("torch", "torchaudio", "transformers")
+    for deps in (project["dependencies"], extras["edge"]):
+        assert not [d for d in deps if re.split(r"[<>=\[ ]", d)[0] in heavy]
+    assert any(d.startswith("onnxruntime") for d in extras["edge"])
+    assert any(d.startswith("torch") for d in extras["full"]) and "iotfuse[full]" in extras["dev"]
+    installs = [a for op, a in stages["edge-deps"] if op == "RUN" and "requirements.txt" in a]
+    assert installs and "['edge']" in installs[0] and "['full']" not in installs[0]
+    assert "import torch" in installs[0]  # the build stops if torch slipped in
+    (deps_full,) = [a for op, a in stages["deps"] if op == "RUN" and "requirements.txt" in a]
+    assert "['full']" in deps_full
+    assert stages["exported"][0][1].split()[0] == "deps"  # exported with torch, checked
+    (export,) = [a for op, a in stages["exported"] if op == "RUN"]
+    model = re.search(r"iotfuse export --out (\S+)", export)
+    assert model is not None
+    edge = stages["edge"]
+    copies = [a.split() for op, a in edge if op == "COPY"]
+    assert ["--from=edge-deps", "/opt/venv", "/opt/venv"] in copies
+    assert any(c[0] == "--from=exported" and c[1] == model.group(1) for c in copies)
+    assert not any(c[0] == "--from=deps" for c in copies)  # nothing of the torch venv
+    env = dict(kv.split("=", 1) for op, a in edge if op == "ENV" for kv in shlex.split(a))
+    target = next(c[2] for c in copies if c[0] == "--from=exported")
+    assert load_settings(None, environ=env).runtime.model == target
+    ops = [op for op, _ in edge]
+    users = [a for op, a in edge if op == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert ops.index("USER") > max(i for i, op in enumerate(ops) if op == "RUN")
+    assert json.loads(dict(edge)["ENTRYPOINT"]) == ["iotfuse"]
+    assert dict(edge)["HEALTHCHECK"] == dict(stages["runtime"])["HEALTHCHECK"]
 
 
 def test_build_context_holds_the_packages_and_model_but_no_venv_git_or_recordings() -> None:

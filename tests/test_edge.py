@@ -9,8 +9,10 @@ builds the real edge venv and runs a live worker with it (tests/test_edge_kafka.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -49,16 +51,28 @@ EDGE_MODULES = [
 ]
 
 
+def edge_python() -> tuple[str, Path]:
+    """The interpreter of the edge install and where to run it: the venv IOTFUSE_EDGE_VENV
+    names (CI: `make edge`), run outside the source tree so that it imports its installed
+    package; else this venv, in the source tree (BLOCK keeps torch out)."""
+    venv = os.environ.get("IOTFUSE_EDGE_VENV")
+    if venv:
+        python = Path(venv).resolve() / "bin" / "python"
+        assert python.exists(), f"IOTFUSE_EDGE_VENV={venv} has no bin/python: run make edge"
+        return str(python), Path(tempfile.gettempdir())
+    return sys.executable, REPO
+
+
+def blocked(script: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    python, cwd = edge_python()
+    return subprocess.run(
+        [python, "-c", BLOCK + script, *argv], cwd=cwd, capture_output=True, text=True, timeout=240
+    )
+
+
 def without_torch(*argv: str) -> subprocess.CompletedProcess[str]:
     """`iotfuse ARGV` in a process where importing torch, torchaudio or transformers fails."""
-    script = BLOCK + "from pipeline.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-    return subprocess.run(
-        [sys.executable, "-c", script, *argv],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    return blocked("from pipeline.cli import main\nsys.exit(main(sys.argv[1:]))\n", *argv)
 
 
 @pytest.fixture(scope="module")
@@ -78,12 +92,8 @@ def recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_the_edge_commands_modules_import_without_torch() -> None:
-    script = (
-        BLOCK
-        + f"import importlib\nfor name in {EDGE_MODULES!r}:\n    importlib.import_module(name)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+    done = blocked(
+        f"import importlib\nfor name in {EDGE_MODULES!r}:\n    importlib.import_module(name)\n"
     )
     assert done.returncode == 0, done.stderr[-2000:]
 
