@@ -140,8 +140,9 @@ def stream(devices: int, t0: int, seconds: int, media: Media) -> list[Record]:
 
 
 def closing(devices: int, end_ms: int, media: Media) -> list[Record]:
-    """Per device, telemetry 600 ms past `end_ms`: closes its last window (lateness 500 ms)."""
-    return [r for r in tick_records(devices, end_ms + 600, 1, media) if r.topic == TOPICS.telemetry]
+    """Per device, a record of each modality 600 ms past `end_ms`: closes its last window
+    (lateness 500 ms; every modality a device sends must pass it, contract v1.1)."""
+    return tick_records(devices, end_ms + 600, 0, media)  # tick 0: all three modalities
 
 
 # -- model, settings ------------------------------------------------------------------------

@@ -35,7 +35,9 @@ from pipeline.kafka.admin import TopicNames
 from pipeline.settings import Settings
 from pipeline.stream.model_runner import ModelRunner
 
-LIVE_TAIL_MS = 600  # devices keep sending past the live run: its last windows close as usual
+# devices keep sending past the live run, to a camera frame 600 ms past its end: its last
+# windows close by watermark as usual (every modality must pass end + 500 ms)
+LIVE_TAIL_MS = 700
 WARM_UP_MS = 6000  # the live run's first windows, not measured: the fleet is already running
 
 

@@ -20,9 +20,9 @@ is compared.
    fetch rate), and printed again from the worker's start, group join included.
    Acknowledged = the broker acked it (acks=all) and the worker drained that ack, where it
    releases the offsets and observes iotfuse_event_latency_seconds (`LatencySamples`).
-   A telemetry record per device 600 ms past the end closes the last windows by watermark;
-   the windows it opens are not counted (the idle timeout is set to 10 min so that only
-   watermark-closed windows are counted);
+   A record of each modality per device 600 ms past the end closes the last windows by
+   watermark; the windows it opens are not counted (the idle timeout is set to 10 min so
+   that only watermark-closed windows are counted);
 4. offline with max_batch=1 (at most 20 s a run: the windows done by then);
 5. per-message loop via Kafka: consume a record, decode it, classify it alone (a one-record
    window), produce its event, flush(); over whole windows of a few devices;
@@ -33,8 +33,8 @@ is compared.
    and the new topics' first seconds, when the producer falls up to 0.3 s behind and the
    worker gets a camera frame after a later telemetry record; reported apart: events are
    acknowledged in window order).
-   Devices go on sending for 600 ms past the last measured window, so it closes by
-   watermark like every other one (the windows that tail opens are not counted).
+   Devices go on sending to a camera frame 600 ms past the last measured window, so it
+   closes by watermark like every other one (the windows that tail opens are not counted).
 A worker that acknowledges nothing for 30 s is reported as STALLED and its run left out.
 Seen with kafka-python 3.0.12: after the worker pauses a partition running ahead and
 resumes it, the partition is never fetched again (its parked records are only restored
