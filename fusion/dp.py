@@ -26,6 +26,7 @@ Shape comments use the dimension names of the legend in encoders/__init__.py.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,9 +115,13 @@ def per_example_grads(
         loss = F.cross_entropy(logits, label.unsqueeze(0))  # [1, C], [1] -> scalar
         return loss, loss.detach()
 
-    grads, losses = vmap(
-        grad(loss_one, has_aux=True), in_dims=(None, 0, 0, 0), randomness="different"
-    )(params, inputs, present, y)
+    with warnings.catch_warnings():
+        # vmap runs attention's fused CPU kernel window by window (correct, a little slower:
+        # there are only 1+M tokens); torch would warn about it at every step
+        warnings.filterwarnings("ignore", message="There is a performance drop because")
+        grads, losses = vmap(
+            grad(loss_one, has_aux=True), in_dims=(None, 0, 0, 0), randomness="different"
+        )(params, inputs, present, y)
     return grads, losses
 
 
@@ -146,8 +151,13 @@ class DPSGD:
         return int(sum(n for _, _, n in self.accountant.history))
 
     def epsilon(self, delta: float) -> float:
-        """Spent so far (0 before the first step)."""
-        return float(self.accountant.get_epsilon(delta)) if self.accountant.history else 0.0
+        """Spent so far (0 before the first step): an upper bound, by the RDP accountant."""
+        if not self.accountant.history:
+            return 0.0
+        with warnings.catch_warnings():
+            # "Optimal order is the largest alpha": the bound could be tighter, not looser
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            return float(self.accountant.get_epsilon(delta))
 
     def recipe(
         self, step_module: TrainStep, optimizer: torch.optim.Optimizer, cfg: TrainConfig, n: int
@@ -191,11 +201,6 @@ class DPRecipe:
         return [list(b) for b in sampler if len(b) > 0]
 
     def step(self, batch: WindowBatch, y: Tensor) -> float:
-        import warnings
-
-        # vmap runs attention's fused CPU kernel example by example (correct, slower: there
-        # are 1+M tokens); torch would warn about it at every step
-        warnings.filterwarnings("ignore", message="There is a performance drop because we have not")
         model = self.module.model
         with torch.no_grad():
             inputs = dense_inputs(model, batch)  # {m: [B, ...]}

@@ -233,7 +233,7 @@ def train(
         for indices in steps.batches(len(train_data), generator):
             for batch, y in _batches(model, train_data, indices, len(indices), device):
                 total, batches = total + steps.step(batch, y), batches + 1
-        val_loss, report = _validate(model, val_data, cfg.batch_size, device, parallel)
+        val_loss, report = validation_report(model, val_data, cfg.batch_size, device, parallel)
         step = TrainProgress(
             epoch=epoch,
             epochs=cfg.epochs,
@@ -268,7 +268,7 @@ def validation_counts(
     return mean_loss * len(data), confusion_matrix(y_true, y_pred, n_classes)
 
 
-def _validate(
+def validation_report(
     model: FusionClassifier,
     data: Sequence[Example],
     batch_size: int,

@@ -190,12 +190,14 @@ def model_windows(
 
 
 def model_info(runner: Any, path: Path) -> dict[str, Any]:
+    privacy = getattr(runner.config, "privacy", None)  # DP-SGD's spent budget (issue 17)
     return {
         "name": runner.config.name,
         "version": runner.version,
         "path": str(path),
         "modalities": [m.value for m in runner.config.modalities],
         "classes": list(runner.config.classes),
+        "privacy": None if privacy is None else dataclasses.asdict(privacy),
     }
 
 
@@ -233,7 +235,7 @@ def evaluate_recordings(
     out = {
         "schema": SCHEMA,
         "data": [str(p) for p in options.data],
-        "model": {k: main.pop(k) for k in ("name", "version", "path", "modalities")},
+        "model": {k: main.pop(k) for k in ("name", "version", "path", "modalities", "privacy")},
         "classes": main.pop("classes"),
         **main,
         "compare": results[1:],

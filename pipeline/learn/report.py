@@ -59,6 +59,12 @@ def _f(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+def _epsilon(model: dict[str, Any]) -> str:
+    """The DP epsilon a model spent ("-": trained without DP)."""
+    privacy = model.get("privacy")
+    return "-" if not privacy else f"{privacy['epsilon']:.2f}"
+
+
 def report_markdown(metrics: dict[str, Any]) -> str:
     """A short human summary of a metrics dict."""
     model = metrics["model"]
@@ -70,6 +76,11 @@ def report_markdown(metrics: dict[str, Any]) -> str:
         f"- data: {', '.join(f'`{d}`' for d in metrics['data'])}; {metrics['windows']} "
         "labelled windows",
         f"- **macro-F1 {_f(metrics['macro_f1'])}**, accuracy {_f(metrics['accuracy'])}",
+        *(
+            [f"- trained with DP-SGD: epsilon {_epsilon(model)} at delta {p['delta']:g}"]
+            if (p := model.get("privacy"))
+            else []
+        ),
         "",
         "| class | precision | recall | F1 | support |",
         "|---|---|---|---|---|",
@@ -99,13 +110,13 @@ def report_markdown(metrics: dict[str, Any]) -> str:
             "",
             "Models compared on the same data:",
             "",
-            "| model | modalities | macro-F1 | accuracy | windows | version |",
-            "|---|---|---|---|---|---|",
+            "| model | modalities | macro-F1 | accuracy | windows | DP epsilon | version |",
+            "|---|---|---|---|---|---|---|",
         ]
         for m in [{**model, **metrics}, *compare]:
             lines.append(
                 f"| {m['name']} | {', '.join(m['modalities'])} | {_f(m['macro_f1'])} "
-                f"| {_f(m['accuracy'])} | {m['windows']} | {m['version'][:19]} |"
+                f"| {_f(m['accuracy'])} | {m['windows']} | {_epsilon(m)} | {m['version'][:19]} |"
             )
     best = metrics.get("best_single_modality")
     if best is not None:
