@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.commands import demo, export, infra, learn, recordings, run
+from pipeline.commands import demo, export, federate, infra, learn, recordings, run
 
 AddArgs = Callable[[argparse.ArgumentParser], None]
 Handler = Callable[[argparse.Namespace, Any], int]
@@ -66,6 +66,11 @@ COMMANDS: dict[str, tuple[str, AddArgs, Handler]] = {
         "score a model on labelled recordings: metrics.json, confusion matrix, report",
         learn.evaluate_args,
         learn.evaluate,
+    ),
+    "federate": (
+        "federated training: a server and sites that keep their recordings (Flower)",
+        federate.federate_args,
+        federate.federate,
     ),
     "export": (
         "export a model as one ONNX graph, to serve on ONNX Runtime (no torch needed)",
