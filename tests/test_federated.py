@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from fusion.train import fit_telemetry_stats
 from pipeline.cli import main
 from pipeline.errors import UserError
 from pipeline.learn.dataset import LabelledWindow, recording_windows
-from pipeline.learn.federated.federation import ServerOptions
+from pipeline.learn.federated.federation import Federation, ServerOptions, weighted_average
 from pipeline.learn.federated.protocol import SiteRecipe
 from pipeline.learn.federated.server import run_server
 from pipeline.learn.federated.simulate import SimulateOptions, SiteProcesses, free_port, simulate
@@ -33,7 +32,7 @@ from pipeline.recordings.file import read_records
 from pipeline.settings import Settings
 from pipeline.stream.features import FeatureSpec
 from pipeline.stream.model_runner import ModelRunner
-from tests.factory import T0
+from tests.factory import T0, make_model
 
 
 @pytest.fixture(scope="module")
@@ -303,6 +302,32 @@ def test_the_server_stops_with_the_reason_when_sites_do_not_come(tmp_path: Path)
     options = ServerOptions(
         rounds=1, min_sites=2, out=tmp_path / "m", address=f"127.0.0.1:{free_port()}", wait_s=1
     )
-    stop = threading.Event()
     with pytest.raises(UserError, match="0 of the 2 site"):
-        run_server(options, Settings(), None, abort=lambda: None if not stop.is_set() else "x")
+        run_server(options, Settings())
+    options = ServerOptions(rounds=1, min_sites=1, out=tmp_path / "m2", address=options.address)
+    with pytest.raises(UserError, match="site-3 exited"):  # simulate's watch on its sites
+        run_server(options, Settings(), abort=lambda: "site-3 exited with code 1")
+
+
+def test_init_starts_from_its_model_and_unfit_replies_are_left_out(tmp_path: Path) -> None:
+    init = make_model(tmp_path / "init")  # classes normal, fire, intrusion; 3 metrics
+    options = ServerOptions(rounds=1, min_sites=1, out=tmp_path / "m", init=init)
+    fed = Federation(options, None)
+    reply = {"site": "a", **site_stats([LabelledWindow("d", T0, {}, "fire")], 3)}
+    broken = {**reply, "site": "b", "count": "[1, 2]"}  # 2 counts for 3 metrics
+    arrays = fed.first_weights([reply, broken])
+    loaded = load_model(init)
+    assert fed.config == loaded.config and fed.sites == ["a"]
+    for got, want in zip(arrays, loaded.model.state_dict().values(), strict=True):
+        np.testing.assert_array_equal(got, want.numpy())
+    unknown = {"site": "c", **site_stats([LabelledWindow("d", T0, {}, "smoke")], 3)}
+    with pytest.raises(UserError, match="does not know"):
+        fed.first_weights([unknown])
+
+
+def test_federated_averaging_weighs_sites_by_their_windows() -> None:
+    a = [np.array([1.0, 2.0], dtype=np.float32), np.array(10, dtype=np.int64)]
+    b = [np.array([4.0, 8.0], dtype=np.float32), np.array(13, dtype=np.int64)]
+    got = weighted_average([(a, 1), (b, 2)])
+    np.testing.assert_allclose(got[0], [3.0, 6.0])
+    assert got[0].dtype == np.float32 and got[1].dtype == np.int64 and int(got[1]) == 12

@@ -288,6 +288,8 @@ def train(args: argparse.Namespace, settings: Settings) -> int:
         )
     except ValueError as exc:  # a model config or training option the user must change
         raise UserError(str(exc)) from exc
+    if not summary.version:  # one of torchrun's processes, not rank 0: rank 0 reports
+        return 0
     print(
         f"trained {summary.out} ({summary.version}): best epoch {summary.best_epoch} with "
         f"validation macro-F1 {summary.best_val_macro_f1:.3f}; {summary.train_windows} "

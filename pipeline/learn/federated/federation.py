@@ -118,7 +118,12 @@ class Federation:
 
         self.options = options
         self.stream = stream
-        self.untrained = model_config(options.architecture(), ("a", "b"))
+        if options.init is not None:  # its architecture, metrics and windows
+            from fusion.modelfile import load_model
+
+            self.untrained = load_model(options.init).config
+        else:
+            self.untrained = model_config(options.architecture(), ("a", "b"))
         self.config: Any = None  # the ModelConfig once round 1 is done
         self.current: list[np.ndarray] = []
         self.best: list[np.ndarray] = []
@@ -155,7 +160,7 @@ class Federation:
                     "site %s sent statistics that do not fit (%s); left out", reply.get("site"), exc
                 )
         if not good:
-            raise UserError("no site sent usable statistics in round 1")
+            raise UserError("no site sent usable statistics")
         combined = combine(good, len(tel.metrics) if tel is not None else 0)
         self.sites = sorted(str(r.get("site", "?")) for r in good)
         self.labels = combined.labels
@@ -350,8 +355,9 @@ class Federation:
                         ]
                         fed.current = fed.average(replies)
                 except UserError as exc:
-                    fed.error = f"round {server_round - 1}: {exc}" + (
-                        f" ({len(failures)} site(s) failed)" if failures else ""
+                    what = "statistics" if server_round == 1 else f"round {server_round - 1}"
+                    fed.error = f"{what}: {exc}" + (
+                        f" ({len(failures)} site(s) failed: see their output)" if failures else ""
                     )
                     return None, {}
                 return ndarrays_to_parameters(fed.current), {}

@@ -53,7 +53,15 @@ def quiet_flower(settings: Settings) -> None:
     if settings.runtime.log_level.upper() != "DEBUG":
         for name in ("flwr", "alembic"):  # alembic: Flower's database layer, unused here
             logging.getLogger(name).setLevel(logging.WARNING)
-    flwr.addFilter(lambda r: "DEPRECATED FEATURE" not in str(r.msg))
+    flwr.addFilter(_shown)
+
+
+def _shown(record: logging.LogRecord) -> bool:
+    """Not Flower's deprecation notices, nor its tracebacks of our UserErrors: the command
+    prints those in one line."""
+    if "DEPRECATED FEATURE" in str(record.msg):
+        return False
+    return not (record.exc_info and isinstance(record.exc_info[1], UserError))
 
 
 def site_manager(fed: Federation, wait_s: float, abort: Callable[[], str | None] | None) -> Any:
@@ -90,10 +98,11 @@ def run_server(
 ) -> FederationSummary:
     """Run the federation to its end; `wrap(strategy)` may put a strategy around ours (tests
     record what the sites send); `abort()` returning a reason stops it."""
+    _check_out(options)
+    _check_init(options)
+    quiet_flower(settings)  # before flwr loads: its imports log
     from flwr.server import ServerConfig, start_server
 
-    _check_out(options)
-    quiet_flower(settings)
     certificates = None
     if options.tls is not None:
         try:
@@ -132,6 +141,23 @@ def run_server(
         rounds=fed.history,
         seconds=time.monotonic() - fed.started,
     )
+
+
+def _check_init(options: ServerOptions) -> None:
+    """--init's model loads, and can be trained with DP-SGD when --dp-epsilon asks for it."""
+    if options.init is None:
+        return
+    from fusion.modelfile import load_model
+
+    try:
+        config = load_model(options.init).config
+    except ValueError as exc:  # ModelFileError, ModelConfigError: say which and why
+        raise UserError(f"--init {options.init}: {exc}") from exc
+    if options.dp is not None and config.conv_norm != "group":
+        raise UserError(
+            f"--init {options.init} has BatchNorm, which DP-SGD cannot train; start from a "
+            "model trained with --dp-epsilon (GroupNorm), or without --init"
+        )
 
 
 def _check_out(options: ServerOptions) -> None:

@@ -279,11 +279,14 @@ def client(site: Site) -> Any:
 
 def run_site(options: SiteOptions, settings: Settings, stream: TextIO | None = None) -> int:
     """Take part until the server ends the federation; returns the rounds trained."""
-    from flwr.client import start_client
-
     from pipeline.learn.federated.server import quiet_flower
 
-    quiet_flower(settings)
+    quiet_flower(settings)  # before flwr loads: its imports log
+    from flwr.client import start_client
+
+    missing = [str(p) for p in options.data if not p.is_file()]
+    if missing:
+        raise UserError(f"--data: no such recording(s) {missing}")
     ca = None
     if options.tls_ca is not None:
         try:
