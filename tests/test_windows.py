@@ -440,3 +440,12 @@ def test_a_clock_stepping_back_does_not_keep_a_silent_modality_active() -> None:
         f.add(T0 + ts, modality=TEL)
         f.now += 100
     assert spans(f.closed) == [("d1", 0, 2000), ("d1", 2000, 4000)]  # at 45,000
+
+
+def test_the_window_settings_reach_the_engine_windower() -> None:
+    from pipeline.settings import Settings, WindowSettings
+    from pipeline.stream.assembly import window_config
+
+    s = Settings(windows=WindowSettings(modality_silence_ms=1234, idle_timeout_ms=4321))
+    cfg = window_config(s, 2000)
+    assert (cfg.modality_silence_ms, cfg.idle_timeout_ms) == (1234, 4321)

@@ -35,7 +35,11 @@ def window_config(settings: Settings, model_window_ms: int) -> WindowConfig:
             "windows; leave windows.window_ms at 0 (use the model's) or train a model for it"
         )
     return WindowConfig(
-        model_window_ms, w.allowed_lateness_ms, w.idle_timeout_ms, w.forget_after_ms
+        window_ms=model_window_ms,
+        allowed_lateness_ms=w.allowed_lateness_ms,
+        idle_timeout_ms=w.idle_timeout_ms,
+        forget_after_ms=w.forget_after_ms,
+        modality_silence_ms=w.modality_silence_ms,
     )
 
 
