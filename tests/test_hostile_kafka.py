@@ -9,19 +9,33 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from kafka import KafkaProducer
 
 from pipeline.kafka.admin import TopicNames
+from pipeline.kafka.decompress import MAX_BATCH_BYTES
 from pipeline.kafka.worker import KafkaWorker
+from pipeline.records import Record
 from pipeline.settings import Settings
 from pipeline.stream.model_runner import ModelRunner
 from pipeline.testing import WorkerThread
 from tests.contract import Published
 from tests.factory import T0, TOPICS, device_stream, jpeg_header_only, record
-from tests.kafka_util import produce, read_until, settings_for, to_topics, worker_thread
+from tests.kafka_util import (
+    produce,
+    read_until,
+    settings_for,
+    to_topics,
+    wait_until,
+    worker_thread,
+)
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -44,10 +58,10 @@ def start_worker(runner: ModelRunner) -> Iterator:
         w.thread.join(timeout=60)
 
 
-def windows_of(got: list[Published], events: str, devices: set[str]) -> Counter:
-    """(device, window start - T0, modality, records) of each event of `devices`."""
+def windows_of(got: list[Published], events: str, devices: set[str], t0: int = T0) -> Counter:
+    """(device, window start - t0, modality, records) of each event of `devices`."""
     return Counter(
-        (e["device_id"], e["window"]["start_ms"] - T0, m, d["records"])
+        (e["device_id"], e["window"]["start_ms"] - t0, m, d["records"])
         for e in (json.loads(p.value or b"") for p in got if p.topic == events)
         if e["device_id"] in devices
         for m, d in e["modalities"].items()
@@ -105,3 +119,100 @@ def test_one_devices_flood_leaves_a_normal_devices_windows_complete(
     )
     worker.close()
     assert windows_of(got, topics.events, devices) == complete(devices, 8)
+
+
+# -- part 2: a compression bomb ------------------------------------------------------------
+
+BOMB_PRODUCER = """
+import sys
+from kafka import KafkaProducer
+bootstrap, topic, partition, ts, mib = sys.argv[1:]
+size = int(mib) << 20
+producer = KafkaProducer(
+    bootstrap_servers=bootstrap, compression_type="gzip", max_request_size=size + (1 << 20)
+)
+producer.send(
+    topic, key=b"bomb", value=bytes(size), partition=int(partition), timestamp_ms=int(ts)
+).get(timeout=120)
+producer.close()
+"""
+
+
+def rss_mib(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) // 1024
+    raise AssertionError(f"no {field} in /proc/self/status")
+
+
+def reset_peak_rss() -> int:
+    """Start measuring this process's peak memory afresh (Linux); returns RSS now, MiB."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return rss_mib("VmRSS")
+
+
+def live(bootstrap: str, records: list[Record], start_ms: int, during: dict[int, object]) -> None:
+    """Produce `records` (stamped from `start_ms`) when their time comes, as a device does;
+    `during[i]()` runs just before the i-th record."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    for i, r in enumerate(sorted(records, key=lambda r: r.timestamp_ms)):
+        time.sleep(max(0.0, (r.timestamp_ms - wall_ms()) / 1000))  # the device's pace
+        if i in during:
+            during[i]()  # type: ignore[operator]
+        producer.send(r.topic, key=r.key, value=r.value, timestamp_ms=r.timestamp_ms)
+    producer.close()
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_a_compression_bomb_is_dead_lettered_within_the_memory_bound(
+    bootstrap: str, topics: TopicNames, start_worker
+) -> None:
+    """256 MiB of zeros in one gzip camera record (a 261 KB batch), produced on a normal
+    device's partition while it streams live. kafka-python decompressed it whole, copied it
+    and copied the value once more (+768 MiB); now decompression stops past MAX_BATCH_BYTES,
+    the batch is dead-lettered by position and the normal device's windows are complete and
+    on time."""
+    worker = start_worker(settings_for(bootstrap, topics))
+    wait_until(lambda: bool(worker.worker.consumer.assignment()), 60, "partition assignment")
+    start = (wall_ms() // 2000 + 2) * 2000  # a window boundary, 2-4 s from now
+    normal = to_topics(device_stream(SHARED, start, 6), topics)
+    measured: dict[str, int] = {}
+    bomb: list[subprocess.Popen[bytes]] = []
+
+    def produce_bomb() -> None:
+        measured["rss"] = reset_peak_rss()
+        bomb.append(
+            subprocess.Popen(
+                [sys.executable, "-c", BOMB_PRODUCER, bootstrap, topics.camera, "2"]
+                + [str(wall_ms()), "256"]
+            )
+        )
+
+    live(bootstrap, normal, start, {len(normal) // 3: produce_bomb})
+    assert bomb[0].wait(timeout=120) == 0
+    got = read_until(
+        bootstrap,
+        [topics.events, topics.deadletter],
+        lambda got: (
+            any(p.topic == topics.deadletter for p in got)
+            and sum(windows_of(got, topics.events, {SHARED}, start).values()) >= 3 * 3
+        ),
+        poll=worker.check,
+    )
+    growth = rss_mib("VmHWM") - measured["rss"]
+    worker.check()  # alive
+    assert growth < (MAX_BATCH_BYTES >> 20) * 2, f"peak memory grew {growth} MiB"
+    [letter] = [p for p in got if p.topic == topics.deadletter]
+    assert letter.header("iotfuse.error.reason") == "batch_too_large_decompressed"
+    assert letter.header("iotfuse.error.partition") == "2"
+    assert windows_of(got, topics.events, {SHARED}, start) == complete({SHARED}, 6)
+    delays = [
+        e["processed_at_ms"] - e["window"]["end_ms"]
+        for e in (json.loads(p.value or b"") for p in got if p.topic == topics.events)
+    ]
+    assert max(delays) < 2500  # 0.6 s for a window closed by the device's next records

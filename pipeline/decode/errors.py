@@ -33,6 +33,9 @@ class Reason(StrEnum):
     CONTENT_TYPE_MISMATCH = "content_type_mismatch"
     INTERNAL_DECODE_ERROR = "internal_decode_error"  # a bug: a decoder raised something else
     UNREADABLE_RECORD = "unreadable_record"  # the Kafka client could not parse it at all
+    # its record batch decompresses past the worker's bound (pipeline/kafka/decompress.py)
+    BATCH_TOO_LARGE_DECOMPRESSED = "batch_too_large_decompressed"
+    UNSUPPORTED_COMPRESSION = "unsupported_compression"  # a codec the worker cannot read
     # camera
     IMAGE_TOO_LARGE_BYTES = "image_too_large_bytes"
     IMAGE_TOO_LARGE_PIXELS = "image_too_large_pixels"

@@ -15,7 +15,8 @@ A security option (TLS, SASL) or a limit changes here once and reaches every cli
 
 Every consumer's settings are built here, so building them also installs what every
 consumer of the process needs from kafka-python beyond settings (`consumer_fixes`):
-resuming paused partitions (pipeline/kafka/resume.py).
+bounded decompression (pipeline/kafka/decompress.py) and resuming paused partitions
+(pipeline/kafka/resume.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 
 from kafka.coordinator.assignors.range import RangePartitionAssignor
 
-from pipeline.kafka import resume
+from pipeline.kafka import decompress, resume
 from pipeline.settings import MASK, KafkaSettings, Settings
 
 # The largest record any client sends or fetches: an 8 MiB image plus headers, as a record
@@ -62,6 +63,7 @@ def client_config(k: KafkaSettings, role: str) -> dict[str, Any]:
 
 def consumer_fixes() -> None:
     """What every consumer needs beyond settings; installed once for the process."""
+    decompress.install()
     resume.install()
 
 

@@ -43,7 +43,7 @@ from pipeline.kafka.config import (
 from pipeline.kafka.log_end import LogEnd
 from pipeline.kafka.messages import to_record
 from pipeline.kafka.producer import BoundedProducer
-from pipeline.kafka.unreadable import find_unreadable, unreadable_dead_letter
+from pipeline.kafka.unreadable import find_unreadable
 from pipeline.logs import Throttle
 from pipeline.settings import Settings
 from pipeline.stream.align import Aligner, CaughtUp
@@ -92,6 +92,7 @@ class KafkaWorker:
         limit = prepare_outputs(settings, clock)  # and never more than this producer sends:
         self._deadletter_max = min(limit or MAX_RECORD_BYTES, MAX_RECORD_BYTES)
         self._oversized = Throttle(log)  # a flood of them says so once a minute
+        self._unreadable = Throttle(log)  # and of records the client cannot parse
         with ExitStack() as undo:  # a failed start closes the clients it opened (their
             # network threads ran on: a caller that retries or goes on leaked them)
             self.consumer = KafkaConsumer(**consumer_config(settings))
@@ -159,29 +160,27 @@ class KafkaWorker:
         """consumer.poll; a record the client cannot parse is dead-lettered and skipped."""
         try:
             return dict(self.consumer.poll(timeout_ms=timeout_ms))
-        except CorruptRecordError as exc:
+        except CorruptRecordError:
             positions = {tp: self.consumer.position(tp) for tp in self._owned - self._held_back}
             found = find_unreadable(self.offsets, positions)
             if not found:
                 raise  # not a record this worker can point at
-            for tp, offset in found:
-                log.warning(
-                    "record %s[%d]@%d cannot be parsed (%s): dead-lettered, skipped",
-                    tp.topic,
-                    tp.partition,
-                    offset,
-                    exc,
+            for bad in found:  # a record, or a batch that cannot be decompressed
+                self._unreadable.log(
+                    logging.WARNING,
+                    str(bad.reason),
+                    "records %s[%d]@%d-%d cannot be parsed (%s): dead-lettered, skipped",
+                    bad.tp.topic,
+                    bad.tp.partition,
+                    bad.first,
+                    bad.last,
+                    bad.error,
                 )
-                self.tracker.track(Position(tp.topic, tp.partition, offset))
-                self.metrics.labelled(self.metrics.dead_letters, "unreadable_record").inc()
-                self._publish(
-                    [
-                        unreadable_dead_letter(
-                            tp, offset, exc, self.settings.topics.deadletter, self.clock()
-                        )
-                    ]
-                )
-                self.consumer.seek(tp, offset + 1)
+                for position in bad.positions:
+                    self.tracker.track(position)
+                self.metrics.labelled(self.metrics.dead_letters, str(bad.reason)).inc()
+                self._publish([bad.dead_letter(self.settings.topics.deadletter, self.clock())])
+                self.consumer.seek(bad.tp, bad.last + 1)
             return {}
 
     def _status(self, every_ms: int = 10_000) -> None:
