@@ -1,5 +1,5 @@
-"""Hostile producers against the real broker (issue 19): a record at the topic's size limit
-(parts 1), a compression bomb (part 2), one device's flood beside a normal one (part 3).
+"""Hostile producers against the real broker (issue 19): records at the topic's size limit
+(part 1), a compression bomb (part 2), one device's flood beside a normal one (part 3).
 
 Each must leave the worker running, the hostile records dead-lettered or in events, and a
 normal device's windows complete.
@@ -41,6 +41,9 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 PER_WINDOW = {"camera": 10, "audio": 4, "telemetry": 20}  # device_stream's, 2 s windows
 MiB = 1 << 20
+# on partition 2 of 3 (murmur2, as kafka-python and Java producers place keys): the normal
+# device shares its partition with the hostile records; normal-b is on partition 1
+SHARED, OTHER, FLOOD, FRAMES = "normal-a", "normal-b", "flood", "big-cam"
 
 
 @pytest.fixture
@@ -86,11 +89,72 @@ def large_jpeg(nbytes: int) -> bytes:
     return base[:2] + segment * ((nbytes - len(base)) // len(segment)) + base[2:]
 
 
-# -- part 3: one device's flood beside a normal one ---------------------------------------
+# -- part 1: records at the topic's size limit -----------------------------------------
 
-# on partition 2 of 3 (murmur2, as kafka-python and Java producers place keys): the normal
-# device shares its partition with the flood and the large frames; normal-b is on partition 1
-SHARED, OTHER, FLOOD, FRAMES = "normal-a", "normal-b", "flood", "big-cam"
+PAD = 10_485_299  # the issue's recipe: with its key and value, just under the topic's limit
+
+
+def test_records_at_the_topics_size_limit_are_dead_lettered_and_the_worker_goes_on(
+    bootstrap: str, topics: TopicNames, start_worker
+) -> None:
+    """The issue's three recipes, on topics made as `iotfuse topics` makes them (camera and
+    dead letters 10 MiB): a non-image whose 10 MiB sits in a header, in the key, or in the
+    value, between a normal device's records on its partition. With the worker's error
+    headers each dead letter was over the dead-letter topic's limit: the broker refused it,
+    the worker stopped without committing, and every restart stopped on the same record.
+    Now each is sent without what does not fit, and the normal device's windows are
+    complete."""
+    hostile = [
+        (b"dev-1", b"not an image", [("pad", b"P" * PAD)]),
+        (b"K" * PAD, b"not an image", []),
+        (b"dev-1", b"P" * PAD, []),
+    ]
+    normal = to_topics(device_stream(SHARED, T0, 6), topics)
+    produce(bootstrap, [r for r in normal if r.timestamp_ms < T0 + 3000])
+    producer = KafkaProducer(bootstrap_servers=bootstrap, max_request_size=20_000_000)
+    sent = [
+        producer.send(
+            topics.camera,
+            key=key,
+            value=value,
+            headers=headers,
+            partition=2,  # the normal device's
+            timestamp_ms=T0 + 2900,
+        ).get(timeout=60)
+        for key, value, headers in hostile
+    ]
+    producer.close()
+    produce(bootstrap, [r for r in normal if r.timestamp_ms >= T0 + 3000])  # read after them
+    worker = start_worker(settings_for(bootstrap, topics))
+    got = read_until(
+        bootstrap,
+        [topics.events, topics.deadletter],
+        lambda got: (
+            sum(p.topic == topics.deadletter for p in got) >= 3
+            and sum(windows_of(got, topics.events, {SHARED}).values()) >= 3 * 3
+        ),
+        poll=worker.check,
+    )
+    worker.check()  # alive
+    letters = sorted(
+        (p for p in got if p.topic == topics.deadletter),
+        key=lambda p: int(p.header("iotfuse.error.offset")),
+    )
+    assert [int(p.header("iotfuse.error.offset")) for p in letters] == [m.offset for m in sent]
+    assert [p.header("iotfuse.error.omitted") for p in letters] == [
+        f"value=12,header:pad={PAD}",
+        f"value=12,key={PAD}",
+        f"value={PAD}",
+    ]
+    assert [p.header("iotfuse.error.reason") for p in letters] == [
+        "unsupported_format",
+        "invalid_key",
+        "image_too_large_bytes",
+    ]
+    assert windows_of(got, topics.events, {SHARED}) == complete({SHARED}, 6)
+
+
+# -- part 3: one device's flood beside a normal one ---------------------------------------
 
 
 def test_one_devices_flood_leaves_a_normal_devices_windows_complete(
