@@ -107,6 +107,34 @@ class Metrics:
             "windows could close only with more input",
             registry=r,
         )
+        self.incidents = Counter(
+            "iotfuse_incidents",
+            "Incident records published, by change: open, update, close",
+            ["change"],
+            registry=r,
+        )
+        self.incidents_open = Gauge(
+            "iotfuse_incidents_open", "Incidents open now on this worker", registry=r
+        )
+        self.sink_queued = Gauge(
+            "iotfuse_sink_queued",
+            "Incident records waiting for a sink (mqtt, webhook): its target is slow or down",
+            ["sink"],
+            registry=r,
+        )
+        self.sink_sent = Counter(
+            "iotfuse_sink_sent", "Incident records a sink delivered", ["sink"], registry=r
+        )
+        self.sink_retries = Counter(
+            "iotfuse_sink_retries", "Failed deliveries a sink will try again", ["sink"], registry=r
+        )
+        self.sink_dropped = Counter(
+            "iotfuse_sink_dropped",
+            "Incident records a sink gave up on, by reason: queue_full (sinks.max_queued), "
+            "too_old (sinks.max_age_ms), stopped (still queued at shutdown)",
+            ["sink", "reason"],
+            registry=r,
+        )
         self.consumer_lag = Gauge(
             "iotfuse_consumer_lag",
             "Records behind the log end, per input topic-partition",

@@ -79,6 +79,13 @@ class TopicSettings:
     labels: str = _f("iot.labels", "Ground-truth labels (training and evaluation).")
     events: str = _f("iot.events", "Classified windows out.")
     deadletter: str = _f("iot.deadletter", "Rejected records out, with error headers.")
+    incidents: str = _f(
+        "iot.incidents", "Incidents out (`iotfuse.incident/v1`: opened, updated, closed)."
+    )
+    incident_state: str = _f(
+        "iot.incident-state",
+        "Each device's incident state (compacted), read back after a restart or rebalance.",
+    )
     partitions: int = _f(3, "Partitions per topic when iotfuse creates topics.")
     replication_factor: int = _f(1, "Replication factor when iotfuse creates topics.")
 
@@ -151,12 +158,84 @@ class RuntimeSettings:
 
 
 @dataclass(frozen=True)
+class IncidentSettings:
+    enabled: bool = _f(
+        True, "Turn each device's events into incidents, published to topics.incidents."
+    )
+    open_threshold: float = _f(
+        0.5, "A class's score at or above this in a window is a hit (counts towards opening)."
+    )
+    close_threshold: float = _f(
+        0.35, "A window below this score counts towards closing (<= open_threshold: hysteresis)."
+    )
+    open_k: int = _f(2, "An incident opens once k of its device's last n windows are hits ...")
+    open_n: int = _f(3, "... (n, counted in event time: a missing window is no hit).")
+    close_m: int = _f(
+        2, "An open incident closes after m windows in a row below close_threshold (or missing)."
+    )
+    per_class: str = _f(
+        "",
+        "Per-class overrides of the five above, e.g. "
+        "`fire: open=0.4 close=0.25 k=1 n=1; intrusion: m=3`.",
+    )
+    ignore_classes: str = _f("normal", "Classes that never open an incident (comma-separated).")
+    idle_close_ms: int = _f(
+        10000,
+        "Wall-clock time without an event of its device after which an open incident closes "
+        "(the device went idle).",
+    )
+    update_every: int = _f(
+        5, "While open, an update record every this many windows; 0 = open and close only."
+    )
+
+
+@dataclass(frozen=True)
+class SinkSettings:
+    mqtt_host: str = _f("", "MQTT broker for incidents; empty = the MQTT sink is off.")
+    mqtt_port: int = _f(1883, "MQTT broker port (8883 is usual with TLS).")
+    mqtt_topic_prefix: str = _f(
+        "iotfuse/incidents",
+        "Incidents go to PREFIX/DEVICE/CLASS, QoS 1, retained (the current state).",
+    )
+    mqtt_client_id: str = _f("", "MQTT client id; empty = iotfuse-<host>-<pid>.")
+    mqtt_username: str = _f("", "MQTT username; empty = none.")
+    mqtt_password: str = _f("", "MQTT password; printed masked.", secret=True)
+    mqtt_tls: bool = _f(False, "Connect to the MQTT broker over TLS (certificate verified).")
+    mqtt_ca_file: str = _f("", "CA certificates for MQTT TLS; empty = the system's.")
+    webhook_url: str = _f("", "HTTP(S) URL incidents are POSTed to as JSON; empty = off.")
+    webhook_secret: str = _f(
+        "",
+        "Shared secret: header X-Iotfuse-Signature is sha256=HMAC-SHA256(secret, body) in hex; "
+        "printed masked.",
+        secret=True,
+    )
+    webhook_timeout_ms: int = _f(5000, "Connect and read timeout of one webhook POST.")
+    webhook_verify_tls: bool = _f(
+        True, "Verify the webhook's TLS certificate and host name (leave on)."
+    )
+    webhook_ca_file: str = _f("", "CA certificates for the webhook; empty = the system's.")
+    max_queued: int = _f(
+        10000,
+        "Incident records a sink holds while its target is down; past it the oldest update "
+        "(else the oldest record) is dropped, counted and logged.",
+    )
+    max_age_ms: int = _f(
+        3_600_000,
+        "A record not delivered within this long (retrying) is dropped, counted and logged.",
+    )
+    retry_initial_ms: int = _f(500, "First retry delay of a failed delivery (then doubled).")
+    retry_max_ms: int = _f(30000, "Longest delay between retries.")
+
+
+@dataclass(frozen=True)
 class Settings:
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     topics: TopicSettings = field(default_factory=TopicSettings)
     windows: WindowSettings = field(default_factory=WindowSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+    incidents: IncidentSettings = field(default_factory=IncidentSettings)
+    sinks: SinkSettings = field(default_factory=SinkSettings)
 
 
 def _section_types() -> dict[str, type[Any]]:

@@ -25,7 +25,16 @@ def settings_for(bootstrap: str, names: object, **runtime: object) -> Settings:
         s.topics,
         **{
             f: getattr(names, f)
-            for f in ("camera", "audio", "telemetry", "labels", "events", "deadletter")
+            for f in (
+                "camera",
+                "audio",
+                "telemetry",
+                "labels",
+                "events",
+                "deadletter",
+                "incidents",
+                "incident_state",
+            )
         },
     )
     return replace(

@@ -43,16 +43,16 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 def _run(settings: Settings, stop: threading.Event) -> int:
     log.info("iotfuse run: starting; loading the model")
+    from pipeline.kafka.incident_state import build_live_engine
     from pipeline.kafka.worker import KafkaWorker
     from pipeline.metrics import Metrics
-    from pipeline.stream.assembly import build_engine
     from pipeline.stream.model_runner import ModelRunner
 
     runner = ModelRunner.load(settings.runtime.model or None, settings.runtime.device)
     metrics = Metrics()
     if settings.runtime.metrics_port:
         metrics.serve(settings.runtime.metrics_port, settings.runtime.metrics_host)
-    engine = build_engine(settings, runner, metrics)
+    engine = build_live_engine(settings, runner, metrics)  # incidents go on after a restart
     worker = KafkaWorker(settings, engine)
     log.info(
         "iotfuse run: model %s %s on %s; consuming %s from %s as group %s%s; metrics %s",

@@ -9,6 +9,7 @@ A security option (TLS, SASL) or a limit changes here once and reaches every cli
 - `producer_config`: the worker's producer, idempotent, acks=all, transactional with
   `kafka.exactly_once`;
 - `recorder_config`, `replayer_config`: `iotfuse record` and `iotfuse replay`;
+- `incident_state_config`: the worker's reader of saved incident states;
 - `admin_config`, `events_reader_config`: topic administration and the demo's reader.
 
 `printable` is the only form in which a configuration may reach a log: secrets masked.
@@ -142,6 +143,12 @@ def replayer_config(k: KafkaSettings) -> dict[str, Any]:
         "batch_size": 1024 * 1024,  # images are tens of KB: batch many per request
         "max_request_size": MAX_RECORD_BYTES,
     }
+
+
+def incident_state_config(k: KafkaSettings) -> dict[str, Any]:
+    """The worker's reader of saved incident states (a compacted topic, read to its end
+    after a restart or rebalance): the recorder's settings under their own name."""
+    return {**recorder_config(k), "client_id": f"{k.client_id}-incident-state"}
 
 
 def simulator_config(k: KafkaSettings) -> dict[str, Any]:

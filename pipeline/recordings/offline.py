@@ -110,7 +110,7 @@ def _write(
         assert out.value is not None
         events.write(out.value.decode("utf-8") + "\n")  # the published bytes, unchanged
         counts.events += 1
-    else:
+    elif out.topic == engine.cfg.deadletter_topic:  # incidents are not written offline
         if dead_letters is not None:
             dead_letters.write(json.dumps(dead_letter_json(out), ensure_ascii=False) + "\n")
         counts.dead_letters += 1

@@ -3,6 +3,9 @@
 - `run_offline(records)`: any iterable of records (a recording, a list in a test) in, the
   outputs out, as fast as the machine allows. End of input closes every window.
 - `KafkaWorker` (pipeline/kafka/worker.py): the same engine between a consumer and a producer.
+
+With `incidents.enabled` (the default) the engine is an `IncidentEngine`: its events are
+followed by the incidents they open, update and close (pipeline/incidents/).
 """
 
 from __future__ import annotations
@@ -12,9 +15,12 @@ from collections.abc import Callable, Iterable, Iterator
 
 from pipeline.clock import Clock, wall_clock_ms
 from pipeline.errors import UserError
+from pipeline.incidents.rules import IncidentRules
+from pipeline.incidents.stage import IncidentEngine, IncidentStage, StageConfig, StateStore
 from pipeline.metrics import Metrics
 from pipeline.records import Record, number_unset_offsets
 from pipeline.settings import Settings
+from pipeline.sinks import build_sinks
 from pipeline.stream.align import Aligner
 from pipeline.stream.engine import Engine, EngineConfig
 from pipeline.stream.ingest import IngestConfig
@@ -48,7 +54,13 @@ def build_engine(
     runner: ModelRunner,
     metrics: Metrics | None = None,
     clock: Clock = wall_clock_ms,
+    *,
+    incident_store: StateStore | None = None,
+    sinks: bool = False,
 ) -> Engine:
+    """The engine `settings` describe. `incident_store`: where saved incident states are
+    read back after a restart (the Kafka worker's); `sinks`: send incidents on to the MQTT
+    and webhook sinks of `[sinks]` (`iotfuse run` only: never a replay)."""
     features = runner.features
     cfg = EngineConfig(
         ingest=IngestConfig.from_settings(settings.topics, settings.limits, features.sample_rate),
@@ -64,7 +76,26 @@ def build_engine(
         feature_threads=feature_threads(settings.runtime.feature_threads),
         early_inference=settings.runtime.early_inference,
     )
-    return Engine(cfg, runner.classify, metrics or Metrics(), clock)
+    metrics = metrics or Metrics()
+    if not settings.incidents.enabled:
+        return Engine(cfg, runner.classify, metrics, clock)
+    stage_cfg = StageConfig(
+        rules=IncidentRules.from_settings(settings.incidents, features.window_ms),
+        events_topic=settings.topics.events,
+        incidents_topic=settings.topics.incidents,
+        state_topic=settings.topics.incident_state,
+        model=runner.model_id,
+    )
+    outlets = build_sinks(settings.sinks, metrics) if sinks else None
+    stage = IncidentStage(
+        stage_cfg,
+        metrics,
+        clock,
+        sink=outlets.offer if outlets else None,
+        store=incident_store,
+    )
+    on_close = outlets.close if outlets else None
+    return IncidentEngine(cfg, runner.classify, metrics, clock, stage, on_close)
 
 
 def feature_threads(setting: int) -> int:
