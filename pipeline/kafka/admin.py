@@ -26,13 +26,6 @@ from pipeline.settings import Settings, TopicSettings
 log = logging.getLogger(__name__)
 
 LARGE_RECORD_BYTES = 10_485_760  # max.message.bytes of the camera and dead-letter topics
-# the incident state topic: compacted, in segments small enough to be compacted soon (the
-# open segment never is), so a restart reads little more than one state per device
-STATE_TOPIC_CONFIGS = {
-    "cleanup.policy": "compact",
-    "segment.ms": "600000",
-    "min.cleanable.dirty.ratio": "0.1",
-}
 
 
 class TopicLayoutError(RuntimeError):
@@ -47,8 +40,6 @@ class TopicNames:
     labels: str = "iot.labels"
     events: str = "iot.events"
     deadletter: str = "iot.deadletter"
-    incidents: str = "iot.incidents"
-    incident_state: str = "iot.incident-state"  # compacted: each device's incident state
 
     @classmethod
     def prefixed(cls, prefix: str) -> TopicNames:
@@ -56,16 +47,7 @@ class TopicNames:
         return cls(
             *(
                 f"{prefix}.{role}"
-                for role in (
-                    "camera",
-                    "audio",
-                    "telemetry",
-                    "labels",
-                    "events",
-                    "deadletter",
-                    "incidents",
-                    "incident-state",
-                )
+                for role in ("camera", "audio", "telemetry", "labels", "events", "deadletter")
             )
         )
 
@@ -79,8 +61,6 @@ class TopicNames:
             topics.labels,
             topics.events,
             topics.deadletter,
-            topics.incidents,
-            topics.incident_state,
         )
 
     @property
@@ -94,13 +74,7 @@ class TopicNames:
 
     @property
     def all(self) -> tuple[str, ...]:
-        return (
-            *self.copartitioned,
-            self.events,
-            self.deadletter,
-            self.incidents,
-            self.incident_state,
-        )
+        return (*self.copartitioned, self.events, self.deadletter)
 
 
 def ensure_topics(
@@ -187,8 +161,6 @@ def _topic_spec(
     configs: dict[str, str] = {}
     if topic in (names.camera, names.deadletter):
         configs["max.message.bytes"] = str(LARGE_RECORD_BYTES)
-    if topic == names.incident_state:  # the latest state per device is what counts
-        configs.update(STATE_TOPIC_CONFIGS)
     if min_insync_replicas is not None:
         configs["min.insync.replicas"] = str(min_insync_replicas)
     return {
@@ -227,11 +199,15 @@ def _admin(bootstrap_servers: str, security: Mapping[str, Any] | None) -> KafkaA
     return KafkaAdminClient(**admin_config(bootstrap_servers, security))
 
 
-def admin_client_or_none(bootstrap_servers: str) -> KafkaAdminClient | None:
+def admin_client_or_none(
+    bootstrap_servers: str, security: Mapping[str, Any] | None = None
+) -> KafkaAdminClient | None:
     """An admin client, or None while no broker answers (for polling a starting cluster)."""
     try:
         return KafkaAdminClient(
-            **admin_config(bootstrap_servers, bootstrap_timeout_ms=3000, request_timeout_ms=5000)
+            **admin_config(
+                bootstrap_servers, security, bootstrap_timeout_ms=3000, request_timeout_ms=5000
+            )
         )
     except Exception:  # not serving yet: callers poll again
         return None
@@ -270,9 +246,7 @@ def prepare_outputs(settings: Settings, clock: Clock = wall_clock_ms) -> int | N
     """
     k, t = settings.kafka, settings.topics
     with _admin(k.bootstrap_servers, security_config(k)) as admin:
-        outputs = [t.events, t.deadletter]
-        outputs += [t.incidents, t.incident_state] if settings.incidents.enabled else []
-        _await_outputs(admin, outputs, k.topic_wait_ms, clock)
+        _await_outputs(admin, [t.events, t.deadletter], k.topic_wait_ms, clock)
         try:
             return max_message_bytes(admin, t.deadletter)
         except errors.KafkaError as exc:

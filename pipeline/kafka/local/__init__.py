@@ -1,4 +1,6 @@
 """The local Apache Kafka broker for development, tests and the demo.
 
-Its jars come from Maven Central; `LocalKafka` starts and stops the JVM.
+Its jars come from Maven Central (`runtime`); `LocalKafka` (`broker`) starts and stops the
+JVMs of the nodes `nodes` configures; `security` makes a secured cluster's CA, certificates,
+SCRAM users and ACLs.
 """

@@ -25,44 +25,35 @@ import tempfile
 import time
 import uuid
 import weakref
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from importlib import resources
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from kafka import KafkaAdminClient
 
 from pipeline.kafka.admin import admin_client_or_none, unfenced_brokers
-from pipeline.kafka.local import runtime
+from pipeline.kafka.config import security_config
+from pipeline.kafka.local import runtime, security
+from pipeline.kafka.local.nodes import (
+    HOST,
+    SECURE_LISTENER,
+    KafkaStartError,
+    Node,
+    format_storage,
+    plan_nodes,
+    write_configs,
+)
 from pipeline.kafka.local.runtime import KAFKA_VERSION, KafkaRuntime
+from pipeline.kafka.local.security import (
+    SecurityConfig,
+    TlsFiles,
+    broker_properties,
+    write_tls_files,
+)
 
-HOST = "127.0.0.1"
-
-
-class KafkaStartError(RuntimeError):
-    """A local broker did not start (its log tail is part of the message)."""
-
-
-@dataclass(slots=True)
-class _Node:
-    index: int  # 0-based position in the cluster; node.id is index + 1
-    port: int  # PLAINTEXT listener (clients)
-    controller_port: int
-    home: Path  # server.properties and the data directory
-    log_file: Path  # log4j output
-    out_file: Path  # the JVM's own stdout/stderr (crashes, bad flags)
-    proc: subprocess.Popen[bytes] | None = None
-    started_pids: list[int] = field(default_factory=list)
-    archive_dump: Path | None = None  # class archive this JVM writes at exit
-
-    @property
-    def node_id(self) -> int:
-        return self.index + 1
-
-    @property
-    def address(self) -> str:
-        return f"{HOST}:{self.port}"
+__all__ = ["HOST", "KafkaStartError", "LocalKafka", "new_cluster_id"]
+from pipeline.settings import KafkaSettings
 
 
 class LocalKafka:
@@ -72,7 +63,10 @@ class LocalKafka:
     ports. heap: -Xmx per node (default 512m for one node, 384m each for three). log_dir:
     where node-<i>.log files go (kept after exit); None keeps them in the data directory.
     properties: server.properties entries that replace or add to ours on every node (e.g.
-    ``{"auto.create.topics.enable": "false"}``, as in the docker stack).
+    ``{"auto.create.topics.enable": "false"}``, as in the docker stack). security: a
+    secured cluster (pipeline/kafka/local/security.py): clients connect with TLS and
+    SCRAM-SHA-512 (`client_settings(user)`), and only ACLs let a user other than the
+    admin do anything.
     """
 
     def __init__(
@@ -85,6 +79,7 @@ class LocalKafka:
         startup_timeout_s: float = 120.0,
         shutdown_timeout_s: float = 20.0,
         properties: Mapping[str, str] | None = None,
+        security: SecurityConfig | None = None,
     ) -> None:
         if nodes not in (1, 3):
             raise ValueError(f"nodes must be 1 or 3, got {nodes}")
@@ -95,8 +90,10 @@ class LocalKafka:
         self.startup_timeout_s = startup_timeout_s
         self.shutdown_timeout_s = shutdown_timeout_s
         self.properties = dict(properties or {})  # server.properties overrides, every node
+        self.security = security
+        self._tls: TlsFiles | None = None
         self.cluster_id = new_cluster_id()
-        self._nodes: list[_Node] = []
+        self._nodes: list[Node] = []
         self._root: Path | None = None
         self._runtime: KafkaRuntime | None = None
         self._finalizer: weakref.finalize[..., LocalKafka] | None = None
@@ -123,9 +120,14 @@ class LocalKafka:
             self, _shutdown, self._nodes, root, self.shutdown_timeout_s
         )
         try:
-            self._nodes.extend(_plan_nodes(self.nodes, self.port, root, self.log_dir or root))
-            _write_configs(self._nodes, root, self.properties)
-            _format_storage(self._runtime, self._nodes, self.cluster_id, root)
+            self._nodes.extend(plan_nodes(self.nodes, self.port, root, self.log_dir or root))
+            overrides = self.properties
+            if self.security is not None:
+                self._tls = write_tls_files(root / "tls")
+                secured = broker_properties(self.security, self._tls, SECURE_LISTENER)
+                overrides = {**secured, **self.properties}
+            write_configs(self._nodes, root, overrides, self.security is not None)
+            format_storage(self._runtime, self._nodes, self.cluster_id, root, self.security)
             for node in self._nodes:
                 self._spawn(node)
             self._wait_ready(time.monotonic() + self.startup_timeout_s)
@@ -165,6 +167,29 @@ class LocalKafka:
         return ",".join(n.address for n in self._nodes)
 
     @property
+    def ca_file(self) -> Path:
+        """The PEM certificate of the CA that signed a secured cluster's certificates."""
+        if self._tls is None:
+            raise RuntimeError("only a started LocalKafka with security= has a CA")
+        return self._tls.ca_cert
+
+    def client_settings(self, user: str | None = None) -> dict[str, Any]:
+        """`[kafka]` settings (KafkaSettings field -> value) that connect to this cluster:
+        its bootstrap servers and, when secured, TLS trusting its CA and SCRAM-SHA-512 as
+        `user` (default: the admin)."""
+        ca = self._tls.ca_cert if self._tls is not None else None
+        return security.client_settings(self.security, ca, self.bootstrap_servers, user)
+
+    def admin_security(self) -> dict[str, Any]:
+        """The admin's kafka-python security options (`security_config`)."""
+        return security_config(KafkaSettings(**self.client_settings()))
+
+    def allow(self, user: str, grants: Iterable[tuple[str, str, str]]) -> None:
+        """Create ACLs allowing `user` each (resource type, name, operation) of `grants`,
+        e.g. ("topic", "iot.camera", "read"), ("group", "iotfuse", "read")."""
+        security.create_acls(self.bootstrap_servers, self.admin_security(), user, grants)
+
+    @property
     def data_dir(self) -> Path:
         if self._root is None:
             raise RuntimeError("LocalKafka is not started: use it as a context manager")
@@ -197,7 +222,7 @@ class LocalKafka:
                     parts.append(text or "(empty or removed)")
         return "\n".join(parts)
 
-    def _spawn(self, node: _Node) -> None:
+    def _spawn(self, node: Node) -> None:
         assert self._runtime is not None and self._root is not None
         first = node.index == 0 and not node.started_pids  # one JVM writes the class archive
         dump = self._runtime.archive_dump_target() if first else None
@@ -220,7 +245,9 @@ class LocalKafka:
             while True:
                 running = self._running_or_raise()
                 if all(runtime.accepts_connections(HOST, n.port) for n in running):
-                    admin = admin or admin_client_or_none(self.bootstrap_servers)
+                    admin = admin or admin_client_or_none(
+                        self.bootstrap_servers, self.admin_security()
+                    )
                     wanted = {n.node_id for n in running}
                     if admin is not None and unfenced_brokers(admin) >= wanted:
                         return
@@ -238,7 +265,7 @@ class LocalKafka:
             if admin is not None:
                 admin.close()
 
-    def _running_or_raise(self) -> list[_Node]:
+    def _running_or_raise(self) -> list[Node]:
         """The nodes that should run; raise with the log tail if one exited."""
         started = [n for n in self._nodes if n.proc is not None]
         for node in started:
@@ -264,116 +291,20 @@ def new_cluster_id() -> str:
 # -- module helpers (none refers to LocalKafka: the finalizer must not keep it alive) ----------
 
 
-def _shutdown(nodes: list[_Node], root: Path, timeout_s: float) -> None:
+def _shutdown(nodes: list[Node], root: Path, timeout_s: float) -> None:
     _stop_all(nodes, timeout_s)
     shutil.rmtree(root, ignore_errors=True)
 
 
-def _stop_all(nodes: Sequence[_Node], timeout_s: float) -> None:
+def _stop_all(nodes: Sequence[Node], timeout_s: float) -> None:
     running = [n for n in nodes if n.proc is not None]
     procs = [n.proc for n in running if n.proc is not None]
     for node, on_its_own in zip(running, runtime.stop(procs, timeout_s), strict=True):
         _forget_process(node, on_its_own)
 
 
-def _forget_process(node: _Node, exited_on_its_own: bool) -> None:
+def _forget_process(node: Node, exited_on_its_own: bool) -> None:
     node.proc = None
     if node.archive_dump is not None:
         runtime.publish_archive(node.archive_dump, complete=exited_on_its_own)
         node.archive_dump = None
-
-
-def _plan_nodes(count: int, port: int | None, root: Path, logs: Path) -> list[_Node]:
-    """Ports (picked before any config is written), directories and log files."""
-    if port is not None:
-        client_ports = [port + i for i in range(count)]
-        for p in client_ports:
-            if not runtime.port_is_free(HOST, p):
-                raise KafkaStartError(
-                    f"port {p} on {HOST} is not free: choose another --port or omit it to use "
-                    "free ports"
-                )
-        controller_ports = runtime.free_ports(HOST, count, exclude=set(client_ports))
-    else:
-        ports = runtime.free_ports(HOST, 2 * count, exclude=set())
-        client_ports, controller_ports = ports[:count], ports[count:]
-    logs.mkdir(parents=True, exist_ok=True)
-    homes = [root / f"node-{i}" for i in range(count)]
-    files = [(logs / f"node-{i}.log", logs / f"node-{i}.out") for i in range(count)]
-    return [
-        _Node(i, client_ports[i], controller_ports[i], homes[i], *files[i]) for i in range(count)
-    ]
-
-
-def _write_configs(nodes: Sequence[_Node], root: Path, overrides: Mapping[str, str]) -> None:
-    template = resources.files(__package__).joinpath("log4j2.properties").read_text()
-    (root / "log4j2.properties").write_text(template)
-    for node in nodes:
-        (node.home / "data").mkdir(parents=True)
-        props = {**_server_properties(node, nodes), **overrides}
-        (node.home / "server.properties").write_text(
-            "".join(f"{k}={v}\n" for k, v in props.items())
-        )
-
-
-def _server_properties(node: _Node, nodes: Sequence[_Node]) -> dict[str, str]:
-    single = len(nodes) == 1
-    replicas, min_isr = ("1", "1") if single else ("3", "2")
-    voters = ",".join(f"{n.node_id}@{HOST}:{n.controller_port}" for n in nodes)
-    quorum = (
-        {"controller.quorum.bootstrap.servers": f"{HOST}:{node.controller_port}"}  # --standalone
-        if single
-        else {"controller.quorum.voters": voters}  # a static quorum: every node is a voter
-    )
-    return {
-        "process.roles": "broker,controller",
-        "node.id": str(node.node_id),
-        "listeners": f"PLAINTEXT://{node.address},CONTROLLER://{HOST}:{node.controller_port}",
-        "advertised.listeners": f"PLAINTEXT://{node.address}",
-        "controller.listener.names": "CONTROLLER",
-        "inter.broker.listener.name": "PLAINTEXT",
-        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-        **quorum,
-        "log.dirs": str(node.home / "data"),
-        "min.insync.replicas": min_isr,
-        "offsets.topic.replication.factor": replicas,
-        "offsets.topic.num.partitions": "10",  # 50 by default: a slow first group join
-        "transaction.state.log.replication.factor": replicas,
-        "transaction.state.log.min.isr": min_isr,
-        "transaction.state.log.num.partitions": "10",
-        "group.initial.rebalance.delay.ms": "0",
-        # a local broker replays and simulates streams stamped in the past: keep them all
-        # (the default 7-day retention deletes such records within seconds of producing)
-        "log.retention.ms": "-1",
-        "broker.heartbeat.interval.ms": "500",  # notice a dead node in 3 s, not 9 s
-        "broker.session.timeout.ms": "3000",
-        "num.network.threads": "2",
-        "num.io.threads": "2",
-        "num.recovery.threads.per.data.dir": "1",
-    }
-
-
-def _format_storage(rt: KafkaRuntime, nodes: Sequence[_Node], cluster_id: str, root: Path) -> None:
-    """kafka.tools.StorageTool format for every node, in parallel."""
-    base = [
-        *rt.java_command("256m", root / "log4j2.properties", root / "format.log"),
-        "kafka.tools.StorageTool",
-        "format",
-        f"--cluster-id={cluster_id}",
-        *(["--standalone"] if len(nodes) == 1 else []),
-    ]
-    procs = [
-        runtime.spawn([*base, "-c", str(n.home / "server.properties")], n.home, subprocess.PIPE)
-        for n in nodes
-    ]
-    failures = []
-    try:
-        for node, proc in zip(nodes, procs, strict=True):
-            output, _ = proc.communicate(timeout=120)
-            if proc.returncode != 0:
-                text = output.decode(errors="replace")[-3000:]
-                failures.append(f"node {node.index}: exit {proc.returncode}\n{text}")
-    finally:
-        runtime.stop([p for p in procs if p.poll() is None], timeout_s=0)  # on timeout/interrupt
-    if failures:
-        raise KafkaStartError("formatting the Kafka storage failed:\n" + "\n".join(failures))
