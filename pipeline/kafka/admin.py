@@ -26,6 +26,13 @@ from pipeline.settings import Settings, TopicSettings
 log = logging.getLogger(__name__)
 
 LARGE_RECORD_BYTES = 10_485_760  # max.message.bytes of the camera and dead-letter topics
+# the incident state topic: compacted, in segments small enough to be compacted soon (the
+# open segment never is), so a restart reads little more than one state per device
+STATE_TOPIC_CONFIGS = {
+    "cleanup.policy": "compact",
+    "segment.ms": "600000",
+    "min.cleanable.dirty.ratio": "0.1",
+}
 
 
 class TopicLayoutError(RuntimeError):
@@ -40,6 +47,8 @@ class TopicNames:
     labels: str = "iot.labels"
     events: str = "iot.events"
     deadletter: str = "iot.deadletter"
+    incidents: str = "iot.incidents"
+    incident_state: str = "iot.incident-state"  # compacted: each device's incident state
 
     @classmethod
     def prefixed(cls, prefix: str) -> TopicNames:
@@ -47,7 +56,16 @@ class TopicNames:
         return cls(
             *(
                 f"{prefix}.{role}"
-                for role in ("camera", "audio", "telemetry", "labels", "events", "deadletter")
+                for role in (
+                    "camera",
+                    "audio",
+                    "telemetry",
+                    "labels",
+                    "events",
+                    "deadletter",
+                    "incidents",
+                    "incident-state",
+                )
             )
         )
 
@@ -61,6 +79,8 @@ class TopicNames:
             topics.labels,
             topics.events,
             topics.deadletter,
+            topics.incidents,
+            topics.incident_state,
         )
 
     @property
@@ -74,7 +94,13 @@ class TopicNames:
 
     @property
     def all(self) -> tuple[str, ...]:
-        return (*self.copartitioned, self.events, self.deadletter)
+        return (
+            *self.copartitioned,
+            self.events,
+            self.deadletter,
+            self.incidents,
+            self.incident_state,
+        )
 
 
 def ensure_topics(
@@ -161,6 +187,8 @@ def _topic_spec(
     configs: dict[str, str] = {}
     if topic in (names.camera, names.deadletter):
         configs["max.message.bytes"] = str(LARGE_RECORD_BYTES)
+    if topic == names.incident_state:  # the latest state per device is what counts
+        configs.update(STATE_TOPIC_CONFIGS)
     if min_insync_replicas is not None:
         configs["min.insync.replicas"] = str(min_insync_replicas)
     return {
@@ -246,7 +274,9 @@ def prepare_outputs(settings: Settings, clock: Clock = wall_clock_ms) -> int | N
     """
     k, t = settings.kafka, settings.topics
     with _admin(k.bootstrap_servers, security_config(k)) as admin:
-        _await_outputs(admin, [t.events, t.deadletter], k.topic_wait_ms, clock)
+        outputs = [t.events, t.deadletter]
+        outputs += [t.incidents, t.incident_state] if settings.incidents.enabled else []
+        _await_outputs(admin, outputs, k.topic_wait_ms, clock)
         try:
             return max_message_bytes(admin, t.deadletter)
         except errors.KafkaError as exc:
