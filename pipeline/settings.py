@@ -117,8 +117,9 @@ class WindowSettings:
     )
     max_aligning_bytes: int = _f(
         128 * 1024 * 1024,
-        "Bytes of input records held back to merge the topics in event "
-        "time (a backlog); past it the oldest go on without waiting and may arrive late.",
+        "Bytes of input records held back to merge the topics in event time (a backlog); "
+        "past it the worker stops reading the topic-partitions that run ahead (offline "
+        "replay: the oldest go on without waiting and may arrive late).",
     )
 
 
