@@ -69,6 +69,13 @@ class KafkaSettings:
         "dead-letter topics unless the broker creates topics on first use, to exist before "
         "failing.",
     )
+    stall_timeout_ms: int = _f(
+        60000,
+        "How long a `run` worker may be out of its consumer group, or fetch nothing while "
+        "its partitions have records, before it rejoins the group; still so as long again "
+        "after, it exits 1 for its supervisor to restart it. Past it `/healthz` answers "
+        "503. Keep it above how long a rebalance of your group takes; 0 = off.",
+    )
 
 
 @dataclass(frozen=True)

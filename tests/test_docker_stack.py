@@ -287,7 +287,7 @@ def test_dockerfile_builds_a_non_root_image_with_model_healthcheck_and_entrypoin
     assert ops.index("USER") > max(i for i, op in enumerate(ops) if op == "RUN")
     assert json.loads(dict(final)["ENTRYPOINT"]) == ["iotfuse"]
     check = " ".join(healthcheck_command())
-    assert "/metrics" in check and "urlopen" in check
+    assert "/healthz" in check and "urlopen" in check  # 503 on a worker not consuming
     # the port it probes is read from the variable that sets runtime.metrics_port
     (port_var,) = set(re.findall(r"IOTFUSE_\w+", check))
     assert load_settings(None, environ={port_var: "1234"}).runtime.metrics_port == 1234

@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 import threading
+from typing import TYPE_CHECKING
 
 from pipeline.commands.common import bootstrap_arg
 from pipeline.commands.console import stop_on_signals
 from pipeline.logs import capture_native_stderr
 from pipeline.settings import Settings
+
+if TYPE_CHECKING:
+    from pipeline.kafka.worker import KafkaWorker
 
 log = logging.getLogger("iotfuse.run")
 
@@ -42,16 +46,16 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _run(settings: Settings, stop: threading.Event) -> int:
-    log.info("iotfuse run: starting; loading the model")
     from pipeline.kafka.incident_state import build_live_engine
     from pipeline.kafka.worker import KafkaWorker
     from pipeline.metrics import Metrics
     from pipeline.stream.model_runner import ModelRunner
 
-    runner = ModelRunner.load(settings.runtime.model or None, settings.runtime.device)
     metrics = Metrics()
-    if settings.runtime.metrics_port:
+    if settings.runtime.metrics_port:  # first: a port taken says so before the model loads
         metrics.serve(settings.runtime.metrics_port, settings.runtime.metrics_host)
+    log.info("iotfuse run: starting; loading the model")
+    runner = ModelRunner.load(settings.runtime.model or None, settings.runtime.device)
     engine = build_live_engine(settings, runner, metrics)  # incidents go on after a restart
     worker = KafkaWorker(settings, engine)
     log.info(
@@ -66,7 +70,22 @@ def _run(settings: Settings, stop: threading.Event) -> int:
         f":{settings.runtime.metrics_port}/metrics" if settings.runtime.metrics_port else "off",
     )
     capture_native_stderr()  # from now on libpng/libjpeg/OpenCV complaints are log lines
-    worker.run(stop)
+    if not work(worker, stop):
+        return 1
     emitted = int(metrics.value("iotfuse_windows_emitted_total"))
     log.info("stopped cleanly: %d windows emitted", emitted)
     return 0
+
+
+def work(worker: KafkaWorker, stop: threading.Event) -> bool:
+    """Run the worker until `stop`; False when it stopped itself because a restart is what
+    helps (out of its group for good, or the broker refused an output): said in one line."""
+    from pipeline.kafka.liveness import GroupStalledError
+    from pipeline.kafka.worker import DeliveryError
+
+    try:
+        worker.run(stop)
+    except (GroupStalledError, DeliveryError) as exc:
+        log.error("stopped: %s", exc)
+        return False
+    return True

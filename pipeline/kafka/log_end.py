@@ -75,18 +75,20 @@ class LogEnd:
                 for p in self.owned
                 if p not in self._end_offsets and not self.aligner.queued(p.topic, p.partition)
             }
-            self._end_offsets.update(self._log_ends(sorted(idle | {tp})))
+            self._end_offsets.update(self.end_offsets(sorted(idle | {tp})))
         end = self._end_offsets.get(tp)
         return end is not None and bool(position >= end)
 
-    def _log_ends(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+    def end_offsets(
+        self, partitions: list[TopicPartition], call: str = "log_end"
+    ) -> dict[TopicPartition, int]:
         """End offsets; none while the broker cannot be reached (not caught up: the aligner
-        keeps what it holds until it can tell)."""
+        keeps what it holds until it can tell); `call` names the query to `on_error`."""
         try:
             try:
                 return dict(self.offsets.end_offsets(partitions, LOG_END_TIMEOUT_MS))
             except KeyError:  # kafka-python: a partition the offsets client has no metadata
                 return dict(self.consumer.end_offsets(partitions, LOG_END_TIMEOUT_MS))  # yet
         except KafkaError as exc:
-            self.on_error("log_end", exc)
+            self.on_error(call, exc)
             return {}

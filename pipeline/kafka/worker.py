@@ -10,7 +10,8 @@ buffered bytes by back-pressure (the rule: pipeline/stream/backpressure.py).
 A broker that cannot be reached for a while is waited out: commits (and the flush before
 them), log-end and lag queries that fail with a retriable error are counted, logged and
 tried again later (the producer retries sends for `delivery.timeout.ms`, then the worker
-stops: DeliveryError).
+stops: DeliveryError). A worker out of its group or not fetching rejoins, then stops
+(GroupStalledError): the liveness rule, pipeline/kafka/liveness.py.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from pipeline.kafka.config import (
     offsets_config,
     producer_config,
 )
+from pipeline.kafka.liveness import GroupWatch
 from pipeline.kafka.log_end import LogEnd
 from pipeline.kafka.messages import to_record
 from pipeline.kafka.producer import BoundedProducer
@@ -92,6 +94,7 @@ class KafkaWorker:
         limit = prepare_outputs(settings, clock)  # and never more than this producer sends:
         self._deadletter_max = min(limit or MAX_RECORD_BYTES, MAX_RECORD_BYTES)
         self._oversized = Throttle(log)  # a flood of them says so once a minute
+        self._skipped = Throttle(log, 10.0)  # commits skipped during a rebalance
         self._unreadable = Throttle(log)  # and of records the client cannot parse
         with ExitStack() as undo:  # a failed start closes the clients it opened (their
             # network threads ran on: a caller that retries or goes on leaked them)
@@ -116,6 +119,17 @@ class KafkaWorker:
         for topic in inputs:  # the offsets client's metadata, before it is first asked
             self.offsets.partitions_for_topic(topic)
         self.consumer.subscribe(inputs, listener=_Rebalance(self))
+        # fresh metadata now: a first assignment made before the coordinator saw any asked
+        # for a second rebalance a second later, the one kafka-python could lose track of
+        self.consumer.topics()
+        self.watch = GroupWatch(
+            self.consumer,
+            self.log_end,
+            self.metrics,
+            settings.kafka.stall_timeout_ms,
+            clock,
+            probe=TopicPartition(inputs[0], 0),
+        )
 
     # -- main loop ----------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -129,7 +143,10 @@ class KafkaWorker:
     def step(self, poll_timeout_ms: int = 100) -> int:
         """One poll -> process -> batch -> publish -> commit round; returns records polled."""
         timeout = min(poll_timeout_ms, self.settings.runtime.batch_timeout_ms)
-        polled = self._poll(timeout if self.engine.queued() else poll_timeout_ms)
+        polled = self._poll(
+            timeout if self.engine.queued() else self.watch.poll_timeout(poll_timeout_ms)
+        )
+        self.watch.polled(fetched=bool(polled))
         self._follow_assignment()
         self.log_end.new_poll(self._owned)
         count = 0
@@ -151,6 +168,7 @@ class KafkaWorker:
         self._drain_acks()
         if self.clock() - self._last_commit_ms >= self.settings.runtime.commit_interval_ms:
             self.commit()
+            self.watch.check(self._owned, self._held_back)  # GroupStalledError: stop
         self._backpressure(released)
         self._consumed += count
         self._status()
@@ -191,8 +209,9 @@ class KafkaWorker:
         self._last_status_ms = now
         w = self.engine.windower
         log.info(
-            "status: consumed=%d aligning=%d (%d bytes) open_windows=%d buffered_bytes=%d "
-            "queued=%d emitted=%d held_offsets=%d paused=%d",
+            "status: group=%s consumed=%d aligning=%d (%d bytes) open_windows=%d "
+            "buffered_bytes=%d queued=%d emitted=%d held_offsets=%d paused=%d",
+            self.watch.rule.state,
             self._consumed,
             self.aligner.buffered,
             self.aligner.buffered_bytes,
@@ -277,13 +296,15 @@ class KafkaWorker:
             try:
                 self.consumer.commit(self._with_progress(offsets))
             except (CommitFailedError, RebalanceInProgressError) as exc:
-                log.info("commit skipped during a rebalance (%s); retried next interval", exc)
+                self.metrics.commits_skipped.inc()  # the liveness rule acts if it lasts
+                self._skipped.log(
+                    logging.INFO,
+                    "rebalance",
+                    "commit skipped during a rebalance (%s); retried next interval",
+                    exc,
+                )
             except KafkaError as exc:  # e.g. the broker is down: the next interval retries
                 self._broker_error("commit", exc)
-        try:
-            self._update_lag()
-        except KafkaError as exc:
-            self._broker_error("lag", exc)
 
     def _commit_transaction(self, offsets: dict[TopicPartition, int]) -> None:
         if not self._in_txn and not offsets:
@@ -344,15 +365,6 @@ class KafkaWorker:
             if tp in assigned:
                 out[tp] = offset
         return out
-
-    def _update_lag(self) -> None:
-        for tp in self.consumer.assignment():
-            high = self.consumer.highwater(tp)
-            if high is not None:
-                lag = high - self.consumer.position(tp)
-                self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(
-                    lag
-                )
 
     def _broker_error(self, call: str, exc: KafkaError) -> None:
         """A retriable broker error where trying again later is safe: count it, and say so
