@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from pipeline.simulate import Episode
     from pipeline.stream.model_runner import ModelRunner
 
+DEMO_USER = "demo"  # the secured demo's only user besides the admin
 QUIET_S = 30.0  # give up once no new event came for this long after the last record was sent
 Window = tuple[str, int]  # device id, window start (epoch ms)
 
@@ -63,6 +64,12 @@ def demo_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="no Kafka: run the scenario through the offline pipeline "
         "(what the demo does where Java or Maven is missing)",
+    )
+    p.add_argument(
+        "--secure",
+        action="store_true",
+        help="secure the local Kafka: TLS, SCRAM-SHA-512, and ACLs that allow the demo's "
+        "user its topics and consumer group only",
     )
     p.add_argument(
         "--out",
@@ -117,7 +124,7 @@ def demo(args: argparse.Namespace, settings: Settings) -> int:
     windows = window_config(settings, runner.features.window_ms)
     if args.offline:
         print("demo: --offline: the scenario runs through the offline pipeline, no Kafka")
-    kafka = None if args.offline else _local_kafka()
+    kafka = None if args.offline else _local_kafka(args.secure)
     records = _scenario(args, settings)
     inputs = {settings.topics.camera, settings.topics.audio, settings.topics.telemetry}
     expected = {
@@ -144,13 +151,15 @@ def demo(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _local_kafka() -> LocalKafka | None:
+def _local_kafka(secure: bool) -> LocalKafka | None:
     """A started local broker, or None (said in one line) where Java or Maven is missing."""
     from pipeline.kafka.local.broker import LocalKafka
     from pipeline.kafka.local.runtime import KafkaRuntimeError
+    from pipeline.kafka.local.security import SecurityConfig, new_password
 
     print("demo: starting a local Kafka (first start takes ~10 s)", flush=True)
-    kafka = LocalKafka()
+    security = SecurityConfig(users={DEMO_USER: new_password()}) if secure else None
+    kafka = LocalKafka(security=security)
     try:
         kafka.start()
     except KafkaRuntimeError as exc:
@@ -223,12 +232,16 @@ def _run_live(
     from pipeline.kafka.worker import KafkaWorker
     from pipeline.stream.assembly import build_engine
 
-    live = _live_settings(settings, kafka.bootstrap_servers, speed)
-    ensure_topics(
-        kafka.bootstrap_servers, TopicNames.from_settings(live.topics), live.topics.partitions, 1
-    )
+    live = _live_settings(settings, kafka, speed)
+    names = TopicNames.from_settings(live.topics)
+    admin = kafka.admin_security()
+    ensure_topics(kafka.bootstrap_servers, names, live.topics.partitions, 1, client_config=admin)
+    secured = ""
+    if kafka.security is not None:
+        kafka.allow(DEMO_USER, _demo_grants(live))
+        secured = f" (TLS, SCRAM-SHA-512 user {DEMO_USER}, ACLs for its topics and group only)"
     pace = "as fast as possible" if speed is None else f"at {speed:g}x real time"
-    print(f"demo: local Kafka at {kafka.bootstrap_servers}; producing {pace}", flush=True)
+    print(f"demo: local Kafka at {kafka.bootstrap_servers}{secured}; producing {pace}", flush=True)
     stop = threading.Event()
     worker = KafkaWorker(live, build_engine(live, runner))
     tasks = [
@@ -249,15 +262,31 @@ def _run_live(
         task.check()
 
 
-def _live_settings(settings: Settings, bootstrap: str, speed: float | None) -> Settings:
-    """The local broker, no metrics port, and an idle timeout that suits the pace."""
+def _live_settings(settings: Settings, kafka: LocalKafka, speed: float | None) -> Settings:
+    """The local broker (as the demo's user when secured: whatever [kafka] says about
+    another cluster's security does not apply), no metrics port, and an idle timeout that
+    suits the pace."""
     idle = max(2000, round(2000 / speed)) if speed else 2000
+    user = DEMO_USER if kafka.security is not None else None
     return dataclasses.replace(
         settings,
-        kafka=dataclasses.replace(settings.kafka, bootstrap_servers=bootstrap),
+        kafka=dataclasses.replace(settings.kafka, **kafka.client_settings(user)),
         windows=dataclasses.replace(settings.windows, idle_timeout_ms=idle),
         runtime=dataclasses.replace(settings.runtime, metrics_port=0),
     )
+
+
+def _demo_grants(live: Settings) -> list[tuple[str, str, str]]:
+    """The demo's user: the worker's ACLs, Write on the inputs and labels (the simulated
+    devices), Read on the events (the lines shown)."""
+    from pipeline.kafka.access import worker_grants
+    from pipeline.kafka.config import transactional_id
+
+    t = live.topics
+    tid = transactional_id(live.kafka) if live.kafka.exactly_once else None
+    grants = worker_grants(live, tid)
+    grants += [("topic", name, "write") for name in (t.camera, t.audio, t.telemetry, t.labels)]
+    return [*grants, ("topic", t.events, "read")]
 
 
 def _follow_events(

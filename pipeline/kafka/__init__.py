@@ -7,6 +7,9 @@
 - `producer`, `log_end`, `unreadable`: the worker's bounded producer, end-offset client
   and handling of records the client cannot parse;
 - `admin`: topics (`TopicNames`, `ensure_topics`, `check_copartitioned`) and start checks;
+- `probe`, `access`, `errors`: a secured cluster's failures named at once: one connection
+  tried before any client (TLS, SASL), the ACLs a command needs checked at start, and
+  kafka-python's errors a user can fix turned into one-line `UserError`s;
 - `record`, `replay`: Kafka to a recording file and back;
 - `local/`: a real local Apache Kafka 4.x broker for development, tests and the demo.
 """

@@ -20,8 +20,10 @@ from kafka.admin import ConfigResource, ConfigResourceType
 
 from pipeline.clock import Clock, wall_clock_ms
 from pipeline.errors import UserError
-from pipeline.kafka.config import admin_config, security_config
-from pipeline.settings import Settings, TopicSettings
+from pipeline.kafka.access import check_worker_access
+from pipeline.kafka.config import admin_config, security_config, transactional_id
+from pipeline.kafka.probe import check_connection
+from pipeline.settings import KafkaSettings, Settings, TopicSettings
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +219,8 @@ def _partition_counts(admin: KafkaAdminClient, topics: Sequence[str]) -> dict[st
         error = errors.for_code(int(topic["error_code"]))
         if error is errors.UnknownTopicOrPartitionError:
             continue
+        if error is errors.TopicAuthorizationFailedError:
+            raise error(str(topic["name"]))  # named as such by pipeline/kafka/errors.py
         if error is not errors.NoError:
             raise TopicLayoutError(f"cannot describe topic {topic['name']}: {error.__name__}")
         counts[str(topic["name"])] = len(topic["partitions"])
@@ -224,7 +228,15 @@ def _partition_counts(admin: KafkaAdminClient, topics: Sequence[str]) -> dict[st
 
 
 def _admin(bootstrap_servers: str, security: Mapping[str, Any] | None) -> KafkaAdminClient:
+    """An admin client, once a first connection showed that TLS and SASL work (a wrong
+    password or certificate is a UserError within seconds, not a 30 s bootstrap timeout)."""
+    check_connection(bootstrap_servers, security or {})
     return KafkaAdminClient(**admin_config(bootstrap_servers, security))
+
+
+def open_admin(kafka: KafkaSettings) -> KafkaAdminClient:
+    """An admin client with the `[kafka]` connection settings (see `_admin`)."""
+    return _admin(kafka.bootstrap_servers, security_config(kafka))
 
 
 def admin_client_or_none(
@@ -264,16 +276,21 @@ def max_message_bytes(admin: KafkaAdminClient, topic: str) -> int:
 
 
 def prepare_outputs(settings: Settings, clock: Clock = wall_clock_ms) -> int | None:
-    """Before `run` starts its clients: wait (up to `kafka.topic_wait_ms`) for the events and
-    dead-letter topics to exist unless the broker creates topics on first use, then return
-    the dead-letter topic's `max_message_bytes` (None, with a warning, when unknown).
+    """Before `run` starts its clients: check the connection (`_admin`) and the worker's
+    ACLs (`check_worker_access`: a missing one is a UserError at start, not a consumer
+    waiting for topics "to exist" or a producer failing at its first dead letter); wait
+    (up to `kafka.topic_wait_ms`) for the events and dead-letter topics to exist unless
+    the broker creates topics on first use; then return the dead-letter topic's
+    `max_message_bytes` (None, with a warning, when unknown).
 
     Without this, a missing output topic on a broker with `auto.create.topics.enable=false`
     (the docker stack's) held the first send for the producer's 60 s `max_block_ms`, and
     then stopped the worker with "Failed to update metadata", naming no topic.
     """
     k, t = settings.kafka, settings.topics
-    with _admin(k.bootstrap_servers, security_config(k)) as admin:
+    with open_admin(k) as admin:
+        tid = transactional_id(k) if k.exactly_once else None
+        check_worker_access(admin, settings, security_config(k), tid)
         outputs = [t.events, t.deadletter]
         outputs += [t.incidents, t.incident_state] if settings.incidents.enabled else []
         _await_outputs(admin, outputs, k.topic_wait_ms, clock)

@@ -113,9 +113,14 @@ def producer_config(settings: Settings) -> dict[str, Any]:
         "max_request_size": MAX_RECORD_BYTES,
     }
     if k.exactly_once:
-        cfg["transactional_id"] = k.transactional_id or f"{k.group_id}-{socket.gethostname()}"
+        cfg["transactional_id"] = transactional_id(k)
         cfg["transaction_timeout_ms"] = 30000
     return cfg
+
+
+def transactional_id(k: KafkaSettings) -> str:
+    """The exactly-once producer's transactional id: set, or the group id and host name."""
+    return k.transactional_id or f"{k.group_id}-{socket.gethostname()}"
 
 
 def recorder_config(k: KafkaSettings) -> dict[str, Any]:

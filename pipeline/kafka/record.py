@@ -25,7 +25,10 @@ from kafka.errors import KafkaTimeoutError
 
 from pipeline.clock import Seconds
 from pipeline.errors import UserError
-from pipeline.kafka.config import recorder_config
+from pipeline.kafka.access import Operation, check_topic_access
+from pipeline.kafka.admin import open_admin
+from pipeline.kafka.config import recorder_config, security_config
+from pipeline.kafka.errors import user_errors
 from pipeline.kafka.messages import to_record
 from pipeline.recordings.file import RecordingWriter
 from pipeline.records import OnCounts, record_size
@@ -194,14 +197,22 @@ def record_to_file(
     *,
     overwrite: bool = False,
 ) -> RecordResult:
-    """Record into a new file at `out` (an existing one is an error unless `overwrite`)."""
+    """Record into a new file at `out` (an existing one is an error unless `overwrite`).
+
+    First the connection and this client's Read ACLs on the topics are checked (a topic it
+    may not read looks to a consumer like one that does not exist); Kafka errors a user
+    can fix are UserErrors (`pipeline.kafka.errors`)."""
     if os.path.exists(out) and not overwrite:
         raise RecordError(
             f"{os.fspath(out)} already exists: choose another --out or delete it first"
         )
-    consumer = open_consumer(kafka)
-    try:
-        with RecordingWriter(out, overwrite=overwrite) as writer:
-            return record(consumer, writer, options, stop, progress)
-    finally:
-        consumer.close()
+    with user_errors(kafka):
+        with open_admin(kafka) as admin:
+            readable: dict[str, Operation] = dict.fromkeys(options.topics, "READ")
+            check_topic_access(admin, readable, security_config(kafka))
+        consumer = open_consumer(kafka)
+        try:
+            with RecordingWriter(out, overwrite=overwrite) as writer:
+                return record(consumer, writer, options, stop, progress)
+        finally:
+            consumer.close()

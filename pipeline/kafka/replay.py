@@ -22,11 +22,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import kafka.errors as kafka_errors
-from kafka import KafkaAdminClient, KafkaProducer
+from kafka import KafkaProducer
 
 from pipeline.clock import Pacer, Seconds, Sleep
 from pipeline.errors import UserError
-from pipeline.kafka.config import admin_config, replayer_config, security_config
+from pipeline.kafka.access import check_topic_access
+from pipeline.kafka.admin import open_admin
+from pipeline.kafka.config import replayer_config, security_config
+from pipeline.kafka.errors import user_errors
 from pipeline.kafka.producer import BoundedProducer
 from pipeline.recordings.file import RecordingError, open_recording
 from pipeline.recordings.merge import merge_by_time
@@ -127,23 +130,20 @@ def check_partitions(needed: Mapping[str, int], available: Mapping[str, int]) ->
         )
 
 
-def topic_partition_counts(kafka: KafkaSettings, topics: Iterable[str]) -> dict[str, int]:
-    """Partition count of each existing topic among `topics`."""
-    try:
-        admin = KafkaAdminClient(**admin_config(kafka.bootstrap_servers, security_config(kafka)))
-    except kafka_errors.KafkaTimeoutError as exc:  # kafka-python: "Unable to bootstrap"
-        raise ReplayError(
-            f"cannot reach Kafka at {kafka.bootstrap_servers} ({exc}): check"
-            " --bootstrap-servers and that the broker is running"
-        ) from None
-    try:
+def topic_partition_counts(
+    kafka: KafkaSettings, topics: Iterable[str], *, writable: bool = False
+) -> dict[str, int]:
+    """Partition count of each existing topic among `topics`. With `writable`, first check
+    that this client may write to them (UserError naming the ACLs it lacks)."""
+    wanted = list(topics)
+    with user_errors(kafka), open_admin(kafka) as admin:
+        if writable:
+            check_topic_access(admin, dict.fromkeys(wanted, "WRITE"), security_config(kafka))
         counts: dict[str, int] = {}
-        for desc in admin.describe_topics(list(topics)):
+        for desc in admin.describe_topics(wanted):
             if kafka_errors.for_code(int(desc["error_code"])) is kafka_errors.NoError:
                 counts[str(desc["name"])] = len(desc["partitions"])
         return counts
-    finally:
-        admin.close()
 
 
 def prepare(
@@ -152,7 +152,7 @@ def prepare(
     """Scan the recording and check the target topics; raises ReplayError before any send."""
     scan = scan_recording(source)
     needed = required_partitions(scan, options)
-    check_partitions(needed, topic_partition_counts(kafka, needed))
+    check_partitions(needed, topic_partition_counts(kafka, needed, writable=True))
     return scan
 
 
@@ -235,13 +235,11 @@ def replay_to_kafka(
     `sleep` defaults to waiting on `stop`, so a stop request ends a wait at once."""
     if scan is None:
         prepare(source, kafka, options)
-    try:
+    with user_errors(kafka):  # e.g. an ACL revoked since `prepare`
         producer = KafkaProducer(**replayer_config(kafka))
-    except kafka_errors.KafkaTimeoutError as exc:
-        raise ReplayError(f"cannot reach Kafka at {kafka.bootstrap_servers} ({exc})") from None
-    out: BoundedProducer[Token] = BoundedProducer(producer, kafka.max_in_flight_bytes)
-    pacer = Pacer(options.speed, clock, sleep if sleep is not None else stop.wait)
-    try:
-        return replay(source, out, options, pacer, stop, progress, clock)
-    finally:
-        out.close()
+        out: BoundedProducer[Token] = BoundedProducer(producer, kafka.max_in_flight_bytes)
+        pacer = Pacer(options.speed, clock, sleep if sleep is not None else stop.wait)
+        try:
+            return replay(source, out, options, pacer, stop, progress, clock)
+        finally:
+            out.close()
