@@ -320,6 +320,18 @@ def test_init_starts_from_its_model_and_unfit_replies_are_left_out(tmp_path: Pat
     assert fed.config == loaded.config and fed.sites == ["a"]
     for got, want in zip(arrays, loaded.model.state_dict().values(), strict=True):
         np.testing.assert_array_equal(got, want.numpy())
+    fed.current = arrays
+    poisoned = [a.copy() for a in arrays]
+    poisoned[0][...] = np.nan
+    replies = [
+        (arrays, 2, {"site": "a", "train_loss": 0.5}),
+        (poisoned, 5, {"site": "b", "train_loss": 0.1}),  # a diverged or hostile site
+        (arrays[:-1], 5, {"site": "c", "train_loss": 0.1}),  # not the model's weights
+        (arrays, 1, {"site": "d", "train_loss": "high", "epsilon": "x"}),  # not numbers
+    ]
+    averaged = fed.average(replies)
+    assert all(np.array_equal(a, b) for a, b in zip(averaged, arrays, strict=True))
+    assert fed.round_loss == 0.5 and fed.privacy is None  # d's loss is not a number
     unknown = {"site": "c", **site_stats([LabelledWindow("d", T0, {}, "smoke")], 3)}
     with pytest.raises(UserError, match="does not know"):
         fed.first_weights([unknown])

@@ -95,6 +95,14 @@ def choose_classes(labels: dict[str, int]) -> tuple[str, ...]:
     return tuple(CLASSES) if set(labels) <= set(CLASSES) else tuple(sorted(labels))
 
 
+def number(metrics: dict[str, Any], key: str, default: float) -> float:
+    """A site's scalar metric as a finite float (`default` when absent or not a number)."""
+    value = metrics.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return default
+    return float(value)
+
+
 def weighted_average(results: Sequence[tuple[list[np.ndarray], int]]) -> list[np.ndarray]:
     """FedAvg: the arrays averaged weighted by training windows, in float64, each back in
     its own dtype (integer buffers rounded)."""
@@ -133,6 +141,7 @@ class Federation:
         self.history: list[RoundResult] = []
         self.sites: list[str] = []
         self.labels: dict[str, int] = {}
+        self.site_labels: dict[str, dict[str, int]] = {}  # each site's class mix
         self.privacy: Any = None
         self.round_loss: float = math.nan
         self.started = time.monotonic()
@@ -153,7 +162,8 @@ class Federation:
         good = []
         for reply in replies:
             try:
-                combine([reply], len(tel.metrics) if tel is not None else 0)
+                one = combine([reply], len(tel.metrics) if tel is not None else 0)
+                self.site_labels[str(reply.get("site", "?"))] = one.labels
                 good.append(reply)
             except BadReply as exc:
                 log.warning(
@@ -204,30 +214,35 @@ class Federation:
         good = [
             (arrays, n, m)
             for arrays, n, m in replies
-            if [a.shape for a in arrays] == shapes and n > 0
+            if [a.shape for a in arrays] == shapes
+            and n > 0
+            and all(np.isfinite(a).all() for a in arrays if a.dtype.kind == "f")
         ]
         if len(good) < len(replies):
             log.warning(
-                "%d site(s) sent weights that do not fit the model; left out",
+                "%d site(s) sent weights that do not fit the model (shapes, or values not "
+                "finite); left out",
                 len(replies) - len(good),
             )
         if not good:
             raise UserError("no site sent usable weights")
-        total = sum(n for _, n, _ in good)
-        self.round_loss = sum(float(m.get("train_loss", math.nan)) * n for _, n, m in good) / total
-        spent = [m for _, _, m in good if "epsilon" in m]
+        losses = [(number(m, "train_loss", math.nan), n) for _, n, m in good]
+        losses = [(loss, n) for loss, n in losses if math.isfinite(loss)]
+        windows = sum(n for _, n in losses)
+        self.round_loss = sum(x * n for x, n in losses) / windows if windows else math.nan
+        spent = [m for _, _, m in good if number(m, "epsilon", -1.0) >= 0]
         if spent and self.options.dp is not None:
             from fusion.config import PrivacyConfig
 
-            worst = max(spent, key=lambda m: float(m["epsilon"]))
+            worst = max(spent, key=lambda m: number(m, "epsilon", 0.0))
             self.privacy = PrivacyConfig(
-                epsilon=float(worst["epsilon"]),
+                epsilon=number(worst, "epsilon", 0.0),
                 delta=self.options.dp.delta,
                 target_epsilon=self.options.dp.epsilon,
-                noise_multiplier=float(worst.get("noise_multiplier", 0.0)),
+                noise_multiplier=max(0.0, number(worst, "noise_multiplier", 0.0)),
                 max_grad_norm=self.options.dp.max_grad_norm,
-                sample_rate=float(worst.get("sample_rate", 0.0)),
-                steps=int(worst.get("dp_steps", 0)),
+                sample_rate=number(worst, "sample_rate", 0.0),
+                steps=int(number(worst, "dp_steps", 0.0)),
                 scope="per-site",
             )
         return weighted_average([(a, n) for a, n, _ in good])
@@ -241,7 +256,7 @@ class Federation:
         for _, metrics in replies:
             try:
                 cm += matrix(metrics, "cm", n)
-                loss_sum += float(metrics.get("loss_sum", 0.0))
+                loss_sum += number(metrics, "loss_sum", 0.0)
                 used += 1
             except BadReply as exc:
                 log.warning("a site sent validation counts that do not fit (%s); left out", exc)

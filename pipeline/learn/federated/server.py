@@ -39,6 +39,7 @@ class FederationSummary:
     classes: tuple[str, ...]
     sites: list[str]
     label_windows: dict[str, int]  # training windows per label over all sites
+    site_labels: dict[str, dict[str, int]]  # ... and at each site
     best_round: int
     best_val_macro_f1: float
     epsilon: float | None
@@ -135,6 +136,7 @@ def run_server(
         classes=tuple(fed.config.classes),
         sites=fed.sites,
         label_windows=fed.labels,
+        site_labels=fed.site_labels,
         best_round=fed.best_round,
         best_val_macro_f1=fed.best_f1,
         epsilon=None if fed.privacy is None else fed.privacy.epsilon,
