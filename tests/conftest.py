@@ -20,6 +20,7 @@ from pipeline.kafka.admin import TopicNames, ensure_topics
 from pipeline.kafka.local.broker import LocalKafka
 from pipeline.stream.model_runner import ModelRunner
 from tests.factory import make_model
+from tests.mqtt_util import Mosquitto
 
 _EXTRA_BROKERS = pytest.StashKey[list[LocalKafka]]()
 
@@ -128,3 +129,10 @@ def pytest_runtest_makereport(
             title = f"local Kafka log tail ({broker.nodes} node(s))"
             report.sections.append((title, broker.log_tail(lines=50)))
     return report
+
+
+@pytest.fixture(scope="session")
+def mosquitto() -> Iterator[Mosquitto]:
+    """A real MQTT broker (Mosquitto, tests/mqtt_util.py) shared by the session."""
+    with Mosquitto() as broker:
+        yield broker

@@ -5,12 +5,17 @@ reference): each opened once, each closed, and with --exactly-once no record twi
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import http.server
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,10 +26,15 @@ from pipeline.incidents.records import window_obs
 from pipeline.incidents.rules import IncidentRules
 from pipeline.incidents.tracker import IncidentTracker
 from pipeline.kafka.admin import TopicNames
+from pipeline.kafka.incident_state import build_live_engine
+from pipeline.kafka.worker import KafkaWorker
 from pipeline.settings import load_settings
+from pipeline.stream.model_runner import ModelRunner
+from pipeline.testing import WorkerThread
 from tests.contract import Published
 from tests.factory import T0, device_stream, make_model, number
-from tests.kafka_util import produce, read_until, to_topics, wait_until
+from tests.kafka_util import produce, read_until, settings_for, to_topics, wait_until
+from tests.mqtt_util import Mosquitto, retained
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -214,3 +224,66 @@ def test_exactly_once_kill_9_leaves_no_duplicate_incident(
     check_same_incidents(events, incidents)
     keys = [(i["incident_id"], i["seq"]) for i in incidents]
     assert len(keys) == len(set(keys)), "a read_committed reader saw an incident record twice"
+
+
+def test_a_running_worker_sends_its_incidents_to_mqtt_and_a_webhook(
+    bootstrap: str, topics: TopicNames, model_dir: Path, mosquitto: Mosquitto
+) -> None:
+    """`iotfuse run`'s engine with both sinks on: every device's incident reaches the MQTT
+    broker (retained, per device and class) and the webhook (signed), although the webhook
+    fails at first."""
+    posted: list[tuple[str, bytes]] = []
+    failures = [2]
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            ok = failures[0] == 0
+            failures[0] = max(0, failures[0] - 1)
+            if ok:
+                posted.append((self.headers["X-Iotfuse-Signature"], body))
+            self.send_response(200 if ok else 500)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = settings_for(bootstrap, topics)
+    prefix = f"it/{topics.camera}"
+    s = load_settings(
+        None,
+        environ={},
+        cli={
+            "incidents": RULES,
+            "sinks": {
+                "mqtt_host": "127.0.0.1",
+                "mqtt_port": mosquitto.port,
+                "mqtt_topic_prefix": prefix,
+                "webhook_url": f"http://127.0.0.1:{server.server_port}/hook",
+                "webhook_secret": "s3cret",
+                "retry_initial_ms": 50,
+            },
+        },
+    )
+    s = replace(base, incidents=s.incidents, sinks=s.sinks)
+    runner = ModelRunner.load(model_dir, "cpu")
+    worker = WorkerThread(KafkaWorker(s, build_live_engine(s, runner)))
+    try:
+        produce(bootstrap, to_topics(batch(0, 6), topics))
+        wait_until(lambda: len(posted) >= DEVICES, 120, "the webhook to get every open")
+        mqtt_sent = {"sink": "mqtt"}
+        metrics = worker.worker.metrics
+        sent = lambda: metrics.value("iotfuse_sink_sent_total", mqtt_sent)  # noqa: E731
+        wait_until(lambda: sent() >= DEVICES, 60, "the MQTT broker to acknowledge")
+        got = retained(mosquitto.port, f"{prefix}/#", DEVICES)  # a dashboard coming late
+        assert set(got) == {f"{prefix}/dev-{d}/fire" for d in range(DEVICES)}
+    finally:
+        worker.close()
+        server.shutdown()
+        server.server_close()
+    opens = [json.loads(body) for _, body in posted if json.loads(body)["change"] == "open"]
+    assert sorted(o["device_id"] for o in opens) == [f"dev-{d}" for d in range(DEVICES)]
+    for signature, body in posted:
+        assert signature == "sha256=" + hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
