@@ -54,6 +54,7 @@ USERS = (
     "no-write-deadletter",
     "no-write-incidents",
     "no-group",
+    "group-describe-only",
     "no-transactional-id",
     "nobody",
 )
@@ -119,9 +120,7 @@ def iotfuse(
     (where a deployment puts the password)."""
 
     def run(args: list[str], kafka: dict[str, str], names: TopicNames) -> Ran:
-        env = {f"IOTFUSE_KAFKA__{k.upper()}": v for k, v in kafka.items()}
-        for f in dataclasses.fields(names):
-            env[f"IOTFUSE_TOPICS__{f.name.upper()}"] = getattr(names, f.name)
+        env = environment(kafka, names)
         env["IOTFUSE_RUNTIME__METRICS_PORT"] = "0"
         env["IOTFUSE_RUNTIME__TORCH_THREADS"] = str(torch.get_num_threads())  # as it is
         for key, value in env.items():
@@ -134,6 +133,14 @@ def iotfuse(
         return Ran(rc, out, err, seconds)
 
     return run
+
+
+def environment(kafka: dict[str, str], names: TopicNames) -> dict[str, str]:
+    """[kafka] and [topics] settings as IOTFUSE_* variables."""
+    env = {f"IOTFUSE_KAFKA__{k.upper()}": v for k, v in kafka.items()}
+    for f in dataclasses.fields(names):
+        env[f"IOTFUSE_TOPICS__{f.name.upper()}"] = getattr(names, f.name)
+    return env
 
 
 def assert_no_secret(text: str, *secrets_: str) -> None:
@@ -269,16 +276,7 @@ def test_run_exactly_once_command_with_only_its_acls(
     )
     secured.allow("worker-eos", worker_grants(settings, tid=tid))
     produce_as_admin(secured, to_topics(device_stream(DEVICE, T0, 6), names))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.update(
-        {f"IOTFUSE_KAFKA__{k.upper()}": v for k, v in secured.client_settings("worker-eos").items()}
-    )
-    env.update(
-        {
-            f"IOTFUSE_TOPICS__{f.name.upper()}": getattr(names, f.name)
-            for f in dataclasses.fields(names)
-        }
-    )
+    env = {**os.environ, **environment(secured.client_settings("worker-eos"), names)}
     log = tmp_path / "run.log"
     with open(log, "wb") as stderr:
         proc = subprocess.Popen(
@@ -468,6 +466,31 @@ def test_run_without_one_of_its_acls_says_which(
     assert f"User:{user}" in ran.lines[0]
     assert "Traceback" not in ran.err and not kafka_logged(ran.err)
     assert_no_secret(ran.out + ran.err)
+
+
+def test_run_refused_after_its_start_checks_says_why_in_one_line(
+    secured: LocalKafka, model_dir: Path
+) -> None:
+    """Describe on the group passes the start checks, but joining needs Read: the running
+    consumer is refused, and `iotfuse run` (a process: it takes over fd 2 once started)
+    still ends in one line naming the group."""
+    names = topic_set(secured, "describe-group")
+    settings = settings_for(secured.bootstrap_servers, names)
+    group = settings.kafka.group_id
+    grants = worker_grants(settings, tid=None)
+    secured.allow("group-describe-only", [g for g in grants if g[0] != "group"])
+    secured.allow("group-describe-only", [("group", group, "describe")])
+    env = {**os.environ, **environment(secured.client_settings("group-describe-only"), names)}
+    args = ["run", "--model", str(model_dir), "--group-id", group, "--metrics-port", "0"]
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    lines = [line for line in done.stderr.splitlines() if line.startswith("iotfuse run:")]
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert len(lines) == 1 and f"consumer group '{group}'" in lines[0], done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert_no_secret(done.stdout + done.stderr)
 
 
 def test_run_exactly_once_without_its_transactional_id_says_so(

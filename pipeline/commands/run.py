@@ -46,6 +46,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _run(settings: Settings, stop: threading.Event) -> int:
+    from pipeline.kafka.errors import user_errors
     from pipeline.kafka.incident_state import build_live_engine
     from pipeline.kafka.worker import KafkaWorker
     from pipeline.metrics import Metrics
@@ -57,7 +58,8 @@ def _run(settings: Settings, stop: threading.Event) -> int:
     log.info("iotfuse run: starting; loading the model")
     runner = ModelRunner.load(settings.runtime.model or None, settings.runtime.device)
     engine = build_live_engine(settings, runner, metrics)  # incidents go on after a restart
-    worker = KafkaWorker(settings, engine)
+    with user_errors(settings.kafka):  # a refused login or ACL: one line, pipeline/kafka/errors
+        worker = KafkaWorker(settings, engine)
     log.info(
         "iotfuse run: model %s %s on %s; consuming %s from %s as group %s%s; metrics %s",
         runner.model_id.name,
@@ -80,11 +82,13 @@ def _run(settings: Settings, stop: threading.Event) -> int:
 def work(worker: KafkaWorker, stop: threading.Event) -> bool:
     """Run the worker until `stop`; False when it stopped itself because a restart is what
     helps (out of its group for good, or the broker refused an output): said in one line."""
+    from pipeline.kafka.errors import user_errors
     from pipeline.kafka.liveness import GroupStalledError
     from pipeline.kafka.worker import DeliveryError
 
     try:
-        worker.run(stop)
+        with user_errors(worker.settings.kafka):  # e.g. an ACL revoked: one line
+            worker.run(stop)
     except (GroupStalledError, DeliveryError) as exc:
         log.error("stopped: %s", exc)
         return False
