@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.commands import demo, export, federate, infra, learn, recordings, run
+from pipeline.commands import demo, export, federate, incidents, infra, learn, recordings, run
 
 AddArgs = Callable[[argparse.ArgumentParser], None]
 Handler = Callable[[argparse.Namespace, Any], int]
@@ -31,6 +31,11 @@ COMMANDS: dict[str, tuple[str, AddArgs, Handler]] = {
         "local Kafka + simulated devices + the pipeline, events shown as they arrive",
         demo.demo_args,
         demo.demo,
+    ),
+    "incidents": (
+        "follow incidents: open ones with their age on top, closed ones below (or --json)",
+        incidents.incidents_args,
+        incidents.incidents,
     ),
     "config": (
         "print the effective settings or the settings reference",
