@@ -418,6 +418,29 @@ def test_a_misconfigured_connection_ends_the_command_in_one_line(
     assert_no_secret(ran.out + ran.err, *([secret] if secret else []))
 
 
+@pytest.mark.parametrize("command", ["topics", "record"])
+def test_a_tls_client_on_a_plaintext_listener_ends_in_one_line(
+    secured: LocalKafka,
+    bootstrap: str,
+    iotfuse: Callable[..., Ran],
+    model_dir: Path,
+    recording: Path,
+    tmp_path: Path,
+    command: str,
+) -> None:
+    """The session's plaintext broker, asked for TLS."""
+    names = topic_set(secured, "plain", create=False)
+    kafka = {**secured.client_settings("worker"), "bootstrap_servers": bootstrap}
+    ran = iotfuse(
+        command_args(command, model_dir, recording, tmp_path, names, bootstrap), kafka, names
+    )
+    assert ran.rc == 1, ran.err
+    assert ran.seconds < FAST_S
+    assert len(ran.lines) == 1 and "does not answer TLS" in ran.lines[0], ran.err
+    assert "Traceback" not in ran.err and not kafka_logged(ran.err)
+    assert_no_secret(ran.out + ran.err)
+
+
 # -- one ACL missing: within seconds, one line naming it --------------------------------
 
 

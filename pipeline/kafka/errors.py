@@ -10,6 +10,7 @@ SASL password (`kafka.sasl_password` is masked should a broker's text ever echo 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -22,6 +23,7 @@ from pipeline.kafka.config import security_config, transactional_id
 from pipeline.settings import MASK, KafkaSettings
 
 _ACLS = "docs/operations.md, Secured Kafka"
+_PREFIX = re.compile(r"^(\[Error -?\d+\] )?[A-Z]\w*Error(: |:?$)")
 
 
 @contextmanager
@@ -116,9 +118,10 @@ def _names(exc: errors.KafkaError) -> set[str]:
 
 
 def _text(exc: errors.KafkaError) -> str:
-    """The error without kafka-python's '[Error N] Name: ' prefix noise, on one line."""
-    text = str(exc) or type(exc).__name__
-    return " ".join(text.split())
+    """The error's message on one line, without kafka-python's '[Error N] NameError: '
+    prefix (its class name when that is all there is)."""
+    text = _PREFIX.sub("", " ".join(str(exc).split()))
+    return text or type(exc).__name__
 
 
 def _mask(line: str, kafka: KafkaSettings) -> str:

@@ -150,21 +150,22 @@ def _ssl_context(security: Mapping[str, Any]) -> ssl.SSLContext:
 def _expect_kafka(
     sock: socket.socket, host: str, port: int, where: str, protocol: str, deadline: float
 ) -> None:
-    """A plaintext listener answers ApiVersions; a TLS one answers with a TLS alert."""
+    """A plaintext listener answers ApiVersions (read whole: SASL may follow on this
+    connection); a TLS one answers with a TLS alert."""
     parser = KafkaProtocol(client_id="iotfuse-check")
     parser.send_request(ApiVersionsRequest(version=0))
     try:
         sock.sendall(parser.send_bytes())
-        first = sock.recv(5)
+        first = sock.recv(65536)
     except OSError:
         first = b""
     if len(first) >= 2 and first[0] in _TLS_RECORD_TYPES and first[1] == 0x03:
         raise _tls_expected(where, protocol)
-    if first:
-        return  # a Kafka answer (or something else to leave to the clients)
-    if _speaks_tls(host, port, deadline):  # closed without a word: try TLS
-        raise _tls_expected(where, protocol)
-    raise _Undecided("the connection closed without an answer")
+    if not first:
+        if _speaks_tls(host, port, deadline):  # closed without a word: try TLS
+            raise _tls_expected(where, protocol)
+        raise _Undecided("the connection closed without an answer")
+    _receive(sock, parser, first, "ApiVersions")
 
 
 def _tls_expected(where: str, protocol: str) -> UserError:
@@ -228,12 +229,20 @@ def _call(sock: socket.socket, parser: KafkaProtocol, request: Any) -> Any:
     parser.send_request(request)
     try:
         sock.sendall(parser.send_bytes())
+    except OSError as exc:
+        raise _Undecided(f"{request.name}: {exc!r}") from None
+    return _receive(sock, parser, b"", request.name)
+
+
+def _receive(sock: socket.socket, parser: KafkaProtocol, data: bytes, name: str) -> Any:
+    """The response to the one request in flight, `data` its first bytes if read already."""
+    try:
         while True:
-            data = sock.recv(65536)
-            if not data:
-                raise _Undecided(f"the broker closed the connection during {request.name}")
-            responses = parser.receive_bytes(data)
+            responses = parser.receive_bytes(data) if data else []
             if responses:
                 return responses[0][1]
+            data = sock.recv(65536)
+            if not data:
+                raise _Undecided(f"the broker closed the connection during {name}")
     except (OSError, KafkaError) as exc:  # KafkaError: a reply that does not parse
-        raise _Undecided(f"{request.name}: {exc!r}") from None
+        raise _Undecided(f"{name}: {exc!r}") from None
