@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 DEMO_USER = "demo"  # the secured demo's only user besides the admin
 QUIET_S = 30.0  # give up once no new event came for this long after the last record was sent
+INCIDENTS_QUIET_S = 1.0  # after the last event, incidents are read until quiet this long
 Window = tuple[str, int]  # device id, window start (epoch ms)
 
 
@@ -84,9 +85,19 @@ class EventTable:
     """Prints each event once, next to the ground truth; knows which windows are missing."""
 
     def __init__(self, truth: Mapping[str, Sequence[Episode]], expected: set[Window]) -> None:
+        from pipeline.commands.demo_report import Incidents
+
         self.truth = truth
         self.expected = expected
         self.results: dict[Window, WindowResult] = {}
+        self.incidents = Incidents(truth)
+
+    def add_incident(self, record: Mapping[str, Any]) -> bool:
+        """Show an incident opened or closed; False for an update or a repeat."""
+        line = self.incidents.add(record)
+        if line is not None:
+            print(line, flush=True)
+        return line is not None
 
     @property
     def complete(self) -> bool:
@@ -198,6 +209,8 @@ def _run_offline(
     for out in run_offline(engine, records):
         if out.topic == engine.cfg.events_topic and out.value is not None:
             table.add(json.loads(out.value))
+        elif out.topic == settings.topics.incidents and out.value is not None:
+            table.add_incident(json.loads(out.value))
 
 
 class _Task(threading.Thread):
@@ -278,7 +291,7 @@ def _live_settings(settings: Settings, kafka: LocalKafka, speed: float | None) -
 
 def _demo_grants(live: Settings) -> list[tuple[str, str, str]]:
     """The demo's user: the worker's ACLs, Write on the inputs and labels (the simulated
-    devices), Read on the events (the lines shown)."""
+    devices), Read on the events and incidents (the lines shown)."""
     from pipeline.kafka.access import worker_grants
     from pipeline.kafka.config import transactional_id
 
@@ -286,7 +299,7 @@ def _demo_grants(live: Settings) -> list[tuple[str, str, str]]:
     tid = transactional_id(live.kafka) if live.kafka.exactly_once else None
     grants = worker_grants(live, tid)
     grants += [("topic", name, "write") for name in (t.camera, t.audio, t.telemetry, t.labels)]
-    return [*grants, ("topic", t.events, "read")]
+    return [*grants, ("topic", t.events, "read"), ("topic", t.incidents, "read")]
 
 
 def _follow_events(
@@ -295,18 +308,29 @@ def _follow_events(
     tasks: list[_Task],
     clock: Callable[[], float] = time.monotonic,
 ) -> None:
-    """Show events until each expected window has one, or QUIET_S without a new one."""
+    """Show events (and incidents) until each expected window has one, or QUIET_S without a
+    new one; then the incidents that follow the last events."""
     from pipeline.kafka.follow import TopicFollower
 
     deadline = clock() + QUIET_S
-    with TopicFollower(settings.kafka, settings.topics.events) as events:
+    with (
+        TopicFollower(settings.kafka, settings.topics.events) as events,
+        TopicFollower(settings.kafka, settings.topics.incidents) as incidents,
+    ):
         while not table.complete and clock() < deadline:
             if any([table.add(json.loads(value)) for value in events.poll(timeout_ms=200)]):
                 deadline = clock() + QUIET_S
+            for value in incidents.poll(timeout_ms=0):
+                table.add_incident(json.loads(value))
             for task in tasks:
                 task.check()
             if tasks[-1].is_alive():  # still producing: silence is not the end yet
                 deadline = max(deadline, clock() + QUIET_S)
+        quiet = clock() + INCIDENTS_QUIET_S  # the last windows' incidents are right behind
+        while clock() < quiet:
+            for value in incidents.poll(timeout_ms=200):
+                table.add_incident(json.loads(value))
+                quiet = clock() + INCIDENTS_QUIET_S
     if not table.complete:
         print(
             f"demo: no new event for {QUIET_S:.0f} s; stopping with "
@@ -318,12 +342,12 @@ def _report(out: Path, table: EventTable, classes: Sequence[str]) -> None:
     from pipeline.commands.demo_report import draw_timeline, summary_lines
 
     results = sorted(table.results.values(), key=lambda r: (r.device, r.start_ms))
-    for line in summary_lines(results, len(table.expected)):
+    for line in [*summary_lines(results, len(table.expected)), table.incidents.summary()]:
         print(f"demo: {line}")
     path = out / "timeline.png"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        draw_timeline(path, table.truth, results, classes)
+        draw_timeline(path, table.truth, results, classes, incidents=table.incidents.spans)
     except OSError as exc:
         raise UserError(f"cannot write the timeline into {out}: {exc}") from exc
     print(f"demo: timeline written to {path}")

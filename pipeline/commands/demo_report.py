@@ -2,11 +2,13 @@
 
     results = [WindowResult("cell-00", 0, 2000, "fire", 0.91, "fire"), ...]
     print("\\n".join(summary_lines(results, expected=12)))
-    draw_timeline(Path("demo-output/timeline.png"), truth, results, classes)
+    draw_timeline(Path("demo-output/timeline.png"), truth, results, classes, incidents=spans)
 
-The timeline has one row per device: the ground-truth label spans as a wide band and the
-predicted label of each window as a thin band below it, in the same colour per class. It
+The timeline has one row per device: the ground-truth label spans as a wide band, the
+predicted label of each window as a thin band below it, in the same colour per class, and
+each incident as a line under them from its start to its end (an arrow: still open). It
 is drawn on a matplotlib `Figure` with the Agg canvas: no pyplot, no global state.
+`Incidents` keeps the demo's incident records and says each opening and close in a line.
 """
 
 from __future__ import annotations
@@ -34,6 +36,73 @@ class WindowResult:
     label: str
     confidence: float
     truth: str | None  # None: the window lies outside the device's labelled time
+
+
+@dataclass(frozen=True, slots=True)
+class IncidentSpan:
+    """An incident as the demo shows it: `end_ms` None while it is still open."""
+
+    device: str
+    cls: str
+    start_ms: int
+    end_ms: int | None
+    last_end_ms: int
+
+
+class Incidents:
+    """The latest record of each incident; a line for each one opened or closed."""
+
+    def __init__(self, truth: Mapping[str, Sequence[Episode]]) -> None:
+        self.truth = truth
+        self.latest: dict[str, Mapping[str, Any]] = {}
+
+    def add(self, record: Mapping[str, Any]) -> str | None:
+        """Take a record; the line saying what happened, or None (an update, a repeat)."""
+        from pipeline.simulate import label_at
+
+        key = str(record["incident_id"])
+        seen = self.latest.get(key)
+        if seen is not None and int(seen["seq"]) >= int(record["seq"]):
+            return None
+        self.latest[key] = record
+        device, cls, start = record["device_id"], record["class"], int(record["start_ms"])
+        if record["change"] == "open":
+            truth = label_at(self.truth, device, start + 1000) or "-"
+            return f"  >> incident opened: {device} {cls} since {_hms(start)} (truth: {truth})"
+        if record["change"] == "close":
+            end = int(record["end_ms"])
+            return (
+                f"  >> incident closed: {device} {cls} {_hms(start)}-{_hms(end)} "
+                f"({(end - start) / 1000:.0f} s, peak {float(record['peak_score']):.2f}, "
+                f"{record['close_reason']})"
+            )
+        return None
+
+    @property
+    def spans(self) -> list[IncidentSpan]:
+        return [
+            IncidentSpan(
+                r["device_id"],
+                r["class"],
+                int(r["start_ms"]),
+                None if r["state"] != "closed" else int(r["end_ms"]),
+                int(r["last_window"]["end_ms"]),
+            )
+            for r in self.latest.values()
+        ]
+
+    def summary(self) -> str:
+        spans = self.spans
+        still = sum(s.end_ms is None for s in spans)
+        true = sum(e.label != "normal" for eps in self.truth.values() for e in eps)
+        return (
+            f"incidents: {len(spans)} opened ({len(spans) - still} closed, {still} still open) "
+            f"for {true} true incidents (ground-truth episodes other than normal)"
+        )
+
+
+def _hms(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%H:%M:%S")
 
 
 def accuracy(results: Iterable[WindowResult]) -> tuple[int, int]:
@@ -64,16 +133,19 @@ def draw_timeline(
     results: Sequence[WindowResult],
     classes: Iterable[str],
     title: str | None = None,
+    *,
+    incidents: Sequence[IncidentSpan] = (),
 ) -> None:
     """Write the timeline PNG to `path` (its directory must exist); the title defaults to
     the accuracy."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    devices = sorted({r.device for r in results} | set(truth))
+    devices = sorted({r.device for r in results} | set(truth) | {i.device for i in incidents})
     rows = {device: i for i, device in enumerate(devices)}
     colours = label_colours(
         [*classes, *(r.label for r in results), *(e.label for eps in truth.values() for e in eps)]
+        + [i.cls for i in incidents]
     )
     origin = min(
         [r.start_ms for r in results] + [e.start_ms for es in truth.values() for e in es], default=0
@@ -97,6 +169,12 @@ def draw_timeline(
             edgecolor="white",
             linewidth=0.5,
         )
+    for i in incidents:  # a line under the bands, from start to end; an arrow: still open
+        end = i.end_ms if i.end_ms is not None else i.last_end_ms
+        x0, x1, y = (i.start_ms - origin) / 1000, (end - origin) / 1000, rows[i.device] + 0.44
+        ax.plot([x0, x1], [y, y], color=colours[i.cls], linewidth=3, solid_capstyle="butt")
+        ax.plot([x0], [y], marker="|", color="black", markersize=9)
+        ax.plot([x1], [y], marker="|" if i.end_ms is not None else ">", color="black")
     right, judged = accuracy(results)
     share = f"{right / judged:.0%}" if judged else "n/a"
     _decorate(
@@ -118,7 +196,9 @@ def _decorate(
     ax.set_yticks(range(len(devices)), devices)
     ax.set_ylim(len(devices) - 0.5, -0.6)  # first device on top
     start = datetime.fromtimestamp(origin / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    ax.set_xlabel(f"seconds since {start}  (wide band: ground truth, thin band: predicted)")
+    ax.set_xlabel(
+        f"seconds since {start}  (wide band: ground truth, thin band: predicted, line: incident)"
+    )
     ax.set_title(title)
     handles = [Patch(facecolor=c, label=name) for name, c in colours.items()]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
