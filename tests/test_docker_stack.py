@@ -37,7 +37,16 @@ from pipeline.settings import Settings, load_settings, parse_assignments
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
-ROLES = ("camera", "audio", "telemetry", "labels", "events", "deadletter")
+ROLES = (
+    "camera",
+    "audio",
+    "telemetry",
+    "labels",
+    "events",
+    "deadletter",
+    "incidents",
+    "incident_state",
+)
 
 # --- reading the files -------------------------------------------------------------------
 
@@ -273,6 +282,31 @@ def test_workers_scale_in_one_group_with_metrics_on_the_network() -> None:
     for name in ("topics", "simulator"):
         assert s[name]["healthcheck"] == {"disable": True}
     assert "test" in s["kafka"]["healthcheck"]
+
+
+def test_an_optional_mosquitto_takes_the_workers_incidents_when_asked() -> None:
+    plain = compose("compose.yaml")["services"]
+    mqtt = plain["mosquitto"]
+    assert mqtt["profiles"] == ["mqtt"]  # not started by a plain `up`
+    assert str(mqtt["image"]).startswith("eclipse-mosquitto:2")
+    assert mqtt["command"][-1] == "/mosquitto-no-auth.conf"  # 2.x listens on 1883 with it
+    assert published(mqtt) == {1883: 1883}
+    # sinks are off unless asked for
+    sinks = effective_settings(plain["worker"])[1].sinks
+    assert (sinks.mqtt_host, sinks.webhook_url, sinks.webhook_secret) == ("", "", "")
+    env = {
+        "MQTT_HOST": "mosquitto",
+        "WEBHOOK_URL": "https://ops.example/iotfuse",
+        "WEBHOOK_SECRET": "s3cret",
+        "MQTT_HOST_PORT": "21883",
+    }
+    asked = compose("compose.yaml", env=env)["services"]
+    sinks = effective_settings(asked["worker"])[1].sinks
+    assert sinks.mqtt_host == "mosquitto" and "mosquitto" in asked
+    assert sinks.mqtt_port in published(asked["mosquitto"]).values()  # the container's port
+    assert published(asked["mosquitto"]) == {21883: 1883}
+    assert (sinks.webhook_url, sinks.webhook_secret) == ("https://ops.example/iotfuse", "s3cret")
+    assert sinks.webhook_verify_tls  # on unless turned off
 
 
 # --- Dockerfile and build context -------------------------------------------------------
