@@ -48,13 +48,21 @@ class FederationSummary:
 
 
 def quiet_flower(settings: Settings) -> None:
-    """Flower's own log lines only from WARNING on (and not its deprecation notices of
-    start_server/start_client, which we chose knowingly), unless --log-level DEBUG."""
-    flwr = logging.getLogger("flwr")
-    if settings.runtime.log_level.upper() != "DEBUG":
-        for name in ("flwr", "alembic"):  # alembic: Flower's database layer, unused here
-            logging.getLogger(name).setLevel(logging.WARNING)
-    flwr.addFilter(_shown)
+    """Flower's log lines go through iotfuse's logging (not Flower's own colored console
+    handler), only from WARNING on unless --log-level DEBUG, and without its deprecation
+    notices of start_server/start_client (chosen knowingly) or tracebacks of our one-line
+    errors. Call before anything else imports flwr: its imports log (alembic)."""
+    debug = settings.runtime.log_level.upper() == "DEBUG"
+    logging.getLogger("alembic").setLevel(logging.DEBUG if debug else logging.WARNING)
+    import flwr  # noqa: F401  # sets up the "flwr" logger, which we then adjust
+
+    flwr_log = logging.getLogger("flwr")
+    for handler in list(flwr_log.handlers):
+        if type(handler).__name__ == "ConsoleHandler":
+            flwr_log.removeHandler(handler)
+    flwr_log.setLevel(logging.DEBUG if debug else logging.WARNING)
+    if _shown not in flwr_log.filters:
+        flwr_log.addFilter(_shown)
 
 
 def _shown(record: logging.LogRecord) -> bool:
