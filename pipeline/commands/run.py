@@ -72,8 +72,9 @@ def _run(settings: Settings, stop: threading.Event) -> int:
         f":{settings.runtime.metrics_port}/metrics" if settings.runtime.metrics_port else "off",
     )
     capture_native_stderr()  # from now on libpng/libjpeg/OpenCV complaints are log lines
-    if not work(worker, stop):
-        return 1
+    with user_errors(settings.kafka):  # e.g. an ACL revoked while running: one line
+        if not work(worker, stop):
+            return 1
     emitted = int(metrics.value("iotfuse_windows_emitted_total"))
     log.info("stopped cleanly: %d windows emitted", emitted)
     return 0
@@ -82,13 +83,11 @@ def _run(settings: Settings, stop: threading.Event) -> int:
 def work(worker: KafkaWorker, stop: threading.Event) -> bool:
     """Run the worker until `stop`; False when it stopped itself because a restart is what
     helps (out of its group for good, or the broker refused an output): said in one line."""
-    from pipeline.kafka.errors import user_errors
     from pipeline.kafka.liveness import GroupStalledError
     from pipeline.kafka.worker import DeliveryError
 
     try:
-        with user_errors(worker.settings.kafka):  # e.g. an ACL revoked: one line
-            worker.run(stop)
+        worker.run(stop)
     except (GroupStalledError, DeliveryError) as exc:
         log.error("stopped: %s", exc)
         return False
