@@ -2,6 +2,9 @@
 
 - `config`: every client's settings (consumer, producer, transactional producer, admin,
   recorder, replayer) built from `[kafka]`, and the one record-size limit;
+- `decompress`, `resume`: what every consumer needs from kafka-python beyond settings,
+  installed with the consumer settings: record batches decompress to 64 MiB at most, and
+  a paused partition's records come back when it resumes;
 - `worker`: `iotfuse run`'s loop (consumer, producer, commits) around the broker-free
   `Engine` of pipeline/stream/;
 - `producer`, `log_end`, `unreadable`: the worker's bounded producer, end-offset client
