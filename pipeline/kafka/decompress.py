@@ -165,7 +165,11 @@ def unsnappy(data: bytes, limit: int) -> bytearray:
         raise _Over
     out = bytearray()
     for block in blocks:
-        _grow(out, codec.snappy.decompress(block), limit)
+        try:
+            plain = codec.snappy.decompress(block)
+        except Exception as exc:  # python-snappy/cramjam: their own error types
+            raise ValueError(f"damaged snappy data: {exc}") from None
+        _grow(out, plain, limit)
     return out
 
 
