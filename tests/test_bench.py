@@ -17,6 +17,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
         ("pipeline_bench", "--bootstrap-servers"),
         ("record_replay_bench", "--bootstrap-servers"),
         ("scale_bench", "--devices"),
+        ("soak", "--minutes"),
     ],
 )
 def test_a_benchmark_imports_and_parses_its_arguments(name: str, option: str) -> None:
