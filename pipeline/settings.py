@@ -174,12 +174,12 @@ class IncidentSettings:
         0.5, "A class's score at or above this in a window is a hit (counts towards opening)."
     )
     close_threshold: float = _f(
-        0.35, "A window below this score counts towards closing (<= open_threshold: hysteresis)."
+        0.25, "A window below this score counts towards closing (<= open_threshold: hysteresis)."
     )
     open_k: int = _f(2, "An incident opens once k of its device's last n windows are hits ...")
     open_n: int = _f(3, "... (n, counted in event time: a missing window is no hit).")
     close_m: int = _f(
-        2, "An open incident closes after m windows in a row below close_threshold (or missing)."
+        3, "An open incident closes after m windows in a row below close_threshold (or missing)."
     )
     per_class: str = _f(
         "",

@@ -239,7 +239,7 @@ def test_incident_and_state_records_have_the_contract_fields() -> None:
 
 
 def test_per_class_rules_parse_and_bad_ones_say_how_to_fix_them() -> None:
-    default = ClassRule()
+    default = ClassRule(0.5, 0.35, 2, 3, 2)
     rules = parse_per_class("fire: open=0.4 close=0.25 k=1 n=1; intrusion: m=3", default)
     assert rules == {
         "fire": ClassRule(0.4, 0.25, 1, 1, 2),
@@ -248,9 +248,10 @@ def test_per_class_rules_parse_and_bad_ones_say_how_to_fix_them() -> None:
     built = IncidentRules.from_settings(
         IncidentSettings(per_class="fire: k=1 n=1", ignore_classes="normal, alarm_test"), 2000
     )
-    assert built.rule("fire") == replace(default, k=1, n=1)
+    assert built.default == ClassRule()  # the settings' defaults are the rule's
+    assert built.rule("fire") == replace(ClassRule(), k=1, n=1)
     assert built.rule("alarm_test") is None and built.rule("normal") is None
-    assert built.rule("intrusion") == default
+    assert built.rule("intrusion") == ClassRule()
     for text, says in [
         ("fire open=0.4", "is not CLASS: key=value"),
         ("fire: opn=0.4", "open=, close=, k=, n=, m="),

@@ -90,27 +90,33 @@ def incident_value(
 # -- saved state ---------------------------------------------------------------------------
 
 
-def _obs(o: WindowObs) -> dict[str, Any]:
-    return {
-        "start_ms": o.start_ms,
-        "end_ms": o.end_ms,
-        "label": o.label,
-        "scores": dict(o.scores),
-        "attribution": dict(o.attribution),
-    }
+class _Keys:
+    """The class and modality names of a saved state, listed once: each window's scores and
+    attribution are lists in that order (a state is saved at nearly every window of a
+    device with something going on, so its size counts)."""
+
+    def __init__(self, windows: list[WindowObs]) -> None:
+        self.classes = sorted({c for o in windows for c in o.scores})
+        self.modalities = sorted({m for o in windows for m in o.attribution})
+
+    def pack(self, o: WindowObs) -> list[Any]:
+        scores = [o.scores.get(c) for c in self.classes]
+        attribution = [o.attribution.get(m) for m in self.modalities]
+        return [o.start_ms, o.end_ms - o.start_ms, o.label, scores, attribution]
 
 
-def _parse_obs(d: Mapping[str, Any]) -> WindowObs:
+def _unpack(d: list[Any], classes: list[str], modalities: list[str]) -> WindowObs:
+    start, length, label, scores, attribution = d
     return WindowObs(
-        int(d["start_ms"]),
-        int(d["end_ms"]),
-        str(d["label"]),
-        {str(k): float(v) for k, v in d["scores"].items()},
-        {str(k): float(v) for k, v in d["attribution"].items()},
+        int(start),
+        int(start) + int(length),
+        str(label),
+        {c: float(v) for c, v in zip(classes, scores, strict=True) if v is not None},
+        {m: float(v) for m, v in zip(modalities, attribution, strict=True) if v is not None},
     )
 
 
-def _incident(i: Incident) -> dict[str, Any]:
+def _incident(i: Incident, keys: _Keys) -> dict[str, Any]:
     return {
         "incident_id": i.incident_id,
         "class": i.cls,
@@ -119,17 +125,19 @@ def _incident(i: Incident) -> dict[str, Any]:
         "last_window": [i.last_start_ms, i.last_end_ms],
         "seq": i.seq,
         "peak": i.peak,
-        "total": i.total,
+        "total": round(i.total, 6),
         "windows": i.windows,
-        "attribution": i.attribution,
+        "attribution": {m: round(v, 6) for m, v in i.attribution.items()},
         "attributed": i.attributed,
-        "pending": [_obs(o) for o in i.pending],
+        "pending": [keys.pack(o) for o in i.pending],
         "below": i.below,
         "since_record": i.since_record,
     }
 
 
-def _parse_incident(device: str, d: Mapping[str, Any]) -> Incident:
+def _parse_incident(
+    device: str, d: Mapping[str, Any], classes: list[str], modalities: list[str]
+) -> Incident:
     last_start, last_end = d["last_window"]
     return Incident(
         incident_id=str(d["incident_id"]),
@@ -145,7 +153,7 @@ def _parse_incident(device: str, d: Mapping[str, Any]) -> Incident:
         windows=int(d["windows"]),
         attribution={str(k): float(v) for k, v in d["attribution"].items()},
         attributed=int(d["attributed"]),
-        pending=[_parse_obs(o) for o in d["pending"]],
+        pending=[_unpack(o, classes, modalities) for o in d["pending"]],
         below=int(d["below"]),
         since_record=int(d["since_record"]),
     )
@@ -153,11 +161,17 @@ def _parse_incident(device: str, d: Mapping[str, Any]) -> Incident:
 
 def state_value(device: str, state: DeviceState | None, last_start_ms: int) -> bytes:
     """A device's saved state; `state` None: it holds nothing (only its last window)."""
-    body: dict[str, Any] = {"schema": STATE_SCHEMA, "device_id": device, "last_start_ms": None}
-    body["last_start_ms"] = last_start_ms
+    body: dict[str, Any] = {
+        "schema": STATE_SCHEMA,
+        "device_id": device,
+        "last_start_ms": last_start_ms,
+    }
     if state is not None:
-        body["history"] = [_obs(o) for o in state.history]
-        body["open"] = [_incident(i) for i in state.open.values()]
+        windows = [*state.history, *(o for i in state.open.values() for o in i.pending)]
+        keys = _Keys(windows)
+        body["classes"], body["modalities"] = keys.classes, keys.modalities
+        body["history"] = [keys.pack(o) for o in state.history]
+        body["open"] = [_incident(i, keys) for i in state.open.values()]
         body["cleared"] = state.cleared
     return json.dumps(body, separators=(",", ":")).encode()
 
@@ -169,9 +183,11 @@ def parse_state(value: bytes) -> tuple[str, DeviceState]:
         if body.get("schema") != STATE_SCHEMA:
             raise ValueError(f"schema {body.get('schema')!r}")
         device = str(body["device_id"])
+        classes = [str(c) for c in body.get("classes", ())]
+        modalities = [str(m) for m in body.get("modalities", ())]
         state = DeviceState(last_start_ms=int(body["last_start_ms"]))
-        state.history = deque(_parse_obs(o) for o in body.get("history", ()))
-        opened = (_parse_incident(device, d) for d in body.get("open", ()))
+        state.history = deque(_unpack(o, classes, modalities) for o in body.get("history", ()))
+        opened = (_parse_incident(device, d, classes, modalities) for d in body.get("open", ()))
         state.open = {i.cls: i for i in opened}
         state.cleared = {str(k): int(v) for k, v in body.get("cleared", {}).items()}
         return device, state

@@ -1,7 +1,7 @@
 """When an incident opens and closes, per class: thresholds and window counts from settings.
 
     rules = IncidentRules.from_settings(settings.incidents, window_ms=2000)
-    rules.rule("fire")   # ClassRule(open=0.5, close=0.35, k=2, n=3, m=2), or None: never opens
+    rules.rule("fire")   # ClassRule(open=0.5, close=0.25, k=2, n=3, m=3), or None: never opens
 
 A class's score in a window is a *hit* at or above `open`; an incident opens once `k` of
 the device's last `n` windows (in event time) are hits, and closes after `m` windows in a
@@ -27,10 +27,10 @@ class IncidentRuleError(UserError):
 @dataclass(frozen=True, slots=True)
 class ClassRule:
     open: float = 0.5  # a window's score >= open is a hit
-    close: float = 0.35  # a window's score < close counts towards closing
+    close: float = 0.25  # a window's score < close counts towards closing
     k: int = 2  # hits ...
     n: int = 3  # ... among the last n windows open an incident
-    m: int = 2  # windows in a row below `close` close it
+    m: int = 3  # windows in a row below `close` close it (the defaults: docs/performance.md)
 
     def check(self, name: str) -> ClassRule:
         """Itself, or an IncidentRuleError saying what to change."""
