@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# What federated training and differential privacy cost, on held-out recordings (issue 17).
+#
+#   scripts/federated_figures.sh            # the full figures (hours on 2 cores)
+#   SCALE=small scripts/federated_figures.sh  # docs/federated.md's figures (~70 min, 2 busy cores)
+#
+# Trains, on the same simulated data, with the same recipe (iotfuse train's):
+#   central        iotfuse train, one process
+#   central-ddp    iotfuse train --nproc 2 (DDP, gloo): should match central within 0.01
+#   fed-iid        iotfuse federate simulate, 4 sites, by-device (each site whole devices)
+#   fed-noniid     4 sites, by-class-skew (each labelled span to a site drawn from a
+#                  per-class Dirichlet(0.5) share: every site a skewed class mix)
+#   fed-dp-eps{1,3,8}  fed-noniid with DP-SGD at every site to that epsilon (delta 1e-5)
+#   central-dp-eps8    iotfuse train --dp-epsilon 8 (CENTRAL_DP=0 leaves it out)
+# and scores them side by side with `iotfuse evaluate --compare` on recordings simulated
+# with seeds never used for training (report in $WORK/report/report.md and metrics.json).
+# Everything goes to $WORK (default build/federated, git-ignored); recordings already there
+# are reused (the simulator is deterministic).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+IOTFUSE=${IOTFUSE:-.venv/bin/iotfuse}
+WORK=${WORK:-build/federated}
+export OMP_NUM_THREADS=${THREADS:-2}
+if [[ "${SCALE:-full}" == "small" ]]; then
+    DEVICES=${DEVICES:-24} DURATION=${DURATION:-60} TEST_DEVICES=${TEST_DEVICES:-16}
+    EPOCHS=${EPOCHS:-8} ROUNDS=${ROUNDS:-4} LOCAL_EPOCHS=${LOCAL_EPOCHS:-2}
+    CENTRAL_DP=${CENTRAL_DP:-0}
+else  # the default model's data and epochs
+    DEVICES=${DEVICES:-120} DURATION=${DURATION:-60} TEST_DEVICES=${TEST_DEVICES:-32}
+    EPOCHS=${EPOCHS:-30} ROUNDS=${ROUNDS:-15} LOCAL_EPOCHS=${LOCAL_EPOCHS:-2}
+fi
+mkdir -p "$WORK"
+log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
+timed() { local t=$SECONDS; "$@"; echo "$(( SECONDS - t ))" >"$WORK/seconds-$NAME"; }
+
+log "data: $DEVICES devices x $DURATION s (seed 1); held out: $TEST_DEVICES devices (seed 1001)"
+[[ -f "$WORK/train.iotrec" ]] || "$IOTFUSE" simulate --seed 1 --devices "$DEVICES" \
+    --duration "$DURATION" --out "$WORK/train.iotrec"
+[[ -f "$WORK/test.iotrec" ]] || "$IOTFUSE" simulate --seed 1001 --devices "$TEST_DEVICES" \
+    --duration "$DURATION" --out "$WORK/test.iotrec"
+
+TRAIN=(--data "$WORK/train.iotrec" --epochs "$EPOCHS" --seed 0 --device cpu --overwrite)
+FED=(--data "$WORK/train.iotrec" --sites 4 --rounds "$ROUNDS" --local-epochs "$LOCAL_EPOCHS"
+     --seed 0 --device cpu --overwrite)
+
+NAME=central; log "$NAME"
+timed "$IOTFUSE" train "${TRAIN[@]}" --name central --out "$WORK/central"
+NAME=central-ddp; log "$NAME"
+timed "$IOTFUSE" train "${TRAIN[@]}" --name central-ddp --nproc 2 --out "$WORK/central-ddp"
+NAME=fed-iid; log "$NAME"
+timed "$IOTFUSE" federate simulate "${FED[@]}" --split by-device --name fed-iid --out "$WORK/fed-iid"
+NAME=fed-noniid; log "$NAME"
+timed "$IOTFUSE" federate simulate "${FED[@]}" --split by-class-skew --name fed-noniid \
+    --out "$WORK/fed-noniid"
+for eps in 8 3 1; do
+    NAME=fed-dp-eps$eps; log "$NAME"
+    timed "$IOTFUSE" federate simulate "${FED[@]}" --split by-class-skew --name "$NAME" \
+        --dp-epsilon "$eps" --out "$WORK/$NAME"
+done
+COMPARE=("$WORK/central-ddp" "$WORK/fed-iid/model" "$WORK/fed-noniid/model"
+         "$WORK/fed-dp-eps8/model" "$WORK/fed-dp-eps3/model" "$WORK/fed-dp-eps1/model")
+if [[ "${CENTRAL_DP:-1}" != 0 ]]; then
+    NAME=central-dp-eps8; log "$NAME"
+    timed "$IOTFUSE" train "${TRAIN[@]}" --name central-dp-eps8 --dp-epsilon 8 --out "$WORK/$NAME"
+    COMPARE+=("$WORK/central-dp-eps8")
+fi
+
+log "evaluate"
+"$IOTFUSE" evaluate --device cpu --data "$WORK/test.iotrec" --model "$WORK/central" \
+    --out "$WORK/report" --compare "${COMPARE[@]}"
+for f in "$WORK"/seconds-*; do echo "$(basename "$f" | cut -d- -f2-): $(cat "$f") s"; done
