@@ -213,3 +213,15 @@ def test_quantized_exports_keep_the_labels(quantize: str, shipped: ModelRunner) 
     graph, manifest = export_model(loaded.model, loaded.version, windows, quantize)
     assert manifest["quantize"] == quantize and manifest["verified"]["label_agreement"] >= 0.98
     assert 0 < manifest["verified"]["max_prob_diff"] <= 0.1
+
+
+def test_the_edge_benchmark_imports_and_parses_its_arguments() -> None:
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parent.parent / "bench" / "edge_bench.py"
+    done = subprocess.run(
+        [sys.executable, str(bench), "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--edge-venv" in done.stdout
