@@ -158,6 +158,12 @@ class RuntimeSettings:
         "Classify a window in spare time once its device passed its end, before it "
         "closes; at close that result is published unless a late record changed the window.",
     )
+    explain_telemetry_top: int = _f(
+        0,
+        "Add to each event the N telemetry metrics whose absence lowers its label's "
+        "probability most (`explanation.telemetry`, docs/contract.md); 0 = off. A torch model "
+        "only; costs the telemetry encoder and fusion once more per metric.",
+    )
     commit_interval_ms: int = _f(1000, "How often acknowledged progress is committed.")
     metrics_port: int = _f(9108, "Prometheus metrics HTTP port; 0 = off.")
     metrics_host: str = _f("0.0.0.0", "Address the metrics endpoint binds to.")

@@ -6,7 +6,17 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.commands import demo, export, federate, incidents, infra, learn, recordings, run
+from pipeline.commands import (
+    demo,
+    explain,
+    export,
+    federate,
+    incidents,
+    infra,
+    learn,
+    recordings,
+    run,
+)
 
 AddArgs = Callable[[argparse.ArgumentParser], None]
 Handler = Callable[[argparse.Namespace, Any], int]
@@ -71,6 +81,11 @@ COMMANDS: dict[str, tuple[str, AddArgs, Handler]] = {
         "score a model on labelled recordings: metrics.json, confusion matrix, report",
         learn.evaluate_args,
         learn.evaluate,
+    ),
+    "explain": (
+        "which pixels, sounds and sensors made a window's label (PNG report and JSON)",
+        explain.explain_args,
+        explain.explain,
     ),
     "federate": (
         "federated training: a server and sites that keep their recordings (Flower)",

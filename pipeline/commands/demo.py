@@ -159,7 +159,24 @@ def demo(args: argparse.Namespace, settings: Settings) -> int:
         finally:
             kafka.close()
     _report(args.out, table, runner.config.classes)
+    _explain(args.out, records, settings, runner, table)
     return 0
+
+
+def _explain(
+    out: Path, records: list[Record], settings: Settings, runner: ModelRunner, table: EventTable
+) -> None:
+    """`iotfuse explain`'s report of the most confident window not labelled normal."""
+    from pipeline.learn.explain_report import explain_window
+
+    shown = [r for r in table.results.values() if r.label != "normal"]
+    if not shown or runner.exported:
+        why = "an exported model has no gradients" if shown else "every window was normal"
+        print(f"demo: no explanation report: {why}")
+        return
+    r = max(shown, key=lambda r: r.confidence)
+    png, _ = explain_window(out, records, settings, runner, r.device, r.start_ms)
+    print(f"demo: explanation of {r.device} {r.label} ({r.confidence:.2f}) written to {png}")
 
 
 def _local_kafka(secure: bool) -> LocalKafka | None:

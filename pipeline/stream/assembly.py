@@ -77,8 +77,9 @@ def build_engine(
         early_inference=settings.runtime.early_inference,
     )
     metrics = metrics or Metrics()
+    classify = runner.classifier(settings.runtime.explain_telemetry_top)
     if not settings.incidents.enabled:
-        return Engine(cfg, runner.classify, metrics, clock)
+        return Engine(cfg, classify, metrics, clock)
     stage_cfg = StageConfig(
         rules=IncidentRules.from_settings(settings.incidents, features.window_ms),
         events_topic=settings.topics.events,
@@ -95,7 +96,7 @@ def build_engine(
         store=incident_store,
     )
     on_close = outlets.close if outlets else None
-    return IncidentEngine(cfg, runner.classify, metrics, clock, stage, on_close)
+    return IncidentEngine(cfg, classify, metrics, clock, stage, on_close)
 
 
 def feature_threads(setting: int) -> int:

@@ -10,7 +10,8 @@ models.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -31,6 +32,9 @@ TORCH_MISSING = (
     "torch is not installed (an edge install); install the full one (pip install "
     "'iotfuse[full]') or serve an exported model (iotfuse export --out DIR, then --model DIR)"
 )
+
+
+Window = dict[Modality, np.ndarray]
 
 
 class ModelNotFoundError(UserError):
@@ -135,10 +139,32 @@ class ModelRunner:
         pred = self.model.predict(batch)
         return pred.probs.detach().cpu().numpy(), pred.attribution.detach().cpu().numpy()
 
-    def classify(self, windows: Sequence[dict[Modality, np.ndarray]]) -> list[Decision]:
+    def classifier(self, explain_top: int) -> Callable[[Sequence[Window]], list[Decision]]:
+        """`classify`, or with runtime.explain_telemetry_top > 0 a classify whose decisions
+        also name that many telemetry metrics (`explanation.telemetry`); a torch model only."""
+        if explain_top < 0:
+            raise UserError(
+                f"runtime.explain_telemetry_top={explain_top}: use 0 (off) or a number of metrics"
+            )
+        if explain_top and self.exported:
+            raise UserError(
+                "runtime.explain_telemetry_top needs a torch model: an exported (ONNX) model "
+                "cannot be explained; serve the torch model, or set it to 0"
+            )
+        return (
+            functools.partial(self.classify, explain_top=explain_top)
+            if explain_top
+            else self.classify
+        )
+
+    def classify(self, windows: Sequence[Window], explain_top: int = 0) -> list[Decision]:
         if not windows:
             return []
-        probs, attribution = self.predict(windows)  # [B, C], [B, M]
+        explained = None  # [B, metrics]: fall of p(label) without each metric
+        if explain_top and self.config.telemetry is not None:
+            probs, attribution, explained = self._predict_explained(windows)
+        else:
+            probs, attribution = self.predict(windows)  # [B, C], [B, M]
         classes = list(self.config.classes)
         slots = list(self.config.modalities)
         out: list[Decision] = []
@@ -152,6 +178,34 @@ class ModelRunner:
                     attribution={
                         Modality(m): float(a) for m, a in zip(slots, attribution[b], strict=True)
                     },
+                    explanation=(
+                        None
+                        if not explain_top
+                        else {"telemetry": top_metrics(self.metrics, explained, b, explain_top)}
+                    ),
                 )
             )
         return out
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return tuple(self.config.telemetry.metrics) if self.config.telemetry is not None else ()
+
+    def _predict_explained(self, windows: Sequence[Window]) -> tuple[Any, Any, Any]:
+        """`predict`, and per window and telemetry metric the fall of the predicted class's
+        probability when the metric is absent (fusion.explain.predict_with_telemetry)."""
+        from fusion.batch import WindowBatch
+        from fusion.explain import predict_with_telemetry
+
+        rate = self.config.audio.sample_rate if self.config.audio is not None else 16000
+        batch = WindowBatch.collate(windows, audio_sample_rate=rate).to(self.device)
+        pred, per_metric = predict_with_telemetry(self.model, batch)
+        return pred.probs.cpu().numpy(), pred.attribution.cpu().numpy(), per_metric.cpu().numpy()
+
+
+def top_metrics(names: Sequence[str], values: Any, row: int, k: int) -> list[tuple[str, float]]:
+    """The k metrics with the largest values in `values[row]` (NaN: no telemetry: none)."""
+    if values is None or np.isnan(values[row]).all():
+        return []
+    order = sorted(range(len(names)), key=lambda j: -float(values[row, j]))[:k]
+    return [(names[j], round(float(values[row, j]), 6)) for j in order]

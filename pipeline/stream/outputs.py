@@ -37,6 +37,9 @@ class Decision:
     confidence: float
     scores: Mapping[str, float]
     attribution: Mapping[Modality, float]
+    # optional: {"telemetry": [(metric, fall of p(label) without it), ...]} with
+    # runtime.explain_telemetry_top (docs/contract.md); None: the event has no explanation
+    explanation: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +226,7 @@ def event_value(
         "attribution": {
             str(m): round(float(decision.attribution.get(m, 0.0)), 6) for m in ALL_MODALITIES
         },
+        **({} if decision.explanation is None else {"explanation": dict(decision.explanation)}),
         "model": {"name": model.name, "version": model.version},
         "processed_at_ms": processed_at_ms,
     }
