@@ -58,6 +58,9 @@ def client_config(k: KafkaSettings, role: str) -> dict[str, Any]:
     return {
         "bootstrap_servers": k.bootstrap_servers.split(","),
         "client_id": f"{k.client_id}-{role}",
+        # kafka-python backs off up to 30 s between reconnects (Java clients: 1 s): a
+        # broker back after an outage went unnoticed for up to as long (issue 15, part 4)
+        "reconnect_backoff_max_ms": 1000,
         **security_config(k),
     }
 
