@@ -18,6 +18,7 @@ Figures go to stdout (`pytest -s`); the report in the issue's closing note quote
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +36,8 @@ from pipeline.stream.assembly import window_config
 from pipeline.stream.ingest import IngestConfig
 from pipeline.stream.model_runner import ModelRunner
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+# the module's CPU time is ~1 minute; the timeout leaves room for a machine shared by many
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread"), pytest.mark.timeout(900)]
 
 DRIVEN = {"fire": "smoke_ppm", "machine_fault": "vibration_rms", "maintenance": "motor_current_a"}
 BATCH = 64
@@ -58,7 +60,7 @@ def windows(shipped: ModelRunner) -> list[LabelledWindow]:
     """Held-out simulated windows: seed 99 (training used 1, evaluation 1001 and 1002)."""
     s, spec = Settings(), shipped.features
     return labelled_windows(
-        simulate(ScenarioConfig(seed=99, devices=4, duration_s=60)),
+        simulate(ScenarioConfig(seed=99, devices=6, duration_s=60)),
         IngestConfig.from_settings(s.topics, s.limits, spec.sample_rate),
         window_config(s, spec.window_ms),
         spec,
@@ -67,9 +69,11 @@ def windows(shipped: ModelRunner) -> list[LabelledWindow]:
 
 
 @pytest.fixture(scope="module")
-def explained(shipped: ModelRunner, windows: list[LabelledWindow]) -> list[Explained]:
-    """IG with fixed steps (16 camera, 32 telemetry): the report doubles them until complete,
-    which ranks the same here and costs more."""
+def explained(shipped: ModelRunner, windows: list[LabelledWindow]) -> Iterator[list[Explained]]:
+    """IG with fixed steps (8 camera, 32 telemetry): the report doubles them until complete,
+    which ranks the same here and costs more. One torch thread (as `one_thread`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     out = []
     for i in range(0, len(windows), BATCH):
         batch = WindowBatch.collate([w.inputs for w in windows[i : i + BATCH]], 16000)
@@ -79,13 +83,14 @@ def explained(shipped: ModelRunner, windows: list[LabelledWindow]) -> list[Expla
             Explained(
                 ex,
                 score,
-                ex.integrated_gradients(Modality.CAMERA, steps=16),
+                ex.integrated_gradients(Modality.CAMERA, steps=8),
                 ex.metric_shapley(),
                 score.metric_ablation(),
                 ex.integrated_gradients(Modality.TELEMETRY, steps=32),
             )
         )
-    return out
+    torch.set_num_threads(threads)
+    yield out
 
 
 def per_window(got: list[Explained], name: str) -> np.ndarray:
@@ -181,14 +186,14 @@ def test_deleting_the_top_attributed_part_lowers_the_score_more_than_a_random_pa
 
 
 def test_attributions_differ_from_those_of_a_reinitialised_model(
-    shipped: ModelRunner, windows: list[LabelledWindow]
+    shipped: ModelRunner, windows: list[LabelledWindow], explained: list[Explained]
 ) -> None:
-    """Same windows and target class, the same architecture with fresh weights: the cells'
-    rank correlation (per window, then the mean) is near 0. For scale, the trained model's
-    two methods against each other."""
+    """Same windows and target class, the same architecture with fresh weights: the rank
+    correlation of the cells (per window, then the mean) is near 0. For scale, the trained
+    model's two telemetry methods against each other."""
     torch.manual_seed(0)
     fresh = FusionClassifier(shipped.config).eval()
-    batch = WindowBatch.collate([w.inputs for w in windows[:24]], 16000)
+    batch = WindowBatch.collate([w.inputs for w in windows[:16]], 16000)
     trained = Explainer(shipped.model, batch)
     random = Explainer(fresh, batch, target=trained.target)
     lines, rhos = [], {}
@@ -198,18 +203,20 @@ def test_attributions_differ_from_those_of_a_reinitialised_model(
         rho, rho_abs = spearman(a, b), spearman(a.abs(), b.abs())
         rhos[m] = float(rho.mean())
         lines.append(
-            f"{m:<10} integrated gradients per cell, trained vs fresh: {rhos[m]:+.3f} "
-            f"(median {float(rho.median()):+.3f}); of |values| {float(rho_abs.mean()):+.3f}"
+            f"{m:<10} integrated gradients per cell, {len(a)} windows, trained vs fresh: "
+            f"{rhos[m]:+.3f} (median {float(rho.median()):+.3f}); of |values| "
+            f"{float(rho_abs.mean()):+.3f}"
         )
-    shap = trained.metric_shapley().cells
-    against = float(spearman(shap, random.metric_shapley().cells).mean())
-    control = float(
-        spearman(shap, trained.integrated_gradients(Modality.TELEMETRY).per_metric()).mean()
-    )
+    against, control = [], []
+    for e in explained:  # every window: the metrics' Shapley values
+        theirs = Explainer(fresh, e.ex.batch, target=e.ex.target).metric_shapley().cells
+        against.append(spearman(e.shapley.cells, theirs))
+        control.append(spearman(e.shapley.cells, e.ig.per_metric()))
+    vs_fresh, vs_ig = float(torch.cat(against).mean()), float(torch.cat(control).mean())
     lines.append(
-        f"telemetry  Shapley values per metric, trained vs fresh: {against:+.3f}; "
-        f"trained Shapley vs trained IG per metric (same model): {control:+.3f}"
+        f"telemetry  Shapley values per metric, {len(torch.cat(against))} windows, trained vs "
+        f"fresh: {vs_fresh:+.3f}; the trained model's Shapley vs its IG: {vs_ig:+.3f}"
     )
     print("\n" + "\n".join(lines))
     assert abs(rhos[Modality.CAMERA]) < 0.3 and abs(rhos[Modality.AUDIO]) < 0.3, lines
-    assert abs(against) < 0.3 and control > against + 0.3, lines
+    assert abs(vs_fresh) < 0.3 and vs_ig > vs_fresh + 0.3, lines
