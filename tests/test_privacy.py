@@ -14,6 +14,7 @@ from torch import nn
 
 from encoders.modality import ALL_MODALITIES, Modality
 from fusion.batch import WindowBatch
+from fusion.config import ModelConfig
 from fusion.dp import DPSGD, DenseForward, DPIncompatible, dense_inputs, per_example_grads
 from fusion.model import FusionClassifier
 from fusion.modelfile import load_model, save_model
@@ -57,6 +58,40 @@ def test_the_shipped_model_keeps_batchnorm_and_group_norm_is_a_switch(tmp_path: 
     batch = WindowBatch.collate([random_window(rng, cfg, ALL_MODALITIES)], TINY_RATE)
     group.eval()
     assert torch.equal(group(batch)["logits"], again.model(batch)["logits"])
+
+
+def colour_windows(
+    cfg: ModelConfig, n: int, seed: int
+) -> list[tuple[dict[Modality, np.ndarray], int]]:
+    """Class = the colour a whole camera window is tinted with; audio and telemetry are
+    noise, each missing half of the time."""
+    rng = np.random.default_rng(seed)
+    data = []
+    for i in range(n):
+        window = random_window(rng, cfg, ALL_MODALITIES)
+        frames = rng.integers(0, 100, window[Modality.CAMERA].shape)
+        frames[..., i % 3] += 120
+        window[Modality.CAMERA] = frames.astype(np.uint8)
+        for m in (Modality.AUDIO, Modality.TELEMETRY):
+            if rng.random() < 0.5:
+                del window[m]
+        data.append((window, i % 3))
+    return data
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_the_group_norm_model_learns_what_the_batchnorm_model_learns(norm: str) -> None:
+    # GroupNorm with a group per channel (or 8 groups) subtracts each channel's mean over the
+    # frame: a model built so reached macro-F1 0.31 here, BatchNorm 1.0 (one group: 1.0)
+    cfg = dataclasses.replace(tiny_config(), conv_norm=norm)
+    torch.manual_seed(0)
+    result = train(
+        FusionClassifier(cfg),
+        colour_windows(cfg, 90, seed=0),
+        colour_windows(cfg, 45, seed=1),
+        TrainConfig(epochs=8, batch_size=16, lr=3e-3),
+    )
+    assert result.best_val_macro_f1 >= 0.9
 
 
 def test_per_window_gradients_equal_each_window_trained_alone() -> None:
