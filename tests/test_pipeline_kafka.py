@@ -252,7 +252,8 @@ def test_a_missing_output_topic_is_named_when_the_broker_creates_none(
         settings = with_topic_wait(settings_for(kafka.bootstrap_servers, names), 0)
         with KafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers) as admin:
             assert auto_creates_topics(admin) is False
-            admin.create_topics([NewTopic(t, 1, 1) for t in (*names.inputs, names.events)])
+            present = (*names.inputs, names.events, names.incidents, names.incident_state)
+            admin.create_topics([NewTopic(t, 1, 1) for t in present])
             with pytest.raises(
                 UserError,
                 match=rf"output topics {names.deadletter} do not "
@@ -260,7 +261,8 @@ def test_a_missing_output_topic_is_named_when_the_broker_creates_none(
             ):
                 KafkaWorker(settings, build_engine(settings, runner))
             admin.create_topics([NewTopic(names.deadletter, 1, 1)])
-        KafkaWorker(settings, build_engine(settings, runner)).close()
+        waits = with_topic_wait(settings, 30_000)  # for the broker's metadata to show it
+        KafkaWorker(waits, build_engine(waits, runner)).close()
 
 
 def test_missing_output_topics_are_left_to_a_broker_that_creates_them(bootstrap, runner) -> None:
