@@ -41,7 +41,8 @@ def test_topic_names_follow_the_contract() -> None:
     names = TopicNames()
     assert names.inputs == ("iot.camera", "iot.audio", "iot.telemetry")
     assert names.copartitioned == (*names.inputs, "iot.labels")
-    assert names.all == (*names.copartitioned, "iot.events", "iot.deadletter")
+    outputs = ("iot.events", "iot.deadletter", "iot.incidents", "iot.incident-state")
+    assert names.all == (*names.copartitioned, *outputs)
 
 
 def test_ensure_topics_is_idempotent_and_completes_a_partial_set(bootstrap: str) -> None:
@@ -93,7 +94,8 @@ def test_output_topics_need_not_be_copartitioned(bootstrap: str) -> None:
     create(bootstrap, {names.events: 1, names.deadletter: 6})
     ensure_topics(bootstrap, names, partitions=3, replication_factor=1)
     counts = partition_counts(bootstrap, names.all)
-    assert counts == {**{t: 3 for t in names.copartitioned}, names.events: 1, names.deadletter: 6}
+    made = {t: 3 for t in (*names.copartitioned, names.incidents, names.incident_state)}
+    assert counts == {**made, names.events: 1, names.deadletter: 6}
 
 
 def test_check_copartitioned_reports_counts_and_missing_topics(bootstrap: str) -> None:
