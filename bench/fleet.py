@@ -146,7 +146,9 @@ def closing(devices: int, end_ms: int, media: Media) -> list[Record]:
 
 
 # -- model, settings ------------------------------------------------------------------------
-def settings_for(bootstrap: str, names: TopicNames | None, max_batch: int = 64) -> Settings:
+def settings_for(
+    bootstrap: str, names: TopicNames | None, max_batch: int = 64, explain_top: int = 0
+) -> Settings:
     s = Settings()
     roles = ("camera", "audio", "telemetry", "labels", "events", "deadletter")
     topics = (
@@ -159,7 +161,9 @@ def settings_for(bootstrap: str, names: TopicNames | None, max_batch: int = 64) 
         s,
         topics=topics,
         kafka=dataclasses.replace(s.kafka, bootstrap_servers=bootstrap, group_id=group),
-        runtime=dataclasses.replace(s.runtime, max_batch=max_batch, metrics_port=0),
+        runtime=dataclasses.replace(
+            s.runtime, max_batch=max_batch, metrics_port=0, explain_telemetry_top=explain_top
+        ),
         windows=dataclasses.replace(s.windows, idle_timeout_ms=600_000),
     )  # see the docstring
 

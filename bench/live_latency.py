@@ -48,7 +48,7 @@ def live_worker(
     back (latency samples s, RSS MiB when ready and at peak, CPU cores busy, stall note)."""
     torch.set_num_threads(threads)
     runner = ModelRunner.load(directory)
-    runner.classify([warm_up])
+    runner.classifier(settings.runtime.explain_telemetry_top)([warm_up])  # as the worker will
     run = MeasuredWorker(settings, runner)
     wait_for(lambda: bool(run.worker.consumer.assignment()), STALL_S, "partitions")
     conn.send("ready")
@@ -139,13 +139,20 @@ class LiveRun:
 
 
 def live_latency(
-    bootstrap: str, directory: Path | None, warm_up: Raw, devices: int, seconds: int, media: Media
+    bootstrap: str,
+    directory: Path | None,
+    warm_up: Raw,
+    devices: int,
+    seconds: int,
+    media: Media,
+    explain_top: int = 0,
 ) -> LiveRun:
+    """`explain_top`: runtime.explain_telemetry_top of the worker (bench/explain_bench.py)."""
     names = produced(bootstrap, [])
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     args = (
-        settings_for(bootstrap, names),
+        settings_for(bootstrap, names, explain_top=explain_top),
         str(directory) if directory else None,
         warm_up,
         torch.get_num_threads(),
