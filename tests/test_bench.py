@@ -15,6 +15,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
     ("name", "option"),
     [
         ("pipeline_bench", "--bootstrap-servers"),
+        ("explain_bench", "--live"),
         ("record_replay_bench", "--bootstrap-servers"),
         ("scale_bench", "--devices"),
         ("soak", "--minutes"),
