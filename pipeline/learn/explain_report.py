@@ -216,7 +216,7 @@ def draw_one(path: Path, e: WindowExplanation, model: str) -> None:
         fontsize=10,
     )
     rows = fig.add_gridspec(
-        4, 1, height_ratios=[2.3, 2.4, 2.5, 2.0], hspace=0.42, top=0.94, bottom=0.05
+        4, 1, height_ratios=[2.3, 2.4, 2.5, 2.0], hspace=0.42, top=0.93, bottom=0.05
     )
     row0 = rows[0].subgridspec(1, 3, width_ratios=[1, 1, 1.5], wspace=0.45)
     _scores(fig.add_subplot(row0[0, 0]), e)
@@ -256,15 +256,28 @@ def draw_many(path: Path, explanations: Sequence[WindowExplanation], model: str)
 
     n = len(explanations)
     first = explanations[0]
-    fig = Figure(figsize=(16, 3.2 + 2.1 * n), dpi=100)
+    height = 3.0 + 2.1 * n
+    fig = Figure(figsize=(16, height), dpi=100)
     FigureCanvasAgg(fig)
     fig.suptitle(
         f"{n} most confident '{first.label}' windows  |  model {model}  |  red raises "
         f"p({first.label}), blue lowers it",
         fontsize=13,
         fontweight="bold",
+        y=1 - 0.15 / height,
     )
-    rows = fig.add_gridspec(n + 1, 5, height_ratios=[1.5] + [1.0] * n, hspace=0.55, wspace=0.3)
+    rows = fig.add_gridspec(
+        n + 1,
+        5,
+        height_ratios=[1.4] + [1.0] * n,
+        width_ratios=[1.1, 0.8, 0.8, 1.5, 1.3],
+        hspace=0.6,
+        wspace=0.6,
+        top=1 - 0.7 / height,
+        bottom=0.4 / height,
+        left=0.04,
+        right=0.98,
+    )
     with_telemetry = [e for e in explanations if Modality.TELEMETRY in e.views]
     if with_telemetry:
         metrics = list(first.metrics)
@@ -273,11 +286,22 @@ def draw_many(path: Path, explanations: Sequence[WindowExplanation], model: str)
         )
         order = np.argsort(-mean)
         _hbars(
-            fig.add_subplot(rows[0, 0:2]),
+            fig.add_subplot(rows[0, 1:3]),
             [metrics[j] for j in order],
             [float(mean[j]) for j in order],
-            f"telemetry Shapley values, mean over {len(with_telemetry)} windows",
+            f"telemetry: Shapley values (log-odds), mean over {len(with_telemetry)} windows",
         )
+    legend = fig.add_subplot(rows[0, 0])
+    legend.text(
+        0.0,
+        0.5,
+        "each row, left to right:\nthe window, its label and\nmodality Shapley values;\n"
+        "camera, its busiest frame:\nintegrated gradients and\nocclusion (baseline: blurred);"
+        "\naudio: occlusion (silence);\ntelemetry: Shapley values\n(metric absent)",
+        va="center",
+        fontsize=9,
+    )
+    legend.axis("off")
     modalities = list(first.attribution)
     _hbars(
         fig.add_subplot(rows[0, 3:5]),
@@ -293,12 +317,12 @@ def draw_many(path: Path, explanations: Sequence[WindowExplanation], model: str)
 def _row(fig: Any, rows: Any, i: int, e: WindowExplanation) -> None:
     w = e.window
     ax = fig.add_subplot(rows[i, 0])
-    shares = ", ".join(f"{m} {v:+.2f}" for m, v in e.attribution.items())
+    shares = "\n".join(f"  {m} {v:+.2f}" for m, v in e.attribution.items())
     ax.text(
         0.0,
         0.5,
-        f"{i}. {w.device_id}\n{iso(w.start_ms)}\n{e.label} {e.confidence:.3f}"
-        f"{f' (truth {w.truth})' if w.truth else ''}\nShapley: {shares}",
+        f"{i}. {w.device_id}  {iso(w.start_ms)}\n{e.label} {e.confidence:.3f}"
+        f"{f' (truth {w.truth})' if w.truth else ''}\nmodality Shapley values:\n{shares}",
         va="center",
         fontsize=9,
     )
@@ -325,7 +349,9 @@ def _row(fig: Any, rows: Any, i: int, e: WindowExplanation) -> None:
     ax = fig.add_subplot(rows[i, 4])
     if Modality.TELEMETRY in e.views:
         ranking = e.ranking()
-        _hbars(ax, [n for n, _ in ranking], [v for _, v in ranking], "telemetry: Shapley values")
+        _hbars(
+            ax, [n for n, _ in ranking], [v for _, v in ranking], "telemetry: Shapley (log-odds)"
+        )
     else:
         _missing(ax, "no telemetry")
 
