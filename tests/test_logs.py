@@ -59,6 +59,12 @@ def test_corrupt_images_leave_no_raw_native_lines_on_stderr() -> None:
 import cv2, numpy as np
 from pipeline.logs import capture_native_stderr, setup_logging
 setup_logging("INFO")
+import logging, threading
+seen = threading.Event()
+class Seen(logging.Handler):
+    def emit(self, record):
+        seen.set()
+logging.getLogger("iotfuse.native").addHandler(Seen())  # before any line can be logged
 capture_native_stderr()
 ok, jpeg = cv2.imencode(".jpg", np.full((64, 64, 3), 90, np.uint8))
 bad = bytearray(jpeg.tobytes()); bad[len(bad) // 2 :] = b"\\x00" * (len(bad) - len(bad) // 2)
@@ -66,16 +72,10 @@ ok, png = cv2.imencode(".png", np.full((64, 64, 3), 90, np.uint8))
 for _ in range(50):
     cv2.imdecode(np.frombuffer(bytes(bad), np.uint8), cv2.IMREAD_COLOR)
     cv2.imdecode(np.frombuffer(png.tobytes()[:-40], np.uint8), cv2.IMREAD_COLOR)
-import logging, threading
-seen = threading.Event()
-class Seen(logging.Handler):
-    def emit(self, record):
-        seen.set()
-logging.getLogger("iotfuse.native").addHandler(Seen())
-assert seen.wait(10), "no native message reached the log"
+assert seen.wait(60), "no native message reached the log"
 """
     done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
