@@ -34,23 +34,25 @@ class FakeGroup:
         return values + sum(self.others, np.zeros_like(values))
 
 
-def test_every_process_takes_its_share_of_every_batch() -> None:
+def test_every_process_takes_a_batch_of_its_own_at_every_step() -> None:
     model = FusionClassifier(tiny_config())
     step = TrainStep(model, 0.0, torch.Generator())
-    cfg = TrainConfig(batch_size=4)
+    cfg = TrainConfig(batch_size=3)
     shares = []
-    for rank in range(3):
-        sgd = SGD(step, torch.optim.SGD(model.parameters(), lr=0.1), cfg, FakeGroup(rank, 3))
-        shares.append(sgd.batches(10, torch.Generator().manual_seed(5)))
+    for rank in range(2):
+        sgd = SGD(step, torch.optim.SGD(model.parameters(), lr=0.1), cfg, FakeGroup(rank, 2))
+        shares.append(sgd.batches(14, torch.Generator().manual_seed(5)))
     alone = SGD(step, torch.optim.SGD(model.parameters(), lr=0.1), cfg).batches(
-        10, torch.Generator().manual_seed(5)
+        14, torch.Generator().manual_seed(5)
     )
-    assert [len(b) for b in alone] == [4, 4, 2]
-    # the global batches are the single process's, minus a last one too small to share
-    assert len(shares[0]) == 2 and all(len(s) == 2 for s in shares)
-    for i, batch in enumerate(alone[:2]):
-        got = [x for s in shares for x in s[i]]
-        assert sorted(got) == sorted(batch)
+    assert [len(b) for b in alone] == [3, 3, 3, 3, 2]
+    # the same shuffle, cut into global batches of 2 x 3 (BatchNorm sees 3 windows, as in
+    # one process); the last global batch (2 windows) still gives each process one
+    assert [len(b) for b in shares[0]] == [3, 3, 1] and [len(b) for b in shares[1]] == [3, 3, 1]
+    together = [x for i in range(3) for s in shares for x in s[i]]
+    assert sorted(together) == list(range(14)) and len(set(together)) == 14
+    order = [x for b in alone for x in b]
+    assert sorted(shares[0][0] + shares[1][0]) == sorted(order[:6])
 
 
 def test_validation_counts_are_summed_over_the_processes() -> None:
