@@ -6,11 +6,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 from encoders.modality import Modality
-from pipeline.kafka.worker import backpressure_inputs, process_ready
 from pipeline.stream.align import Aligner
 from pipeline.stream.backpressure import Flow, decide
 from pipeline.stream.model_runner import ModelRunner
 from pipeline.stream.outputs import Output
+from pipeline.stream.worker_loop import backpressure_inputs, process_ready
 from tests.factory import T0, TOPICS, device_stream, engine_with_early, number
 
 TEL = (TOPICS.telemetry,)

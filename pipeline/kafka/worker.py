@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
@@ -35,6 +34,7 @@ from kafka.structs import OffsetAndMetadata
 
 from pipeline.clock import Clock, wall_clock_ms
 from pipeline.kafka.admin import await_input_topics, prepare_outputs
+from pipeline.kafka.broker_errors import BrokerErrors
 from pipeline.kafka.config import (
     MAX_RECORD_BYTES,
     consumer_config,
@@ -48,13 +48,14 @@ from pipeline.kafka.producer import BoundedProducer
 from pipeline.kafka.unreadable import find_unreadable
 from pipeline.logs import Throttle
 from pipeline.settings import Settings
-from pipeline.stream.align import Aligner, CaughtUp
-from pipeline.stream.backpressure import Flow, Limits, Load, decide
+from pipeline.stream.align import Aligner
+from pipeline.stream.backpressure import Flow
 from pipeline.stream.engine import Engine
 from pipeline.stream.offsets import OffsetTracker
 from pipeline.stream.outputs import Output, fit_dead_letter, wire_bytes
 from pipeline.stream.window_progress import ProgressMetadata, decode_progress
 from pipeline.stream.windows import Position
+from pipeline.stream.worker_loop import backpressure_step, process_ready
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class KafkaWorker:
         self._in_txn = False
         self._last_commit_ms = clock()
         self._flow = Flow.READING  # back-pressure's last decision
-        self._last_broker_warning_ms = -10_000
+        self._broker_error = BrokerErrors(self.metrics, clock, settings.kafka.bootstrap_servers)
         self._progress_metadata = ProgressMetadata()
         self._owned: set[TopicPartition] = set()
         self._last_status_ms = clock()
@@ -366,50 +367,11 @@ class KafkaWorker:
                 out[tp] = offset
         return out
 
-    def _broker_error(self, call: str, exc: KafkaError) -> None:
-        """A retriable broker error where trying again later is safe: count it, and say so
-        at most every 10 s; anything else is raised."""
-        if not exc.retriable:
-            raise exc
-        self.metrics.labelled(self.metrics.broker_errors, call).inc()
-        now = self.clock()
-        if now - self._last_broker_warning_ms >= 10_000:
-            self._last_broker_warning_ms = now
-            log.warning(
-                "%s failed (%r); retrying. Is the broker reachable at %s? Nothing is "
-                "lost: uncommitted input is read again after a restart",
-                call,
-                exc,
-                self.settings.kafka.bootstrap_servers,
-            )
-
     def _backpressure(self, released: int) -> None:
-        """Apply back-pressure's decision (pipeline/stream/backpressure.py) to this step's
-        load: pause or resume every owned partition; count and log a pause, or reading on
-        over capacity, when it starts."""
-        load, limits = backpressure_inputs(self.engine, released)
-        decision = decide(self._flow, load, limits)
+        """Apply back-pressure's decision (pipeline/stream/worker_loop.py) to this step's
+        load: pause or resume every owned partition."""
+        decision = backpressure_step(self._flow, self.engine, released)
         self._flow = decision.flow
-        if decision.over_capacity_started:
-            self.metrics.over_capacity.inc()
-            log.warning(
-                "over capacity: %d open windows, %d buffered bytes (windows.max_open_windows "
-                "%d, windows.max_buffered_bytes %d), and they close only with more input; "
-                "reading on. Raise the limits if memory allows, or spread the devices over "
-                "more workers (more partitions)",
-                load.open_windows,
-                load.buffered_bytes,
-                limits.max_open_windows,
-                limits.max_buffered_bytes,
-            )
-        if decision.pause_started:
-            self.metrics.pauses.inc()
-            log.info(
-                "back-pressure: %d open windows, %d buffered bytes; pausing consumption",
-                load.open_windows,
-                load.buffered_bytes,
-            )
-        self.metrics.paused.set(1 if decision.pause else 0)
         pause = set(self._owned) if decision.pause else set()
         pause |= {TopicPartition(t, p) for t, p in self.aligner.pause} & self._owned
         if pause - self._held_back:
@@ -417,38 +379,6 @@ class KafkaWorker:
         if self._held_back - pause:
             self.consumer.resume(*(self._held_back - pause))
         self._held_back = pause
-
-
-def backpressure_inputs(engine: Engine, released: int) -> tuple[Load, Limits]:
-    """What back-pressure decides on after a step: the engine's load (`released`: records
-    the aligner released this step) and its limits."""
-    windower, cfg = engine.windower, engine.cfg
-    load = Load(
-        open_windows=windower.open_windows,
-        buffered_bytes=windower.buffered_bytes,
-        queued_windows=engine.queued(),
-        released_records=released,
-    )
-    return load, Limits(cfg.max_open_windows, cfg.max_buffered_bytes)
-
-
-def process_ready(
-    aligner: Aligner,
-    caught_up: CaughtUp,
-    engine: Engine,
-    publish: Callable[[list[Output]], None],
-) -> int:
-    """Hand the records the aligner releases to the engine, in event-time order, and
-    `publish` what comes out; returns how many. A window that closes with its early result
-    is published at once, not after the rest of the poll's records (at 117 devices
-    close-to-send p99 went from 100-220 ms to 5-7, latency p50 57-87 -> 22-38)."""
-    ready = aligner.pop_ready(caught_up)
-    engine.metrics.aligning_bytes.set(aligner.buffered_bytes)
-    for record in ready:
-        publish(engine.process(record))
-        if engine.queue_classified_early():
-            publish(engine.run_batch())
-    return len(ready)
 
 
 class _Rebalance(AsyncConsumerRebalanceListener):  # type: ignore[misc]
