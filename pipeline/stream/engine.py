@@ -10,21 +10,14 @@ replay and the tests all drive the same `Engine`:
     elif not engine.queued(): engine.infer_early()          # spare time: see below
     engine.take_released()                    # positions that need no output (late records)
 
-Early inference (`early_inference`, the Kafka worker's spare time only): a window is
-complete once every active modality of its device sent a record past its end, but it closes
-only when the device's watermark passes it, `allowed_lateness_ms` later (windows.py). Every
-device's window ends on the same epoch boundary, so closing is a burst. `infer_early`
-classifies complete windows in that gap (again if a record joins one after that); at close
-the result is used as it is unless a record joined the window since (then the window is
-classified with its batch). Events carry the same content either way; only the moment of
-the work changes, and no output leaves before the window closes.
+Early inference (`early_inference`, `infer_early`) classifies complete windows before
+they close: pipeline/stream/early.py.
 
 Every position an output holds is released by the caller once the broker acknowledged it.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -40,6 +33,7 @@ from pipeline.decode import RejectedRecord
 from pipeline.logs import Throttle
 from pipeline.metrics import Metrics
 from pipeline.records import Record
+from pipeline.stream.early import Classified, EarlyResults, WindowKey, window_key
 from pipeline.stream.features import FeatureSpec, WindowInputs, window_inputs
 from pipeline.stream.ingest import IngestConfig, ingest
 from pipeline.stream.outputs import (
@@ -52,7 +46,7 @@ from pipeline.stream.outputs import (
 )
 from pipeline.stream.prefetch import FramePrefetch
 from pipeline.stream.window_progress import DeviceProgress
-from pipeline.stream.windows import Item, Position, Window, WindowConfig, Windower
+from pipeline.stream.windows import Position, Window, WindowConfig, Windower
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -81,27 +75,10 @@ class EngineConfig:
     early_inference: bool = False  # classify complete windows before they close
 
 
-WindowKey = tuple[str, int]  # (device id, window start)
-
-
 @dataclass(slots=True)
 class _Closed:
     window: Window
     closed_at_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class _Classified:
-    """A window's classification, and how many items the window had when classified."""
-
-    added: int
-    rejected: list[tuple[Item, RejectedRecord]]
-    unknown_metrics: int
-    decision: Decision
-
-
-def _key(window: Window) -> WindowKey:
-    return window.device_id, window.start_ms
 
 
 class Engine:
@@ -121,8 +98,7 @@ class Engine:
         self._reported: set[str] = set()
         self._clock_reported: set[str] = set()
         self.prefetch = FramePrefetch(cfg.features, cfg.feature_threads)
-        self._complete: dict[WindowKey, Window] = {}  # open, end passed, not classified yet
-        self._early: dict[WindowKey, _Classified] = {}
+        self._early = EarlyResults()
         self._rejections = Throttle(log)  # one line per reason a minute: floods stay quiet
 
     # -- records in ---------------------------------------------------------------------
@@ -160,10 +136,7 @@ class Engine:
         self._note_progress(got.device_id)
         self._enqueue(result.closed, now)  # first: a closed window tells what frames to expect
         if self.cfg.early_inference:
-            self._complete.update((_key(w), w) for w in result.completed)
-            joined = result.window  # a record joining a window classified early: again
-            if joined is not None and _key(joined) in self._early:
-                self._complete[_key(joined)] = joined
+            self._early.note(result.completed, result.window)
         if result.late:
             self.metrics.labelled(self.metrics.late_records, got.item.modality).inc()
             self._released.append(got.item.position)
@@ -208,11 +181,7 @@ class Engine:
 
     def queue_classified_early(self) -> bool:
         """Every queued window has its early result: nothing to compute, publish it now."""
-        return bool(self._queue) and all(self._classified_early(c.window) for c in self._queue)
-
-    def _classified_early(self, window: Window) -> bool:
-        early = self._early.get(_key(window))
-        return early is not None and early.added == window.added
+        return bool(self._queue) and all(self._early.valid(c.window) for c in self._queue)
 
     def over_capacity(self) -> bool:
         return (
@@ -227,15 +196,15 @@ class Engine:
         if not batch:
             return []
         windows = [c.window for c in batch]
-        results = self._reuse_early(windows)
-        todo = [w for w in windows if _key(w) not in results]
+        results = self._early.reuse(windows, self.metrics)
+        todo = [w for w in windows if window_key(w) not in results]
         results |= self._infer(todo)
         for w in windows:
             self.prefetch.done(w)
         outputs: list[Output] = []
         now = self.clock()
         for closed in batch:
-            result = results[_key(closed.window)]
+            result = results[window_key(closed.window)]
             outputs += self._window_outputs(closed, result, now)
             self.metrics.unknown_metrics.inc(result.unknown_metrics)
         self.metrics.windows_emitted.inc(len(batch))
@@ -243,28 +212,14 @@ class Engine:
 
     def infer_early(self) -> int:
         """Classify up to `max_batch` complete, still open windows; returns how many."""
-        if not self._complete:
+        windows = self._early.take(self.cfg.max_batch)
+        if not windows:
             return 0
-        keys = list(itertools.islice(self._complete, self.cfg.max_batch))  # not all of them
-        self._early |= self._infer([self._complete.pop(k) for k in keys])
-        self.metrics.labelled(self.metrics.early_windows, "classified").inc(len(keys))
-        return len(keys)
+        self._early.store(self._infer(windows))
+        self.metrics.labelled(self.metrics.early_windows, "classified").inc(len(windows))
+        return len(windows)
 
-    def _reuse_early(self, windows: list[Window]) -> dict[WindowKey, _Classified]:
-        """The early results of these closing windows that are still valid."""
-        reused: dict[WindowKey, _Classified] = {}
-        for w in windows:
-            self._complete.pop(_key(w), None)
-            valid = self._classified_early(w)  # and no record joined the window since
-            early = self._early.pop(_key(w), None)
-            if early is None:
-                continue
-            self.metrics.labelled(self.metrics.early_windows, "used" if valid else "redone").inc()
-            if valid:
-                reused[_key(w)] = early
-        return reused
-
-    def _infer(self, windows: list[Window]) -> dict[WindowKey, _Classified]:
+    def _infer(self, windows: list[Window]) -> dict[WindowKey, Classified]:
         """Prepare and classify windows as one batch (the model inputs are not kept)."""
         if not windows:
             return {}
@@ -277,7 +232,7 @@ class Engine:
         self.metrics.stage_seconds.labels(stage="model").observe(t2 - t1)
         self.metrics.batch_size.observe(len(windows))
         return {
-            _key(w): _Classified(w.added, p.rejected, p.unknown_metrics, d)
+            window_key(w): Classified(w.added, p.rejected, p.unknown_metrics, d)
             for w, p, d in zip(windows, prepared, decisions, strict=True)
         }
 
@@ -300,7 +255,7 @@ class Engine:
             lambda w: window_inputs(w, spec, decode), windows, "features", self.cfg.feature_threads
         )
 
-    def _window_outputs(self, closed: _Closed, result: _Classified, now: int) -> list[Output]:
+    def _window_outputs(self, closed: _Closed, result: Classified, now: int) -> list[Output]:
         window = closed.window
         outputs = []
         bad = {it.position for it, _ in result.rejected}
@@ -350,8 +305,7 @@ class Engine:
         for w in dropped:
             for it in w.items.get(Modality.CAMERA, ()):
                 self._records.pop(it.position, None)
-            self._complete.pop(_key(w), None)
-            self._early.pop(_key(w), None)
+            self._early.forget(w)
         for d in devices:
             self._device_partition.pop(d, None)
         self._progress.revoke(numbers, devices)
