@@ -49,6 +49,7 @@ class TrainConfig:
     device: str = "cpu"  # the caller picks "cuda" when it wants it
     grad_clip: float = 1.0  # max global gradient norm
     keep_best: bool = True  # False: keep the last epoch (a federated site's local round)
+    absent_views: bool = False  # also score each window with each modality removed in turn
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -99,16 +100,34 @@ class TrainStep(nn.Module):
     """A training forward pass: embed, modality dropout, fuse. As one module so DDP can wrap
     it (DDP syncs gradients of what runs through its forward)."""
 
-    def __init__(self, model: FusionClassifier, p_drop: float, generator: torch.Generator):
+    def __init__(
+        self,
+        model: FusionClassifier,
+        p_drop: float,
+        generator: torch.Generator,
+        absent_views: bool = False,
+    ):
         super().__init__()
         self.model = model
         self.p_drop = p_drop
         self.generator = generator
+        self.absent_views = absent_views
 
     def forward(self, batch: WindowBatch) -> Tensor:
+        """Logits [V*B, C]: the modality-dropout view, then with absent_views and M > 1 one
+        view per slot m with m removed (V = 1 + M; a window whose only modality is m keeps
+        it there). The views share one embedding; only the cheap fusion runs V times."""
         tokens, present = self.model.embed(batch)  # [B, M, D], [B, M]
-        present = drop_modalities(present, self.p_drop, self.generator)  # [B, M]
-        logits: Tensor = self.model.fuse(tokens, present)  # [B, C]
+        views = [drop_modalities(present, self.p_drop, self.generator)]  # V x [B, M]
+        if self.absent_views and present.shape[1] > 1:
+            for slot in range(present.shape[1]):
+                removed = present.clone()  # [B, M]
+                removed[:, slot] = False
+                alone = ~removed.any(dim=1, keepdim=True)  # [B, 1]
+                views.append(torch.where(alone, present, removed))  # [B, M]
+        v = len(views)
+        tokens = tokens.repeat(v, 1, 1)  # [B, M, D] -> [V*B, M, D]
+        logits: Tensor = self.model.fuse(tokens, torch.cat(views))  # [V*B, C]
         return logits
 
 
@@ -172,7 +191,9 @@ class SGD:
         return [c[rank::world] for c in chunks if len(c) >= world]
 
     def step(self, batch: WindowBatch, y: Tensor) -> float:
-        loss = F.cross_entropy(self.module(batch), y)  # [B, C], [B] -> scalar
+        logits = self.module(batch)  # [V*B, C]
+        views = logits.shape[0] // y.shape[0]
+        loss = F.cross_entropy(logits, y.repeat(views))  # [V*B, C], [V*B] -> scalar
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
@@ -222,7 +243,7 @@ def train(
     )
     model.to(device)
     optimizer = _optimizer(model, cfg)
-    step_module = TrainStep(model, p_drop, generator)
+    step_module = TrainStep(model, p_drop, generator, cfg.absent_views)
     steps: Recipe = (
         SGD(step_module, optimizer, cfg, parallel)
         if recipe is None

@@ -139,3 +139,44 @@ def test_train_refuses_bad_labels_and_empty_validation() -> None:
         train(model, data, [], TrainConfig(epochs=1))
     with pytest.raises(ValueError, match=r"class indices 0..2, got e.g. \[5\]"):
         train(model, data + [(data[0][0], 5)], data, TrainConfig(epochs=1))
+
+
+def redundant_data(cfg: ModelConfig, n: int, seed: int) -> list[Example]:
+    """Class in both the camera (dominant colour, easy) and the telemetry level (harder):
+    a model may learn the camera alone unless it is asked to do without it."""
+    rng = np.random.default_rng(seed)
+    data: list[Example] = []
+    for i in range(n):
+        label = i % 3
+        window = random_window(rng, cfg, (Modality.CAMERA, Modality.TELEMETRY))
+        frames = rng.integers(0, 100, window[Modality.CAMERA].shape)
+        frames[..., label] += 120
+        window[Modality.CAMERA] = frames.astype(np.uint8)
+        window[Modality.TELEMETRY] += 2.0 * (label - 1)
+        data.append((window, label))
+    return data
+
+
+def test_absent_views_teach_each_modality_to_stand_in_for_a_missing_one() -> None:
+    cfg = tiny_config((Modality.CAMERA, Modality.TELEMETRY))
+    train_data, val_data = redundant_data(cfg, 150, seed=0), redundant_data(cfg, 60, seed=1)
+    without_camera = [({Modality.TELEMETRY: w[Modality.TELEMETRY]}, y) for w, y in val_data]
+
+    def run(absent_views: bool) -> FusionClassifier:
+        torch.manual_seed(0)
+        model = FusionClassifier(cfg)
+        config = TrainConfig(
+            epochs=6,
+            batch_size=16,
+            lr=3e-3,
+            seed=0,
+            modality_dropout=0.0,
+            absent_views=absent_views,
+        )
+        train(model, train_data, val_data, config)
+        return model
+
+    plain, views = run(False), run(True)
+    assert accuracy(views, val_data) >= 0.9  # the full windows lose nothing
+    assert accuracy(views, without_camera) >= 0.85
+    assert accuracy(plain, without_camera) < accuracy(views, without_camera) - 0.2

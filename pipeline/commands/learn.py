@@ -194,6 +194,12 @@ def train_args(p: argparse.ArgumentParser) -> None:
         help="chance to drop each present modality of a training window (default 0.25)",
     )
     p.add_argument(
+        "--no-absent-views",
+        action="store_true",
+        help="train only on the dropout view (default: also each window with each of its "
+        "modalities removed in turn, for a dead camera, microphone or sensor)",
+    )
+    p.add_argument(
         "--no-augment",
         action="store_true",
         help="train on the camera frames as recorded (default: mirrored, "
@@ -274,6 +280,7 @@ def train(args: argparse.Namespace, settings: Settings) -> int:
         val_fraction=args.val_fraction,
         val_block_ms=round(args.val_block_s * 1000),
         modality_dropout=args.modality_dropout,
+        absent_views=not args.no_absent_views,
         camera_hf=args.camera_hf,
         audio_hf=args.audio_hf,
         freeze_hf=args.freeze_hf,

@@ -65,6 +65,7 @@ class TrainOptions:
     val_fraction: float = 0.2
     val_block_ms: int = 30_000
     modality_dropout: float | None = None  # None: the fusion config's default
+    absent_views: bool = True  # also train each window with each modality removed in turn
     augment: bool = True  # vary the training inputs (see Augmented)
     camera_hf: str | None = None  # local transformers vision model directory
     audio_hf: str | None = None  # local transformers AST directory
@@ -305,6 +306,7 @@ def train_config(options: TrainOptions, device: str) -> Any:
         seed=options.seed,
         device=device,
         modality_dropout=options.modality_dropout,
+        absent_views=options.absent_views,
     )
 
 
