@@ -9,9 +9,10 @@
 # 3 GB of recordings). Training runs on the CPU with $THREADS threads (default 2), seeded:
 # the same torch version, thread count and CPU model give the same weights (and so the same
 # sha256 version); another CPU model rounds differently and gives other weights of the same
-# quality (the shipped sha256:a222f4de... came from an x86-64 2-core VM). On 2 idle cores:
-# ~2 min to simulate, ~1 min for the windows, ~5 min to train; --evaluate adds ~10 min
-# (30 min in all alongside another CPU-bound job).
+# quality (the shipped sha256:317852ef... came from an x86-64 2-core VM). On 2 idle cores:
+# ~2 min to simulate, ~1-3 min for the windows, ~5 min to train (10 s an epoch); --evaluate
+# adds ~10 min. Keep the machine otherwise idle: two OpenMP threads that share their cores
+# with another CPU-bound process spin at every barrier (seen: 262 s for one epoch).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
