@@ -313,7 +313,9 @@ def measure(
     ensure_topics(bootstrap, names, PARTITIONS, 1)
     media = make_media()
     events = Tap(bootstrap, names.events)
-    program = iotfuse or str(Path(sys.executable).parent / "iotfuse")
+    program = (
+        str(Path(iotfuse).absolute()) if iotfuse else str(Path(sys.executable).parent / "iotfuse")
+    )
     worker = Worker(program, bootstrap, names, lateness_ms, model)
     stop = threading.Event()
     try:
