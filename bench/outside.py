@@ -238,6 +238,11 @@ class Outcome:
     def last(self) -> np.ndarray:
         return self.part(max(0, self.seconds - 60))
 
+    def p99_by_minute(self) -> str:
+        """Each whole minute's p99 after the warm-up (a trend, not two ends)."""
+        parts = (self.part(60 * k, 60 * (k + 1)) for k in range(self.seconds // 60))
+        return " ".join(f"{np.percentile(p, 99):.0f}" for p in parts if p.size) or "-"
+
     @property
     def slope(self) -> float:
         """RSS MB/min by least squares after warm-up + 30 s (nan: fewer than 3 samples)."""
@@ -264,6 +269,7 @@ class Outcome:
             f"    first minute: {stats(self.first)}",
             f"    last minute: {stats(self.last)}",
             f"    warm-up windows included: {stats(self.latency_ms)}",
+            f"    p99 by minute, ms: {self.p99_by_minute()}",
             f"  worker RSS {min(mib):.0f}-{max(mib):.0f} MiB over {len(self.rss)} samples; "
             f"slope {self.slope:+.2f} MB/min (after warm-up + 30 s; nan: under 3 samples)",
             f"  late records: {self.late:.0f}; producer behind schedule <= "
