@@ -40,7 +40,9 @@ log "data: $DEVICES devices x $DURATION s (seed 1); held out: $TEST_DEVICES devi
 [[ -f "$WORK/test.iotrec" ]] || "$IOTFUSE" simulate --seed 1001 --devices "$TEST_DEVICES" \
     --duration "$DURATION" --out "$WORK/test.iotrec"
 
-TRAIN=(--data "$WORK/train.iotrec" --epochs "$EPOCHS" --seed 0 --device cpu --overwrite)
+# --no-absent-views: the sites train without absent views (fusion.train), so central does too
+TRAIN=(--data "$WORK/train.iotrec" --epochs "$EPOCHS" --seed 0 --device cpu --overwrite
+       --no-absent-views)
 FED=(--data "$WORK/train.iotrec" --sites 4 --rounds "$ROUNDS" --local-epochs "$LOCAL_EPOCHS"
      --seed 0 --device cpu --overwrite)
 
