@@ -39,7 +39,15 @@ from pipeline.stream.model_runner import ModelRunner
 # the module's CPU time is ~1 minute; the timeout leaves room for a machine shared by many
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread"), pytest.mark.timeout(900)]
 
-DRIVEN = {"fire": "smoke_ppm", "machine_fault": "vibration_rms", "maintenance": "motor_current_a"}
+# what pipeline/simulate/telemetry.py changes for each class: a fault shakes the machine
+# and loads its motor (vibration bursts, current up), maintenance stops it, fire smokes.
+# A driven metric must rank first or second of the five: in 0.8 of the windows for one
+# (chance 0.4), in 0.9 for two (chance 0.7).
+DRIVEN = {
+    "fire": ("smoke_ppm",),
+    "machine_fault": ("vibration_rms", "motor_current_a"),
+    "maintenance": ("motor_current_a",),
+}
 BATCH = 64
 
 
@@ -119,15 +127,17 @@ def test_the_metric_the_simulator_drives_ranks_first_or_second(
     right = torch.cat([e.ex.target for e in explained]).numpy() == truth
     right &= ~np.isnan(per_window(explained, "shapley")).any(axis=1)  # and has telemetry
     lines, failed = [], []
-    for label, metric in DRIVEN.items():
+    for label, driven in DRIVEN.items():
+        metric = "|".join(driven)
         chosen = right & (truth == classes.index(label))
         assert chosen.sum() >= 8, f"too few correct {label} windows ({chosen.sum()}) to judge"
         for name in ("shapley", "ablation", "ig"):
             values = per_window(explained, name)[chosen]  # [n, M]
-            rank = (values > values[:, [metrics.index(metric)]]).sum(axis=1)  # 0 = first
+            best = values[:, [metrics.index(m) for m in driven]].max(axis=1, keepdims=True)
+            rank = (values > best).sum(axis=1)  # the best driven metric's rank; 0 = first
             share = float((rank <= 1).mean())
             lines.append(f"{label:<14} {metric:<16} {name:<9} {share:.2f} of {chosen.sum()}")
-            if name != "ig" and share < 0.8:
+            if name != "ig" and share < (0.8 if len(driven) == 1 else 0.9):
                 failed.append(lines[-1])
     print("\n" + "\n".join(lines))
     assert not failed, failed

@@ -36,7 +36,7 @@ def _norms(model: nn.Module) -> tuple[int, int]:
 
 def test_the_shipped_model_keeps_batchnorm_and_group_norm_is_a_switch(tmp_path: Path) -> None:
     shipped = json.loads((default_model_dir() / "config.json").read_text())
-    assert "conv_norm" not in shipped and "privacy" not in shipped  # written before the switch
+    assert shipped.get("conv_norm", "batch") == "batch" and "privacy" not in shipped
     loaded = load_model(default_model_dir())
     assert loaded.config.conv_norm == "batch" and loaded.config.privacy is None
     assert _norms(loaded.model) == (11, 0)  # 4 camera + 4 audio + 3 telemetry blocks
