@@ -15,13 +15,20 @@ from torch import nn
 from encoders.modality import ALL_MODALITIES, Modality
 from fusion.batch import WindowBatch
 from fusion.config import ModelConfig
-from fusion.dp import DPSGD, DenseForward, DPIncompatible, dense_inputs, per_example_grads
+from fusion.dp import (
+    DPSGD,
+    DenseForward,
+    DPIncompatible,
+    DPRecipe,
+    dense_inputs,
+    per_example_grads,
+)
 from fusion.model import FusionClassifier
 from fusion.modelfile import load_model, save_model
-from fusion.train import TrainConfig, train
+from fusion.train import TrainConfig, TrainStep, train
 from pipeline.cli import main
 from pipeline.errors import UserError
-from pipeline.learn.privacy import DPOptions, calibrate
+from pipeline.learn.privacy import DP_BATCH, DPOptions, calibrate
 from pipeline.stream.model_runner import default_model_dir
 from tests.factory import TINY_RATE, random_window, tiny_config
 
@@ -154,3 +161,88 @@ def test_train_with_dp_reports_epsilon_in_the_model_and_the_evaluation(tmp_path:
     assert metrics["model"]["privacy"]["epsilon"] == cfg.privacy.epsilon
     assert f"epsilon {cfg.privacy.epsilon:.2f}" in (tmp_path / "r" / "report.md").read_text()
     assert main([*args, "--overwrite", "--dp-epsilon", "4", "--nproc", "2"]) == 1  # one or other
+
+
+def _recipe(dp: DPSGD, cfg: ModelConfig, n: int, seed: int = 0) -> DPRecipe:
+    torch.manual_seed(seed)
+    model = FusionClassifier(cfg).train()
+    step = TrainStep(model, 0.0, torch.Generator().manual_seed(seed))
+    return dp.recipe(step, torch.optim.SGD(model.parameters()), TrainConfig(), n)
+
+
+def _weights(recipe: DPRecipe) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in recipe.module.model.parameters()]
+
+
+def test_the_dp_recipe_learns_a_task_the_plain_recipe_learns() -> None:
+    # the former recipe (the plain recipe's AdamW at lr 1e-3, 32 windows a step) reached
+    # macro-F1 0.62 here (0.85 with seed 2): each step's noise drowned its signal; this one
+    # reaches 1.0 by epoch 9 with seeds 0, 1 and 2
+    cfg = dataclasses.replace(tiny_config(), conv_norm="group")
+    data = colour_windows(cfg, 240, seed=0)
+    dp = calibrate(DPOptions(epsilon=8.0, delta=1e-3), n_train=len(data), batch_size=32, epochs=12)
+    torch.manual_seed(0)
+    result = train(
+        FusionClassifier(cfg),
+        data,
+        colour_windows(cfg, 60, seed=1),
+        TrainConfig(epochs=12),
+        recipe=dp.recipe,
+    )
+    assert result.best_val_macro_f1 >= 0.95
+    assert 7.5 < dp.epsilon(1e-3) <= 8.0
+
+
+def test_the_dp_batch_is_the_recipes_own_and_batch_size_only_how_many_go_at_once() -> None:
+    dp = calibrate(DPOptions(epsilon=8.0), n_train=3000, batch_size=32, epochs=30)
+    assert dp.sample_rate == DP_BATCH / 3000 and dp.physical_batch == 32
+    small = calibrate(DPOptions(epsilon=8.0), n_train=400, batch_size=32, epochs=30)
+    assert small.sample_rate == 0.25  # at least 4 steps an epoch
+    asked = calibrate(
+        DPOptions(epsilon=8.0, expected_batch=50), n_train=400, batch_size=8, epochs=3
+    )
+    assert asked.sample_rate == 50 / 400 and asked.physical_batch == 8
+
+
+def test_a_step_in_chunks_is_the_step_in_one_pass() -> None:
+    cfg = dataclasses.replace(tiny_config(dropout=0.0), conv_norm="group")
+    rng = np.random.default_rng(0)
+    windows = [random_window(rng, cfg, ALL_MODALITIES) for _ in range(7)]
+    batch = WindowBatch.collate(windows, TINY_RATE)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    stepped = []
+    for physical in (7, 2):  # one pass; chunks of 2, 2, 2, 1 clipped and summed
+        dp = DPSGD(
+            noise_multiplier=0.0, max_grad_norm=0.1, sample_rate=0.5, physical_batch=physical
+        )
+        recipe = _recipe(dp, cfg, 14)
+        params = recipe.optimizer.params
+
+        def keep(*_: object, params: list[nn.Parameter] = params) -> None:
+            stepped.append([p.grad.clone() for p in params if p.grad is not None])
+
+        recipe.optimizer.original_optimizer.register_step_pre_hook(keep)
+        recipe.step(batch, y)
+    assert len(stepped) == 2 and len(stepped[0]) == len(recipe.optimizer.params)
+    for one, chunked in zip(*stepped, strict=True):  # what the optimizer is given
+        torch.testing.assert_close(one, chunked)
+
+
+def test_every_sampled_step_is_taken_and_counted_an_empty_one_as_noise_alone() -> None:
+    # 6 windows at rate 0.05: most of the 20 samples an epoch are empty; the accountant's
+    # analysis is of 20 noisy sums an epoch, so 20 steps are taken (the former recipe left
+    # the empty ones out, uncounted)
+    cfg = dataclasses.replace(tiny_config(), conv_norm="group")
+    dp = DPSGD(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.05)
+    recipe = _recipe(dp, cfg, 6)
+    taken: list[int] = []
+    recipe.optimizer.original_optimizer.register_step_post_hook(lambda *_: taken.append(1))
+    rng = np.random.default_rng(0)
+    for epoch in range(2):
+        steps = recipe.batches(6, torch.Generator().manual_seed(epoch))
+        assert 0 < len(steps) < 20
+        for indices in steps:
+            windows = [random_window(rng, cfg, ALL_MODALITIES) for _ in indices]
+            y = torch.zeros(len(indices), dtype=torch.long)
+            recipe.step(WindowBatch.collate(windows, TINY_RATE), y)
+    assert dp.steps == 40 and len(taken) == 40

@@ -1,7 +1,7 @@
 """The DP recipe of `iotfuse train --dp-epsilon E` and of the federated sites: DP-SGD
 (fusion.dp, on Opacus) calibrated to a privacy budget.
 
-    dp = calibrate(DPOptions(epsilon=8.0, delta=1e-5), n_train=900, batch_size=32, epochs=30)
+    dp = calibrate(DPOptions(epsilon=8.0, delta=1e-5), n_train=2880, batch_size=32, epochs=30)
     fusion.train.train(..., recipe=dp.recipe)
     config = with_privacy(config, DPOptions(...), dp)      # what was spent, in the model
 
@@ -9,8 +9,14 @@ What changes against the plain recipe, and why:
 - the CNN trunks use GroupNorm instead of BatchNorm (`dp_architecture`): BatchNorm
   normalises each window with statistics of the whole batch, so one window's gradient
   depends on the others and per-window clipping bounds nothing;
-- each step is a Poisson sample of the training windows (rate batch_size / windows), each
-  window's gradient is clipped to `max_grad_norm` and Gaussian noise is added;
+- each step is a Poisson sample of the training windows, 256 on average (a quarter of them
+  on fewer than 1024: `dp_batch_size`) instead of the plain recipe's 32, each window's
+  gradient is clipped to `max_grad_norm` and Gaussian noise is added;
+- the step is AdamW's at lr 1e-2, without weight decay (fusion.dp.DPUpdate), not the plain
+  recipe's (`--lr`). The noise on a step's summed gradient has the same size on each of the
+  model's ~150k weights, its norm ~390x the clipping norm at noise multiplier 1, against at
+  most one clipping norm a window: on 32-window steps it drowned the gradient and DP-SGD
+  learnt nothing (docs/federated.md, Differential privacy, has what was tried);
 - the noise multiplier is the smallest that keeps (epsilon, delta) after every step of the
   run (Opacus's get_noise_multiplier, RDP accountant); the spent epsilon is recorded in the
   model config (`privacy`) and so in every evaluation's metrics.json.
@@ -42,6 +48,7 @@ class DPOptions:
     epsilon: float  # target: (epsilon, delta)-DP after the whole run
     delta: float = 1e-5  # keep it below 1 / training windows
     max_grad_norm: float = 1.0  # each window's gradient is clipped to this L2 norm
+    expected_batch: int | None = None  # windows a step, on average; None: dp_batch_size(n)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.epsilon) and self.epsilon > 0):
@@ -50,11 +57,26 @@ class DPOptions:
             raise UserError(f"--dp-delta must be in (0, 1), got {self.delta}")
         if not self.max_grad_norm > 0:
             raise UserError(f"--dp-max-grad-norm must be > 0, got {self.max_grad_norm}")
+        if self.expected_batch is not None and self.expected_batch < 1:
+            raise UserError(
+                f"the DP batch must be >= 1 window, got {self.expected_batch}; leave it unset "
+                "for the default"
+            )
 
 
 def dp_architecture(config: Any) -> Any:
     """The model config with GroupNorm in every CNN block (fusion ModelConfig)."""
     return dataclasses.replace(config, conv_norm="group")
+
+
+DP_BATCH = 256  # windows a DP-SGD step takes on average, at most
+DP_MIN_STEPS = 4  # Poisson steps an epoch, at least (the batch is smaller on little data)
+
+
+def dp_batch_size(n_train: int) -> int:
+    """The expected batch of a DP-SGD step: DP_BATCH windows, but no more than
+    1 / DP_MIN_STEPS of the training windows."""
+    return max(1, min(DP_BATCH, n_train // DP_MIN_STEPS))
 
 
 def sample_rate(batch_size: int, n_train: int) -> float:
@@ -63,12 +85,15 @@ def sample_rate(batch_size: int, n_train: int) -> float:
 
 def calibrate(options: DPOptions, n_train: int, batch_size: int, epochs: int, seed: int = 0) -> Any:
     """A fusion.dp.DPSGD whose noise spends the budget over `epochs` passes (of 1 / rate
-    Poisson steps each) over `n_train` windows."""
+    Poisson steps each) over `n_train` windows. Each step samples `options.expected_batch`
+    windows on average (default `dp_batch_size`); `batch_size` (the plain recipe's
+    --batch-size) is how many of them go through the model at once (memory only)."""
     from opacus.accountants.utils import get_noise_multiplier
 
     from fusion.dp import DPSGD
 
-    rate = sample_rate(batch_size, n_train)
+    expected = options.expected_batch or dp_batch_size(n_train)
+    rate = sample_rate(expected, n_train)
     steps = epochs * int(1 / rate)
     try:
         with warnings.catch_warnings():
@@ -91,6 +116,7 @@ def calibrate(options: DPOptions, n_train: int, batch_size: int, epochs: int, se
         max_grad_norm=options.max_grad_norm,
         sample_rate=rate,
         seed=seed,
+        physical_batch=max(1, batch_size),
     )
 
 
@@ -126,5 +152,6 @@ def describe(dp: Any, options: DPOptions) -> str:
     return (
         f"dp: DP-SGD to epsilon {options.epsilon:g} at delta {options.delta:g}: noise "
         f"multiplier {dp.noise_multiplier:.3f}, per-window clipping at "
-        f"{dp.max_grad_norm:g}, sampling rate {dp.sample_rate:.4f}"
+        f"{dp.max_grad_norm:g}, sampling rate {dp.sample_rate:.4f} ({int(1 / dp.sample_rate)} "
+        f"steps an epoch); {dp.update.describe()} (--lr does not apply)"
     )
