@@ -158,6 +158,12 @@ class RuntimeSettings:
         "Classify a window in spare time once its device passed its end, before it "
         "closes; at close that result is published unless a late record changed the window.",
     )
+    model_thread: str = _f(
+        "auto",
+        "Classify each batch on a thread of its own while the worker reads on: on, off, or "
+        "auto (on for an exported model, which runs without Python's lock; off for torch, "
+        "whose operators take the lock back one by one from a worker busy reading).",
+    )
     explain_telemetry_top: int = _f(
         0,
         "Add to each event the N telemetry metrics whose absence lowers its label's "

@@ -296,7 +296,7 @@ def test_a_record_stamped_far_ahead_is_counted_and_reported_once_per_device(
     ahead = number(device_stream("skewed", T0 + 3_600_000, 1, tel))[:2]
     on_time = [replace(r, offset=100) for r in number(device_stream("skewed", T0, 1, tel))[:1]]
     slightly = number(device_stream("fine", T0 + 30_000, 1, tel))[:1]  # within a minute
-    with caplog.at_level(logging.WARNING, logger="pipeline.stream.engine"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.stream.device_checks"):
         for r in ahead + on_time + slightly:
             engine.process(r)
     assert metrics.value("iotfuse_future_records_total") == 2

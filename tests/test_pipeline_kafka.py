@@ -69,9 +69,13 @@ def event_windows(published: list[Published], topic: str) -> list[tuple[str, int
     ]
 
 
-def test_contract_through_the_broker(bootstrap, topics, runner, start_worker) -> None:
+@pytest.mark.parametrize("model_thread", ["off", "on"])
+def test_contract_through_the_broker(
+    bootstrap, topics, runner, start_worker, model_thread: str
+) -> None:
     records, bad = scenario()
     settings = settings_for(bootstrap, topics)
+    settings = replace(settings, runtime=replace(settings.runtime, model_thread=model_thread))
     sent = produce(bootstrap, to_topics(records, topics))
     worker = start_worker(settings)
     n_windows = len(

@@ -206,9 +206,9 @@ class IncidentEngine(Engine):
         self._on_close = on_close
         self._pending: list[Output] = []  # idle closes, out with the next batch
 
-    def run_batch(self) -> list[Output]:
+    def _emit(self, outputs: list[Output]) -> list[Output]:
         pending, self._pending = self._pending, []
-        return pending + self.incidents.follow(super().run_batch())
+        return pending + self.incidents.follow(outputs)
 
     def batch_due(self) -> bool:
         return bool(self._pending) or super().batch_due()

@@ -55,13 +55,14 @@ from pipeline.stream.offsets import OffsetTracker
 from pipeline.stream.outputs import Output, fit_dead_letter, wire_bytes
 from pipeline.stream.window_progress import ProgressMetadata, decode_progress
 from pipeline.stream.windows import Position
-from pipeline.stream.worker_loop import backpressure_step, process_ready
+from pipeline.stream.worker_loop import backpressure_step, classify_due, process_ready
 
 log = logging.getLogger(__name__)
 
 # a commit waits this long for outputs in flight: without it, a broker away held the loop
 # (no polling, no word of it) for the producer's whole 120 s delivery timeout
 COMMIT_FLUSH_TIMEOUT_S = 5.0
+IN_FLIGHT_POLL_MS = 5  # longest a poll waits for records while the model thread works
 
 
 class DeliveryError(RuntimeError):
@@ -144,9 +145,11 @@ class KafkaWorker:
     def step(self, poll_timeout_ms: int = 100) -> int:
         """One poll -> process -> batch -> publish -> commit round; returns records polled."""
         timeout = min(poll_timeout_ms, self.settings.runtime.batch_timeout_ms)
-        polled = self._poll(
-            timeout if self.engine.queued() else self.watch.poll_timeout(poll_timeout_ms)
-        )
+        if self.engine.in_flight():  # the model thread's batch is published once it is back
+            timeout = min(timeout, IN_FLIGHT_POLL_MS)
+        elif not self.engine.queued():
+            timeout = self.watch.poll_timeout(poll_timeout_ms)
+        polled = self._poll(timeout)
         self.watch.polled(fetched=bool(polled))
         self._follow_assignment()
         self.log_end.new_poll(self._owned)
@@ -161,10 +164,7 @@ class KafkaWorker:
         released = process_ready(self.aligner, self.log_end.caught_up, self.engine, self._publish)
         if not self.aligner.buffered:  # a device is not silent while its records wait here
             self.engine.tick()
-        while self.engine.batch_due():
-            self._publish(self.engine.run_batch())
-        if not self.engine.queued():  # no closed window waits: classify complete ones early
-            self.engine.infer_early()
+        classify_due(self.engine, self._publish)
         self.tracker.release(self.engine.take_released())
         self._drain_acks()
         if self.clock() - self._last_commit_ms >= self.settings.runtime.commit_interval_ms:
@@ -281,7 +281,7 @@ class KafkaWorker:
         """Commit what is done: closed windows are published first, so the progress stored
         with the offsets (pipeline/stream/window_progress.py) only names acknowledged windows."""
         self._last_commit_ms = self.clock()
-        while self.engine.queued():
+        while self.engine.queued() or self.engine.in_flight():
             self._publish(self.engine.run_batch())
         self.tracker.release(self.engine.take_released())
         try:

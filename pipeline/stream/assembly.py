@@ -75,6 +75,7 @@ def build_engine(
         max_buffered_bytes=settings.windows.max_buffered_bytes,
         feature_threads=feature_threads(settings.runtime.feature_threads),
         early_inference=settings.runtime.early_inference,
+        model_thread=model_thread(settings.runtime.model_thread, runner.exported),
     )
     metrics = metrics or Metrics()
     classify = runner.classifier(settings.runtime.explain_telemetry_top)
@@ -97,6 +98,13 @@ def build_engine(
     )
     on_close = outlets.close if outlets else None
     return IncidentEngine(cfg, classify, metrics, clock, stage, on_close)
+
+
+def model_thread(setting: str, exported: bool) -> bool:
+    """runtime.model_thread: on, off, or auto (on for an exported model)."""
+    if setting not in ("auto", "on", "off"):
+        raise UserError(f"runtime.model_thread={setting!r}: use auto, on or off")
+    return setting == "on" or (setting == "auto" and exported)
 
 
 def feature_threads(setting: int) -> int:

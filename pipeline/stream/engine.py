@@ -10,6 +10,9 @@ replay and the tests all drive the same `Engine`:
     elif not engine.queued(): engine.infer_early()          # spare time: see below
     engine.take_released()                    # positions that need no output (late records)
 
+`run_batch` is `start_batch` then `collect(wait=True)`; with `model_thread` the Kafka worker
+starts a batch and collects it on a later step, reading on meanwhile (pipeline/stream/lane.py).
+
 Early inference (`early_inference`, `infer_early`) classifies complete windows before
 they close: pipeline/stream/early.py.
 
@@ -33,9 +36,11 @@ from pipeline.decode import RejectedRecord
 from pipeline.logs import Throttle
 from pipeline.metrics import Metrics
 from pipeline.records import Record
+from pipeline.stream.device_checks import DeviceChecks
 from pipeline.stream.early import Classified, EarlyResults, WindowKey, window_key
 from pipeline.stream.features import FeatureSpec, WindowInputs, window_inputs
 from pipeline.stream.ingest import IngestConfig, ingest
+from pipeline.stream.lane import ModelLane
 from pipeline.stream.outputs import (
     Decision,
     ModelId,
@@ -56,7 +61,6 @@ Classify = Callable[[Sequence[dict[Modality, np.ndarray]]], list[Decision]]
 
 
 MIN_SPLIT = 8  # windows per concurrent model call at least
-FUTURE_WARN_MS = 60_000  # event time this far past the wall clock: the device clock is off
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,12 +77,16 @@ class EngineConfig:
     max_buffered_bytes: int = 512 * 1024 * 1024
     feature_threads: int = 1  # threads preparing one batch's window inputs (frame decode)
     early_inference: bool = False  # classify complete windows before they close
+    model_thread: bool = False  # classify batches on a thread of their own (lane.py)
 
 
 @dataclass(slots=True)
 class _Closed:
     window: Window
     closed_at_ms: int
+
+
+_Started = tuple[list[_Closed], dict[WindowKey, Classified]]  # a batch, its early results
 
 
 class Engine:
@@ -95,10 +103,10 @@ class Engine:
         self._records: dict[Position, Record] = {}  # camera records, for decode-time rejects
         self._device_partition: dict[str, int] = {}
         self._progress = DeviceProgress()
-        self._reported: set[str] = set()
-        self._clock_reported: set[str] = set()
+        self._checks = DeviceChecks(metrics)
         self.prefetch = FramePrefetch(cfg.features, cfg.feature_threads)
         self._early = EarlyResults()
+        self._lane: ModelLane[_Started, dict[WindowKey, Classified]] = ModelLane(cfg.model_thread)
         self._rejections = Throttle(log)  # one line per reason a minute: floods stay quiet
 
     # -- records in ---------------------------------------------------------------------
@@ -124,9 +132,9 @@ class Engine:
         except RejectedRecord as err:
             return [self._reject(record, err)]
         self.metrics.labelled(self.metrics.records_in, got.item.modality).inc()
-        self._check_partition(got.device_id, record)
-        if got.item.ts_ms - now > FUTURE_WARN_MS:
-            self._report_future(got.device_id, got.item.ts_ms, now)
+        seen = self._device_partition.setdefault(got.device_id, record.partition)
+        self._checks.partition(got.device_id, record, seen)
+        self._checks.clock(got.device_id, got.item.ts_ms, now)
         if self._progress.already_emitted(got.device_id, self.cfg.windows.start_of(got.item.ts_ms)):
             self.metrics.reread_skipped.inc()
             self._released.append(got.item.position)
@@ -159,7 +167,7 @@ class Engine:
         """End of a finite stream: close every window and classify everything queued."""
         self._enqueue(self.windower.close_all(), self.clock())
         outputs: list[Output] = []
-        while self._queue:
+        while self._queue or self._lane:
             outputs += self.run_batch()
         return outputs
 
@@ -189,18 +197,45 @@ class Engine:
             or self.windower.buffered_bytes >= self.cfg.max_buffered_bytes
         )
 
+    def in_flight(self) -> int:
+        """Batches started and not yet collected."""
+        return len(self._lane)
+
     def run_batch(self) -> list[Output]:
-        """Encode and fuse up to `max_batch` closed windows as one batch (windows classified
-        early and unchanged since are not classified again)."""
+        """Encode and fuse up to `max_batch` closed windows as one batch, after every batch
+        already started (windows classified early and unchanged since are not classified
+        again)."""
+        self.start_batch()
+        return self.collect(wait=True)
+
+    def start_batch(self) -> None:
+        """Take up to `max_batch` closed windows to classify: on the model thread with
+        `model_thread` (collect them later), else now."""
         batch, self._queue = self._queue[: self.cfg.max_batch], self._queue[self.cfg.max_batch :]
         if not batch:
-            return []
+            return
         windows = [c.window for c in batch]
-        results = self._early.reuse(windows, self.metrics)
-        todo = [w for w in windows if window_key(w) not in results]
-        results |= self._infer(todo)
-        for w in windows:
-            self.prefetch.done(w)
+        known = self._early.reuse(windows, self.metrics)
+        todo = [w for w in windows if window_key(w) not in known]
+        self._lane.start((batch, known), lambda: self._infer(todo), inline=not todo)
+
+    def collect(self, wait: bool = False) -> list[Output]:
+        """The outputs of the batches that finished (with `wait`: of all started), in the
+        order they were started."""
+        outputs: list[Output] = []
+        for (batch, known), computed in self._lane.done(wait):
+            outputs += self._batch_outputs(batch, known | computed)
+        return self._emit(outputs)
+
+    def _emit(self, outputs: list[Output]) -> list[Output]:
+        """What leaves with a finished batch's outputs (the incident stage adds its own)."""
+        return outputs
+
+    def _batch_outputs(
+        self, batch: list[_Closed], results: dict[WindowKey, Classified]
+    ) -> list[Output]:
+        for closed in batch:
+            self.prefetch.done(closed.window)
         outputs: list[Output] = []
         now = self.clock()
         for closed in batch:
@@ -278,7 +313,7 @@ class Engine:
         with the committed offsets, so whoever re-reads the uncommitted records next skips
         the ones whose windows were already emitted instead of emitting them again, split.
         """
-        assert not self._queue, "progress() needs the queue drained first"
+        assert not self._queue and not self._lane, "progress() needs the queue drained first"
         return self._progress.of(partition)
 
     def _note_progress(self, device: str) -> None:
@@ -317,13 +352,13 @@ class Engine:
         all of their progress (DeviceProgress.forget)."""
         for d in devices:
             self._device_partition.pop(d, None)
-            self._reported.discard(d)
-            self._clock_reported.discard(d)
+            self._checks.forget(d)
         self.prefetch.forget([], devices)
         self._progress.forget(devices, self._device_partition.keys())
 
     def close(self) -> None:
-        """Stop the frame-decoding threads (the engine is not used afterwards)."""
+        """Stop the model and frame-decoding threads (the engine is not used afterwards)."""
+        self._lane.close()
         self.prefetch.close()
 
     def _enqueue(self, windows: list[Window], now: int) -> None:
@@ -331,38 +366,6 @@ class Engine:
             self.prefetch.closed(w)
             self._note_progress(w.device_id)
         self._queue += [_Closed(w, now) for w in windows]
-
-    def _report_future(self, device: str, ts_ms: int, now: int) -> None:
-        """Processed as the contract says (event time is the record's timestamp), but its
-        modality's watermark then runs ahead, and once every modality the device sends does,
-        the device's records are late until real time catches up: count it, and say so once
-        per device."""
-        self.metrics.future_records.inc()
-        if device not in self._clock_reported:
-            self._clock_reported.add(device)
-            log.warning(
-                "device %s sent a record stamped %.0f s ahead of this worker's clock; windows "
-                "close by event time, so its records may be late (dropped) until real time "
-                "catches up. Check the device's clock, or a producer stamping microseconds",
-                device,
-                (ts_ms - now) / 1000,
-            )
-
-    def _check_partition(self, device: str, record: Record) -> None:
-        seen = self._device_partition.setdefault(device, record.partition)
-        if seen != record.partition and device not in self._reported:
-            self._reported.add(device)
-            self.metrics.copartition_violations.inc()
-            log.warning(
-                "device %s arrives on partition %d of %s but on partition %d elsewhere: the "
-                "input topics are not co-partitioned (producers use different partitioners?). "
-                "Its windows may be split across workers; use the murmur2 partitioner "
-                "(librdkafka: partitioner=murmur2_random) and equal partition counts.",
-                device,
-                record.partition,
-                record.topic,
-                seen,
-            )
 
 
 def _pool_map(

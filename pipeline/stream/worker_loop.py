@@ -2,6 +2,7 @@
 
 - `process_ready`: hand the records the aligner releases to the engine and publish what
   comes out, a window closing with its early result at once;
+- `classify_due`: publish finished batches, start the ones due, classify early in spare time;
 - `backpressure_inputs` and `backpressure_step`: back-pressure's decision on a step's load
   (the rule: pipeline/stream/backpressure.py), counted and logged when a pause, or reading
   on over capacity, starts. The worker applies it to its partitions (pipeline/kafka/worker.py).
@@ -35,8 +36,22 @@ def process_ready(
     for record in ready:
         publish(engine.process(record))
         if engine.queue_classified_early():
-            publish(engine.run_batch())
+            engine.start_batch()  # nothing to compute: done at once, after any in flight
+            publish(engine.collect())
     return len(ready)
+
+
+def classify_due(engine: Engine, publish: Callable[[list[Output]], None]) -> None:
+    """Publish the batches the model finished, and start those due: with the model thread
+    (runtime.model_thread) one batch runs while the worker reads on, and the windows that
+    close meanwhile wait for the next; without it every due batch runs now. Complete open
+    windows are classified early only when nothing else waits for the model."""
+    publish(engine.collect())
+    while engine.batch_due() and not engine.in_flight():
+        engine.start_batch()
+        publish(engine.collect())
+    if not engine.queued() and not engine.in_flight():
+        engine.infer_early()
 
 
 def backpressure_inputs(engine: Engine, released: int) -> tuple[Load, Limits]:

@@ -1,0 +1,133 @@
+"""The model thread (runtime.model_thread): the engine reads on while a batch is classified,
+and what comes out is what comes out without it."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from dataclasses import replace
+
+import pytest
+
+from pipeline.errors import UserError
+from pipeline.records import Record
+from pipeline.settings import Settings
+from pipeline.stream.assembly import build_engine, model_thread
+from pipeline.stream.engine import Engine
+from pipeline.stream.model_runner import ModelRunner, Window
+from pipeline.stream.outputs import Decision, Output
+from pipeline.testing import FakeClock
+from tests.factory import T0, device_stream, number
+
+DEVICES = ("a", "b", "c")
+
+
+class GatedRunner(ModelRunner):
+    """The test model, whose every call waits until the test opens the gate."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        super().__init__(runner.model, runner.config, runner.version, runner.device)
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.threads: list[str] = []
+
+    def classify(self, windows: Sequence[Window], explain_top: int = 0) -> list[Decision]:
+        self.threads.append(threading.current_thread().name)
+        self.entered.set()
+        assert self.gate.wait(30), "the test never opened the gate"
+        return super().classify(windows, explain_top)
+
+
+def engine(runner: ModelRunner, thread: str, clock: FakeClock) -> Engine:
+    s = Settings()
+    runtime = replace(s.runtime, model_thread=thread, early_inference=False)
+    return build_engine(replace(s, runtime=runtime), runner, clock=clock)
+
+
+def records_until(start_s: float, end_s: float) -> list[Record]:
+    """Every device's records (telemetry, camera, audio) stamped from `start_s` to before
+    `end_s` seconds into the stream, in time order. Records up to 2 n + 2.7 s close window
+    n: every modality is past its end plus the allowed lateness (docs/contract.md)."""
+    recs = [r for d in DEVICES for r in device_stream(d, T0, 8)]
+    recs = sorted(number(recs), key=lambda r: r.timestamp_ms)
+    return [r for r in recs if start_s * 1000 <= r.timestamp_ms - T0 < end_s * 1000]
+
+
+def feed(e: Engine, records: list[Record], clock: FakeClock) -> None:
+    for r in records:
+        clock.now = r.timestamp_ms
+        assert e.process(r) == []
+
+
+def events(outputs: list[Output]) -> list[tuple[str, int, str]]:
+    out = []
+    for o in outputs:
+        v = json.loads(o.value or b"{}")
+        if "window" in v:
+            out.append((v["device_id"], v["window"]["start_ms"], v["label"]))
+    return out
+
+
+def test_windows_are_read_while_the_model_thread_classifies(runner: ModelRunner) -> None:
+    clock = FakeClock()
+    gated = GatedRunner(runner)
+    e = engine(gated, "on", clock)
+    feed(e, records_until(0, 2.7), clock)  # window 0 closes
+    assert e.queued() == 3
+    e.start_batch()
+    assert gated.entered.wait(10)
+    assert e.in_flight() == 1 and e.queued() == 0
+    assert e.collect() == []  # still classifying: nothing to publish yet
+
+    feed(e, records_until(2.7, 4.7), clock)  # read on: window 1 closes
+    assert e.queued() == 3 and e.collect() == []
+
+    gated.gate.set()
+    first = events(e.collect(wait=True))
+    second = events(e.run_batch())
+    assert [(d, s) for d, s, _ in first] == [(d, T0) for d in DEVICES]
+    assert [(d, s) for d, s, _ in second] == [(d, T0 + 2000) for d in DEVICES]
+    assert set(gated.threads) == {"iotfuse-model_0"}  # never the caller's thread
+    e.close()
+
+
+def test_the_model_thread_changes_no_event(runner: ModelRunner) -> None:
+    got = {}
+    for thread in ("off", "on"):
+        clock = FakeClock()
+        e = engine(runner, thread, clock)
+        outputs: list[Output] = []
+        for n in range(3):
+            feed(e, records_until(2 * n + 0.7 if n else 0, 2 * n + 2.7), clock)
+            e.start_batch()
+            outputs += e.collect(wait=True)
+        got[thread] = events(outputs + e.finish())
+        e.close()
+    assert got["on"] == got["off"] and len(got["on"]) == 4 * len(DEVICES)
+
+
+class BrokenRunner(ModelRunner):
+    def classify(self, windows: Sequence[Window], explain_top: int = 0) -> list[Decision]:
+        raise RuntimeError("model broke")
+
+
+@pytest.mark.parametrize("thread", ["off", "on"])
+def test_a_failing_model_call_fails_the_caller_as_without_the_thread(
+    runner: ModelRunner, thread: str
+) -> None:
+    clock = FakeClock()
+    broken = BrokenRunner(runner.model, runner.config, runner.version, runner.device)
+    e = engine(broken, thread, clock)
+    feed(e, records_until(0, 2.7), clock)
+    e.start_batch()
+    with pytest.raises(RuntimeError, match="model broke"):
+        e.collect(wait=True)
+    e.close()
+
+
+def test_model_thread_auto_is_on_for_an_exported_model_only() -> None:
+    assert model_thread("auto", exported=True) and not model_thread("auto", exported=False)
+    assert model_thread("on", exported=False) and not model_thread("off", exported=True)
+    with pytest.raises(UserError, match="use auto, on or off"):
+        model_thread("yes", exported=True)
