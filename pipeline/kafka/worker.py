@@ -47,6 +47,7 @@ from pipeline.kafka.messages import to_record
 from pipeline.kafka.producer import BoundedProducer
 from pipeline.kafka.unreadable import find_unreadable
 from pipeline.logs import Throttle
+from pipeline.memory import HeapTrim
 from pipeline.settings import Settings
 from pipeline.stream.align import Aligner
 from pipeline.stream.backpressure import Flow
@@ -84,6 +85,7 @@ class KafkaWorker:
         self._progress_metadata = ProgressMetadata()
         self._owned: set[TopicPartition] = set()
         self._last_status_ms = clock()
+        self._trim_heap = HeapTrim(clock)  # RSS that settles, not one that creeps for minutes
         self._consumed = 0
         self._held_back: set[TopicPartition] = set()
         self.aligner = Aligner(
@@ -173,6 +175,7 @@ class KafkaWorker:
         self._backpressure(released)
         self._consumed += count
         self._status()
+        self._trim_heap()
         return count
 
     def _poll(self, timeout_ms: int) -> dict[TopicPartition, list[Any]]:
