@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -95,10 +95,34 @@ def window_raws(records: list, runner: ModelRunner) -> list:
     return [raw for raw in out if raw]
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU seconds used so far by process `pid` (user + system), or by the whole machine."""
+    tick = os.sysconf("SC_CLK_TCK")
+    if pid is None:
+        user, nice, system = Path("/proc/stat").read_text().split()[1:4]
+        return (int(user) + int(nice) + int(system)) / tick
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / tick
+
+
+@dataclass
+class E2E:
+    rate: float  # windows/s from the first event to the last (NaN: the worker stalled)
+    peak_mib: float  # the worker's peak RSS
+    worker_ms: float  # the worker's CPU per window, between the first event and the last
+    machine_ms: float  # every process's CPU per window (broker, bench, worker) meanwhile
+
+
 def end_to_end(
-    bootstrap: str, names: object, model: Path, windows: int, python: str, block: bool
-) -> tuple[float, float]:
-    """(windows/s from the first event to the last, the worker's peak RSS in MiB)."""
+    bootstrap: str,
+    names: object,
+    model: Path,
+    windows: int,
+    python: str,
+    block: bool,
+    model_thread: str = "auto",
+) -> E2E:
+    """The worker on `model` reading the produced windows as fast as it can."""
     t = names
     out = TopicNames.prefixed(f"edge-bench-{time.monotonic_ns()}")  # this run's events
     ensure_topics(bootstrap, out, partitions=3, replication_factor=1)
@@ -111,6 +135,7 @@ def end_to_end(
     ]
     argv = ["run", "--bootstrap-servers", bootstrap, "--model", str(model), "--device", "cpu"]
     argv += ["--metrics-port", "0", "--set", "runtime.torch_threads=1"]
+    argv += ["--set", f"runtime.model_thread={model_thread}"]
     argv += [a for s in sets for a in ("--set", s)]
     script = (BLOCK if block else "import sys\n") + "from pipeline.cli import main\n"
     script += "sys.exit(main(sys.argv[1:]))\n"
@@ -125,15 +150,17 @@ def end_to_end(
         enable_auto_commit=False,
     )
     seen, first, last, peak, at_first = 0, 0.0, 0.0, 0.0, 0
+    cpu0 = cpu1 = (0.0, 0.0)  # (worker, machine) CPU seconds at the first and last event
     deadline = time.monotonic() + 120  # ~10 s when it works
     try:
         while seen < windows and time.monotonic() < deadline and proc.poll() is None:
             got = sum(len(msgs) for msgs in consumer.poll(timeout_ms=50).values())
             if got:
                 now = time.perf_counter()
+                cpu = (cpu_seconds(proc.pid), cpu_seconds())
                 if not first:
-                    first, at_first = now, got  # the first batch's time is not measured
-                seen, last = seen + got, now
+                    first, at_first, cpu0 = now, got, cpu  # the first batch is not measured
+                seen, last, cpu1 = seen + got, now, cpu
             status = Path(f"/proc/{proc.pid}/status").read_text()
             if "VmHWM:" in status:  # not once it exited
                 peak = max(peak, float(status.split("VmHWM:")[1].split()[0]) / 1024)
@@ -143,8 +170,14 @@ def end_to_end(
         consumer.close()
     if seen < windows:  # kafka-python 3.0.12 sometimes never fetches (bench/pipeline_bench.py)
         print(f"STALLED: {seen} of {windows} events; see {log.name}", file=sys.stderr)
-        return float("nan"), peak
-    return (seen - at_first) / max(last - first, 1e-9), peak
+        return E2E(float("nan"), peak, float("nan"), float("nan"))
+    measured = max(seen - at_first, 1)
+    return E2E(
+        measured / max(last - first, 1e-9),
+        peak,
+        1000 * (cpu1[0] - cpu0[0]) / measured,
+        1000 * (cpu1[1] - cpu0[1]) / measured,
+    )
 
 
 def main() -> int:
@@ -168,6 +201,7 @@ def main() -> int:
         assert iotfuse(["export", "--out", str(out), "--quantize", q]) == 0
         models[{"none": "onnx fp32"}.get(q, f"onnx {q}")] = out
     runners = {k: ModelRunner.load(v, "cpu") for k, v in models.items()}
+    fp32 = models["onnx fp32"]
     media = make_media()
     t0 = (wall_clock_ms() // 2000) * 2000 - a.seconds * 1000 - 60_000
     records = stream(a.devices, t0, a.seconds, media)
@@ -202,34 +236,35 @@ def main() -> int:
         ):
             bootstrap = k.bootstrap_servers
             names = produced(bootstrap, records + closing(a.devices, t0 + a.seconds * 1000, media))
-            e2e: dict[str, list[float]] = {k: [] for k in models}
-            rss: dict[str, float] = {k: 0.0 for k in models}
+            # the exported fp32 model once more with the model thread off: what it buys
+            workers = {**{k: (v, "auto") for k, v in models.items()}, NO_THREAD: (fp32, "off")}
+            table[NO_THREAD] = {}
+            runs: dict[str, list[E2E]] = {k: [] for k in workers}
             for n in range(a.repeat):  # alternated: the machine's speed drifts
-                for name, model in models.items():
+                for name, (model, thread) in workers.items():
                     print(f"{name}: end to end, round {n + 1} ...", file=sys.stderr, flush=True)
                     edge = model is not None and a.edge_venv is not None
                     python = (
                         str(a.edge_venv.resolve() / "bin" / "python") if edge else sys.executable
                     )
                     path = model or REPO / "fusion" / "default_model"
-                    rate, peak = end_to_end(
-                        bootstrap, names, path, windows, python, model is not None
+                    runs[name].append(
+                        end_to_end(
+                            bootstrap, names, path, windows, python, model is not None, thread
+                        )
                     )
-                    e2e[name].append(rate)
-                    rss[name] = max(rss[name], peak)
-            for name in models:
-                runs = sorted((r for r in e2e[name] if r == r), reverse=True)  # NaN: stalled
-                stalled = len(e2e[name]) - len(runs)
-                table[name]["e2e"] = (
-                    f"{runs[0]:.0f} ({'/'.join(f'{r:.0f}' for r in runs[1:])})" if runs else "-"
-                ) + ("*" * stalled)
-                table[name]["rss"] = f"{rss[name]:.0f}"
-    cols = ["model", "model+py", "offline", "e2e", "rss"]
+            for name, got in runs.items():
+                table[name].update(e2e_columns(got))
+    cols = ["model", "model+py", "offline", "e2e", "rss", "worker_ms", "machine_ms"]
     heads = ["model only", "beside Python", "offline", "e2e Kafka", "worker RSS MiB"]
-    lines.append(f"{'windows/s':<12}" + "".join(f"{h:>16}" for h in heads))
-    lines.append("(e2e: the best run, the others in brackets; * a run that stalled, left out)")
-    for name in models:
-        lines.append(f"{name:<12}" + "".join(f"{table[name].get(c, '-'):>16}" for c in cols))
+    heads += ["worker CPU ms", "all CPU ms"]
+    lines.append(f"{'windows/s':<20}" + "".join(f"{h:>15}" for h in heads))
+    lines.append(
+        "(e2e: the best run, the others in brackets; * a run that stalled, left out; CPU ms: "
+        "per window in the best run, the worker's and every process's on the machine)"
+    )
+    for name in table:
+        lines.append(f"{name:<20}" + "".join(f"{table[name].get(c, '-'):>15}" for c in cols))
     if not a.skip_evaluate:
         print("evaluate --compare ...", file=sys.stderr, flush=True)
         devices, seconds = (4, 20) if a.quick else (32, 60)
@@ -251,6 +286,24 @@ def main() -> int:
         )
     print("\n".join(lines))
     return 0
+
+
+NO_THREAD = "onnx fp32, no thread"  # runtime.model_thread=off
+
+
+def e2e_columns(runs: list[E2E]) -> dict[str, str]:
+    """The best run's rate (the others in brackets), CPU per window and the peak RSS."""
+    ok = sorted((r for r in runs if r.rate == r.rate), key=lambda r: -r.rate)  # NaN: stalled
+    stalled = "*" * (len(runs) - len(ok))
+    if not ok:
+        return {"e2e": "-" + stalled}
+    best = ok[0]
+    return {
+        "e2e": f"{best.rate:.0f} ({'/'.join(f'{r.rate:.0f}' for r in ok[1:])}){stalled}",
+        "rss": f"{max(r.peak_mib for r in runs):.0f}",
+        "worker_ms": f"{best.worker_ms:.1f}",
+        "machine_ms": f"{best.machine_ms:.1f}",
+    }
 
 
 class _Given:

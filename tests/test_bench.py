@@ -22,6 +22,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
         ("scale_bench", "--devices"),
         ("soak", "--minutes"),
         ("soak", "--iotfuse"),
+        ("soak", "--warm-up"),
         ("outside", "--iotfuse"),
     ],
 )
