@@ -140,7 +140,7 @@ def run_kill_restart(
     sent += produce(bootstrap, to_topics(second, topics))
     workers.start(*extra)
     expected = {(d, s) for d, s, _ in expected_windows(sent, [], settings_for("x", topics).topics)}
-    isolation = "read_committed" if extra else "read_uncommitted"
+    isolation = "read_committed" if "--exactly-once" in extra else "read_uncommitted"
     events = read_until(
         bootstrap,
         [topics.events],
@@ -152,14 +152,31 @@ def run_kill_restart(
     return sent, events
 
 
-def test_sigkill_and_restart_loses_no_window(bootstrap, topics, workers) -> None:
-    sent, events = run_kill_restart(bootstrap, topics, workers)
+# with the model thread, commits go on while a batch is with the model (Engine.progress)
+THREAD = pytest.mark.parametrize("thread", ["off", "on"])
+
+
+@THREAD
+def test_sigkill_and_restart_loses_no_window(bootstrap, topics, workers, thread: str) -> None:
+    sent, events = run_kill_restart(
+        bootstrap, topics, workers, "--set", f"runtime.model_thread={thread}"
+    )
     assert_whole_windows(events, sent, topics)
 
 
-def test_exactly_once_survives_sigkill_without_duplicates(bootstrap, topics, workers) -> None:
+@THREAD
+def test_exactly_once_survives_sigkill_without_duplicates(
+    bootstrap, topics, workers, thread: str
+) -> None:
     sent, events = run_kill_restart(
-        bootstrap, topics, workers, "--exactly-once", "--transactional-id", f"tx-{topics.camera}"
+        bootstrap,
+        topics,
+        workers,
+        "--exactly-once",
+        "--transactional-id",
+        f"tx-{topics.camera}",
+        "--set",
+        f"runtime.model_thread={thread}",
     )
     workers.stop_all()  # SIGTERM: commits the last transaction
     events = read_until(

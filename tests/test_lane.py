@@ -79,12 +79,14 @@ def test_windows_are_read_while_the_model_thread_classifies(runner: ModelRunner)
     assert gated.entered.wait(10)
     assert e.in_flight() == 1 and e.queued() == 0
     assert e.collect() == []  # still classifying: nothing to publish yet
+    assert e.progress(0) == {d: T0 for d in DEVICES}  # a commit now names none of them
 
     feed(e, records_until(2.7, 4.7), clock)  # read on: window 1 closes
     assert e.queued() == 3 and e.collect() == []
 
     gated.gate.set()
     first = events(e.collect(wait=True))
+    assert e.progress(0) == {d: T0 + 2000 for d in DEVICES}  # window 1 waits in the queue
     second = events(e.run_batch())
     assert [(d, s) for d, s, _ in first] == [(d, T0) for d in DEVICES]
     assert [(d, s) for d, s, _ in second] == [(d, T0 + 2000) for d in DEVICES]

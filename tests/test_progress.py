@@ -182,3 +182,19 @@ def test_re_read_records_of_emitted_windows_are_counted_as_skipped_not_late(
     assert engine.metrics.value("iotfuse_reread_skipped_total") == 2
     assert engine.metrics.value("iotfuse_late_records_total", {"modality": "telemetry"}) == 0
     assert sorted(p.offset for p in engine.take_released()) == [0, 1]
+
+
+def test_a_window_not_yet_published_is_not_named_in_the_progress(runner: ModelRunner) -> None:
+    """A commit need not wait for the model: the progress it stores stops at the start of
+    every window still queued (or being classified: tests/test_lane.py), so a restart
+    rebuilds those windows instead of skipping their records as already emitted."""
+    settings = Settings()
+    engine = build_engine(settings, runner)
+    for ts in (0, 500, 2600, 4600):
+        for r in number([record(TOPICS.telemetry, "dev-0", T0 + ts, telemetry(t=1))]):
+            engine.process(replace(r, offset=ts))
+    assert engine.queued() == 2  # [T0, T0 + 2000) and [T0 + 2000, T0 + 4000) closed
+    assert engine.progress(0) == {"dev-0": T0}
+    events = engine.run_batch()
+    assert len([o for o in events if o.topic == settings.topics.events]) == 2
+    assert engine.progress(0) == {"dev-0": T0 + 4000}

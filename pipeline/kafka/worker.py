@@ -229,6 +229,8 @@ class KafkaWorker:
 
     def drain(self) -> None:
         """Shutdown: publish events of windows already closed, commit exactly what is done."""
+        while self.engine.queued() or self.engine.in_flight():
+            self._publish(self.engine.run_batch())
         self.commit()
 
     def close(self) -> None:
@@ -281,11 +283,11 @@ class KafkaWorker:
 
     # -- offsets ------------------------------------------------------------------------
     def commit(self) -> None:
-        """Commit what is done: closed windows are published first, so the progress stored
-        with the offsets (pipeline/stream/window_progress.py) only names acknowledged windows."""
+        """Commit what is done: what was published is acknowledged first (flush), and the
+        progress stored with the offsets (pipeline/stream/window_progress.py) names only
+        published windows (Engine.progress), so a commit does not wait for the windows still
+        queued or with the model: their positions are not released, nor their progress."""
         self._last_commit_ms = self.clock()
-        while self.engine.queued() or self.engine.in_flight():
-            self._publish(self.engine.run_batch())
         self.tracker.release(self.engine.take_released())
         try:
             self.producer.flush(timeout=COMMIT_FLUSH_TIMEOUT_S)

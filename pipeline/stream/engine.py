@@ -307,14 +307,21 @@ class Engine:
 
     # -- progress across restarts and rebalances -----------------------------------------
     def progress(self, partition: int) -> dict[str, int]:
-        """Per device of this partition: every window ending at or before it was emitted.
+        """Per device of this partition: every window ending at or before it was published.
 
-        Only meaningful when nothing is queued (call after draining): the worker stores it
-        with the committed offsets, so whoever re-reads the uncommitted records next skips
-        the ones whose windows were already emitted instead of emitting them again, split.
+        The worker stores it with the committed offsets once everything published is
+        acknowledged, so whoever re-reads the uncommitted records next skips the ones whose
+        windows were already emitted instead of emitting them again, split. A window closed
+        but not published yet (queued, or with the model) holds its device's boundary back
+        to its start: its records are re-read and the window built again.
         """
-        assert not self._queue and not self._lane, "progress() needs the queue drained first"
-        return self._progress.of(partition)
+        out = self._progress.of(partition)
+        pending = [c.window for c in self._queue]
+        pending += [c.window for batch, _ in self._lane.payloads() for c in batch]
+        for w in pending:
+            if w.device_id in out:
+                out[w.device_id] = min(out[w.device_id], w.start_ms)
+        return out
 
     def _note_progress(self, device: str) -> None:
         until = self.windower.closed_until(device)

@@ -54,6 +54,10 @@ class ModelLane(Generic[P, R]):
             out.append((payload, future.result()))
         return out
 
+    def payloads(self) -> list[P]:
+        """The payloads of the batches started and not yet handed back, oldest first."""
+        return [payload for payload, _ in self._started]
+
     def __len__(self) -> int:
         """Batches started and not yet handed back."""
         return len(self._started)
