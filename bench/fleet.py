@@ -36,6 +36,7 @@ from pipeline.testing import WorkerThread
 
 PARTITIONS = 3
 TICK_MS = 100  # telemetry every tick, camera every 2nd, audio every 5th
+CAMERA_EVERY, AUDIO_EVERY = 2, 5  # ticks
 PER_WINDOW = 20 + 10 + 4  # telemetry, camera, audio records per 2 s device-window
 STALL_S = 30  # no event acknowledged for this long: the worker is stuck
 TOPICS = Settings().topics
@@ -103,7 +104,7 @@ def tick_records(devices: int, ts: int, k: int, media: Media) -> list[Record]:
             "door_open": 0,
         }
         out.append(Record(TOPICS.telemetry, p, -1, ts, key, json.dumps(metrics).encode(), ()))
-        if k % 2 == 0:
+        if k % CAMERA_EVERY == 0:
             out.append(
                 Record(
                     TOPICS.camera,
@@ -115,7 +116,7 @@ def tick_records(devices: int, ts: int, k: int, media: Media) -> list[Record]:
                     (("content-type", b"image/jpeg"),),
                 )
             )
-        if k % 5 == 0:
+        if k % AUDIO_EVERY == 0:
             out.append(
                 Record(
                     TOPICS.audio,

@@ -72,10 +72,16 @@ def live_worker(
 
 
 def produce_live(
-    bootstrap: str, names: TopicNames, devices: int, seconds: int, media: Media
+    bootstrap: str,
+    names: TopicNames,
+    devices: int,
+    seconds: int,
+    media: Media,
+    sent: dict[int, int] | None = None,
 ) -> tuple[float, float]:
     """Real time from the next window boundary; returns how far sending fell behind (s) and
-    the CPU cores this process used meanwhile.
+    the CPU cores this process used meanwhile. `sent` fills in, per tick's event time, the
+    wall-clock ms at which its records were handed to the Kafka client.
 
     This one process stands in for the whole fleet on the worker's 2 cores, so it batches up
     to 1 MiB a partition: with a batch per frame, it and the broker took 1.0-1.1 cores at 93
@@ -94,6 +100,8 @@ def produce_live(
             time.sleep(delay)  # pacing, not synchronisation
         behind = max(behind, -delay)
         send(out, records, names)
+        if sent is not None:
+            sent[ts] = wall_clock_ms()
     out.flush()
     out.close()
     return behind, (time.process_time() - cpu0) / (time.time() - t0 / 1000)

@@ -9,7 +9,12 @@ its own group, a free metrics port. Once its metrics say its group is stable, a 
 the events topic (a process of its own, from the end) stamps each event's arrival, and the
 fleet of bench/fleet.py sends in real time (bench/live_latency.py `produce_live`: a warm-up,
 then `--seconds`). User-seen latency = arrival - (window.end_ms + allowed lateness): from when
-a live window can close to its event reaching a consumer. Every 10 s the worker's RSS
+a live window can close to its event reaching a consumer. Beside it, the same arrival
+measured from when the window could close under contract v1.1 (every modality past end +
+lateness: its last modality's first record past that, as the fleet sent it; with this
+fleet's 5 fps camera, 100 ms after end + lateness) or from when that record was handed to
+the Kafka client, if later (the bench's one producer stands in for every device and may
+fall behind): what the pipeline itself adds. Every 10 s the worker's RSS
 (/proc/PID/status VmRSS) is sampled; at the end its late records are read from its metrics
 endpoint, and it is stopped with SIGTERM, which it must answer by exiting 0.
 
@@ -217,18 +222,22 @@ class Outcome:
     extra: int  # events of other windows (the tail's, closed by the idle timeout)
     end_ms: np.ndarray  # per window received (first arrival), its end ...
     latency_ms: np.ndarray  # ... and arrival - (end + lateness)
+    from_ready_ms: np.ndarray  # ... and arrival - when it could close, as sent (module doc)
     rss: list[tuple[float, float]]  # (s since the fleet was started, MiB), while it sent
     late: float
     behind_s: float
     exit_code: int
     log: Path
 
-    def part(self, since_s: float = 0, until_s: float | None = None) -> np.ndarray:
-        """Latencies of the windows ending in (warm-up + since_s, warm-up + until_s]."""
+    def part(
+        self, since_s: float = 0, until_s: float | None = None, source: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Latencies (`source`: of another kind) of the windows ending in (warm-up + since_s,
+        warm-up + until_s]."""
         start = self.t0_ms + WARM_UP_MS
         until = self.seconds if until_s is None else until_s
         keep = (self.end_ms > start + since_s * 1000) & (self.end_ms <= start + until * 1000)
-        return self.latency_ms[keep]
+        return (self.latency_ms if source is None else source)[keep]
 
     @property
     def first(self) -> np.ndarray:
@@ -270,6 +279,8 @@ class Outcome:
             f"    last minute: {stats(self.last)}",
             f"    warm-up windows included: {stats(self.latency_ms)}",
             f"    p99 by minute, ms: {self.p99_by_minute()}",
+            "  the pipeline's own, arrival - when the window could close (contract v1.1, as sent):",
+            f"    after the warm-up: {stats(self.part(source=self.from_ready_ms))}",
             f"  worker RSS {min(mib):.0f}-{max(mib):.0f} MiB over {len(self.rss)} samples; "
             f"slope {self.slope:+.2f} MB/min (after warm-up + 30 s; nan: under 3 samples)",
             f"  late records: {self.late:.0f}; producer behind schedule <= "
@@ -330,7 +341,8 @@ def measure(
         if not events.ready.wait(60):
             raise RuntimeError("the events consumer was not ready within 60 s")
         rss = sampler(worker, events, stop, progress)
-        behind, _ = live_latency.produce_live(bootstrap, names, devices, seconds, media)
+        sent: dict[int, int] = {}
+        behind, _ = live_latency.produce_live(bootstrap, names, devices, seconds, media, sent)
         stop.set()  # RSS of the live run only, not of an idle worker after it
         per_device = (WARM_UP_MS + seconds * 1000) // WINDOW_MS
         expected_n, since = devices * per_device, time.monotonic()
@@ -368,12 +380,25 @@ def measure(
         len(first.keys() - want),
         np.array([e for e, _ in got], dtype=np.int64),
         np.array([a - (e + lateness_ms) for e, a in got], dtype=np.float64),
+        np.array([a - can_close(e + lateness_ms, t0, sent) for e, a in got], dtype=np.float64),
         rss,
         late,
         behind,
         code,
         worker.log_path,
     )
+
+
+def can_close(past_ms: int, t0_ms: int, sent: dict[int, int]) -> int:
+    """When a window whose modalities must pass `past_ms` can close (contract v1.1): the
+    fleet's first tick at or after it with a camera frame, and the one with an audio chunk
+    (telemetry comes every tick), or when that tick was sent, if later."""
+    from fleet import AUDIO_EVERY, CAMERA_EVERY, TICK_MS
+
+    k = -(-(past_ms - t0_ms) // TICK_MS)  # ceil: the first tick at or after it
+    ticks = [-(-k // every) * every for every in (CAMERA_EVERY, AUDIO_EVERY)]
+    ready = t0_ms + max(ticks) * TICK_MS
+    return max(ready, sent.get(ready, ready))
 
 
 def arguments(p: argparse.ArgumentParser) -> None:

@@ -63,3 +63,5 @@ def test_the_outside_harness_sees_every_window_of_a_small_live_fleet(
     assert out.latency_ms.size == out.expected and np.isfinite(out.latency_ms).all()
     # the fleet sends in real time: no window can close before its end + allowed lateness
     assert out.latency_ms.min() >= 0, out.latency_ms
+    # measured from when each window could close (contract v1.1), as the fleet sent it
+    assert (out.from_ready_ms >= 0).all() and (out.from_ready_ms <= out.latency_ms).all()
