@@ -10,8 +10,9 @@
 #   fed-iid        iotfuse federate simulate, 4 sites, by-device (each site whole devices)
 #   fed-noniid     4 sites, by-class-skew (each labelled span to a site drawn from a
 #                  per-class Dirichlet(0.5) share: every site a skewed class mix)
+#   fed-noniid-group   fed-noniid with GroupNorm in the CNN trunks (--conv-norm group)
 #   fed-dp-eps{1,3,8}  fed-noniid with DP-SGD at every site to that epsilon (delta 1e-5)
-#   central-dp-eps8    iotfuse train --dp-epsilon 8 (CENTRAL_DP=0 leaves it out)
+#   central-dp-eps{8,3,1}  iotfuse train --dp-epsilon E (CENTRAL_DP=0 leaves them out)
 # and scores them side by side with `iotfuse evaluate --compare` on recordings simulated
 # with seeds never used for training (report in $WORK/report/report.md and metrics.json).
 # Everything goes to $WORK (default build/federated, git-ignored); recordings already there
@@ -55,17 +56,23 @@ timed "$IOTFUSE" federate simulate "${FED[@]}" --split by-device --name fed-iid 
 NAME=fed-noniid; log "$NAME"
 timed "$IOTFUSE" federate simulate "${FED[@]}" --split by-class-skew --name fed-noniid \
     --out "$WORK/fed-noniid"
+NAME=fed-noniid-group; log "$NAME"  # GroupNorm: no batch statistics to average
+timed "$IOTFUSE" federate simulate "${FED[@]}" --split by-class-skew --conv-norm group \
+    --name fed-noniid-group --out "$WORK/fed-noniid-group"
 for eps in 8 3 1; do
     NAME=fed-dp-eps$eps; log "$NAME"
     timed "$IOTFUSE" federate simulate "${FED[@]}" --split by-class-skew --name "$NAME" \
         --dp-epsilon "$eps" --out "$WORK/$NAME"
 done
 COMPARE=("$WORK/central-ddp" "$WORK/fed-iid/model" "$WORK/fed-noniid/model"
-         "$WORK/fed-dp-eps8/model" "$WORK/fed-dp-eps3/model" "$WORK/fed-dp-eps1/model")
+         "$WORK/fed-noniid-group/model" "$WORK/fed-dp-eps8/model" "$WORK/fed-dp-eps3/model"
+         "$WORK/fed-dp-eps1/model")
 if [[ "${CENTRAL_DP:-1}" != 0 ]]; then
-    NAME=central-dp-eps8; log "$NAME"
-    timed "$IOTFUSE" train "${TRAIN[@]}" --name central-dp-eps8 --dp-epsilon 8 --out "$WORK/$NAME"
-    COMPARE+=("$WORK/central-dp-eps8")
+    for eps in 8 3 1; do
+        NAME=central-dp-eps$eps; log "$NAME"
+        timed "$IOTFUSE" train "${TRAIN[@]}" --name "$NAME" --dp-epsilon "$eps" --out "$WORK/$NAME"
+        COMPARE+=("$WORK/$NAME")
+    done
 fi
 
 log "evaluate"

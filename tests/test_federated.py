@@ -343,3 +343,13 @@ def test_federated_averaging_weighs_sites_by_their_windows() -> None:
     got = weighted_average([(a, 1), (b, 2)])
     np.testing.assert_allclose(got[0], [3.0, 6.0])
     assert got[0].dtype == np.float32 and got[1].dtype == np.int64 and int(got[1]) == 12
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_a_new_federated_model_has_the_cnn_norm_asked_for(tmp_path: Path, norm: str) -> None:
+    """--conv-norm group: no BatchNorm statistics to average over sites of skewed classes."""
+    options = ServerOptions(rounds=1, min_sites=1, out=tmp_path / "m", conv_norm=norm)
+    fed = Federation(options, None)
+    metrics = len(fed.untrained.telemetry.metrics)
+    fed.first_weights([{"site": "a", **site_stats([LabelledWindow("d", T0, {}, "fire")], metrics)}])
+    assert fed.config.conv_norm == norm

@@ -56,6 +56,13 @@ def _server_args(p: argparse.ArgumentParser, simulate: bool = False) -> None:
     p.add_argument("--modality-dropout", type=float, help="(default 0.25)")
     p.add_argument("--no-augment", action="store_true", help="no training-time variation")
     p.add_argument(
+        "--conv-norm",
+        choices=("batch", "group"),
+        default="batch",
+        help="the CNN trunks' norm (group: GroupNorm, no batch statistics to average; "
+        "DP-SGD always uses group)",
+    )
+    p.add_argument(
         "--round-timeout-s", type=positive, help="leave a site slower than this out of a round"
     )
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
@@ -129,6 +136,7 @@ def server_options(args: argparse.Namespace, settings: Settings, out: Path) -> A
         name=args.name,
         recipe=recipe,
         dp=dp_options(args),
+        conv_norm=args.conv_norm,
         tls=tls,
         round_timeout_s=args.round_timeout_s,
         wait_s=getattr(args, "wait_s", 600.0),

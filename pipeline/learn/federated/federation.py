@@ -53,6 +53,7 @@ class ServerOptions:
     name: str = ""
     recipe: SiteRecipe = field(default_factory=SiteRecipe)
     dp: DPOptions | None = None  # every site trains with DP-SGD to this budget
+    conv_norm: str = "batch"  # the CNN trunks' norm of a new model (DP-SGD: always group)
     tls: tuple[Path, Path, Path] | None = None  # CA, server certificate, server key (PEM)
     round_timeout_s: float | None = None  # a site slower than this is left out of a round
     wait_s: float = 600.0  # how long a round waits for --min-sites sites to be connected
@@ -192,10 +193,10 @@ class Federation:
                     config.telemetry, mean=combined.mean, std=combined.std
                 )
                 config = dataclasses.replace(config, telemetry=telemetry)
-            if self.options.dp is not None:
+            if self.options.dp is not None or self.options.conv_norm == "group":
                 from pipeline.learn.privacy import dp_architecture
 
-                config = dp_architecture(config)
+                config = dp_architecture(config)  # GroupNorm
             torch.manual_seed(self.options.recipe.seed)
             model = FusionClassifier(config)
             self.config = model.config
