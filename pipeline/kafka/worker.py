@@ -47,11 +47,11 @@ from pipeline.kafka.messages import to_record
 from pipeline.kafka.producer import BoundedProducer
 from pipeline.kafka.unreadable import find_unreadable
 from pipeline.logs import Throttle
-from pipeline.memory import HeapTrim
 from pipeline.settings import Settings
 from pipeline.stream.align import Aligner
 from pipeline.stream.backpressure import Flow
 from pipeline.stream.engine import Engine
+from pipeline.stream.heap import HeapTrim
 from pipeline.stream.offsets import OffsetTracker
 from pipeline.stream.outputs import Output, fit_dead_letter, wire_bytes
 from pipeline.stream.window_progress import ProgressMetadata, decode_progress

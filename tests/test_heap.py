@@ -1,4 +1,4 @@
-"""The worker's heap trimming (pipeline/memory.py): freed memory goes back to the system."""
+"""The worker's heap trimming (pipeline/stream/heap.py): freed memory goes back to the system."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from pipeline.memory import HeapTrim
+from pipeline.stream.heap import HeapTrim
 from pipeline.testing import FakeClock
 
 # frame-sized arrays freed every other one, as decoded frames and batches are: glibc keeps
@@ -17,7 +17,7 @@ FRAGMENTED_HEAP = textwrap.dedent(
     """
     import os
     import numpy as np
-    from pipeline.memory import HeapTrim
+    from pipeline.stream.heap import HeapTrim
     from pipeline.testing import FakeClock
 
     def rss_mib():
