@@ -252,13 +252,22 @@ class Outcome:
         parts = (self.part(60 * k, 60 * (k + 1)) for k in range(self.seconds // 60))
         return " ".join(f"{np.percentile(p, 99):.0f}" for p in parts if p.size) or "-"
 
+    def rss_after(self, since_s: float) -> list[tuple[float, float]]:
+        """The RSS samples taken later than `since_s` after the warm-up."""
+        return [(s, m) for s, m in self.rss if s > WARM_UP_MS / 1000 + since_s]
+
+    def slope_after(self, since_s: float) -> float:
+        """RSS MB/min by least squares over `rss_after` (nan: fewer than 3 samples)."""
+        samples = self.rss_after(since_s)
+        if len(samples) < 3:
+            return float("nan")
+        t, mib = np.array(samples).T
+        return float(np.polyfit(t / 60, mib * 1.048576, 1)[0])
+
     @property
     def slope(self) -> float:
-        """RSS MB/min by least squares after warm-up + 30 s (nan: fewer than 3 samples)."""
-        warm = WARM_UP_MS / 1000 + 30
-        t = np.array([s for s, _ in self.rss if s > warm])
-        mib = np.array([m for s, m in self.rss if s > warm])
-        return float(np.polyfit(t / 60, mib * 1.048576, 1)[0]) if t.size > 2 else float("nan")
+        """RSS MB/min after warm-up + 30 s."""
+        return self.slope_after(30)
 
     def lines(self) -> list[str]:
         def stats(lat: np.ndarray) -> str:

@@ -21,18 +21,10 @@ import argparse
 import sys
 
 import numpy as np
-from outside import WARM_UP_MS, Outcome, arguments, heading, measure, with_broker
+from outside import Outcome, arguments, heading, measure, with_broker
 
 MAX_SLOPE = 1.0  # MB/min
 P99_SLACK, P99_SLACK_MS = 1.25, 50.0  # last minute's p99 within 25 % or 50 ms of the first's
-
-
-def slope_after(out: Outcome, since_s: float) -> float:
-    """RSS MB/min by least squares over the samples after `since_s` of the run's warm-ups."""
-    warm = WARM_UP_MS / 1000 + since_s
-    t = np.array([s for s, _ in out.rss if s > warm])
-    mib = np.array([m for s, m in out.rss if s > warm])
-    return float(np.polyfit(t / 60, mib * 1.048576, 1)[0]) if t.size > 2 else float("nan")
 
 
 def targets(out: Outcome, warm_up_s: float) -> list[tuple[bool, str]]:
@@ -42,8 +34,8 @@ def targets(out: Outcome, warm_up_s: float) -> list[tuple[bool, str]]:
         float(np.percentile(p, 99)) if p.size else np.nan for p in (first_minute, out.last)
     )
     allowed = max(first * P99_SLACK, first + P99_SLACK_MS)
-    slope = slope_after(out, warm_up_s)
-    rss = [m for s, m in out.rss if s > WARM_UP_MS / 1000 + warm_up_s] or [np.nan]
+    slope = out.slope_after(warm_up_s)
+    rss = [m for _, m in out.rss_after(warm_up_s)] or [np.nan]
     return [
         (
             slope <= MAX_SLOPE,
