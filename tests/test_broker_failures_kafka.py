@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import uuid
 from collections import Counter
@@ -26,7 +27,9 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 from encoders.modality import Modality
 from pipeline.kafka.admin import TopicNames, ensure_topics
+from pipeline.kafka.config import producer_config
 from pipeline.kafka.local.broker import LocalKafka
+from pipeline.kafka.transaction import DeliveryError, Transactions
 from pipeline.records import Record
 from pipeline.settings import Settings
 from pipeline.stream.model_runner import ModelRunner
@@ -129,6 +132,33 @@ def busiest_leader(bootstrap: str, topics: TopicNames, timeout_s: float = 30.0) 
             assert time.monotonic() < deadline, f"input partitions without a leader: {described}"
 
 
+class Supervised:
+    """The worker as `restart: unless-stopped` runs `iotfuse run`: a worker that stopped
+    itself because a restart is what helps (DeliveryError, `iotfuse run` exits non-zero) is
+    started again, at most `MAX_RESTARTS` times."""
+
+    MAX_RESTARTS = 2
+
+    def __init__(self, settings: Settings, runner: ModelRunner) -> None:
+        self.settings, self.runner = settings, runner
+        self.restarts = 0
+        self.current = worker_thread(settings, runner)
+
+    def check(self) -> None:
+        if isinstance(self.current.error, DeliveryError) and self.restarts < self.MAX_RESTARTS:
+            print(f"\nworker stopped ({self.current.error}); restarted")
+            self.restarts += 1
+            self.current = worker_thread(self.settings, self.runner)
+        self.current.check()
+
+    def close(self) -> None:
+        self.current.close()
+
+    def stop(self) -> None:
+        self.current.stop.set()
+        self.current.thread.join(timeout=60)
+
+
 def exactly_once(settings: Settings, topics: TopicNames) -> Settings:
     kafka = replace(settings.kafka, exactly_once=True, transactional_id=f"tx-{topics.camera}")
     return replace(settings, kafka=kafka)
@@ -148,7 +178,7 @@ def test_killing_the_input_leader_of_a_cluster_loses_no_window(
     # three chunks no window spans: before the kill, while the leader is down, after
     first, during, after = fleet(8), fleet(8, start=T0 + 10000), fleet(6, start=T0 + 20000)
     sent = produce(bootstrap, to_topics(first, topics))
-    worker = worker_thread(settings, runner)
+    worker = Supervised(settings, runner)
     try:
         before = read_until(
             bootstrap, [topics.events], lambda got: len(got) >= 6, 90, isolation, worker.check
@@ -169,8 +199,8 @@ def test_killing_the_input_leader_of_a_cluster_loses_no_window(
         )
         worker.close()  # as SIGTERM: the last transaction is committed
     finally:
-        worker.stop.set()
-        worker.thread.join(timeout=60)
+        worker.stop()
+    print(f"\nworker restarts after the kill: {worker.restarts}")
     events = read_to_end(bootstrap, topics.events, isolation)
     assert want <= set(windows_of(events))
     assert_whole_windows(events, sent, topics)
@@ -251,3 +281,41 @@ def test_a_single_broker_killed_under_load_is_ridden_out(
     # before the worker's clients capped their reconnect backoff at 1 s, kafka-python's
     # 30 s cap left it 12 s after an 8 s outage (it grows with the outage)
     assert first_ack - ready < 5.0, f"first event {first_ack - ready:.1f} s after the restart"
+
+
+def test_a_transaction_its_coordinator_never_finishes_stops_the_worker_in_time(
+    tmp_path: Path, show_broker_logs
+) -> None:
+    """kafka-python waits for a transaction's commit without a deadline; with the broker
+    that coordinates it gone, the exactly-once worker would wait forever, alive and doing
+    nothing. Transactions gives up after its timeout with a DeliveryError (`iotfuse run`
+    exits non-zero on it and its supervisor restarts it)."""
+    with show_broker_logs(LocalKafka(nodes=1, log_dir=tmp_path)) as kafka:
+        topics = TopicNames.prefixed(f"txn-{uuid.uuid4().hex[:8]}")
+        ensure_topics(kafka.bootstrap_servers, topics, partitions=1, replication_factor=1)
+        settings = exactly_once(settings_for(kafka.bootstrap_servers, topics), topics)
+        producer = KafkaProducer(**producer_config(settings))
+        try:
+            producer.init_transactions()
+            txn = Transactions(producer, timeout_ms=2000)
+            txn.begin()
+            producer.send(topics.events, b"event").get(timeout=30)
+            kafka.stop_node(0, kill=True)
+            outcome: list[BaseException] = []
+            done = threading.Event()
+
+            def commit() -> None:
+                try:
+                    txn.commit({}, None)
+                except BaseException as exc:  # noqa: BLE001  # what the worker would raise
+                    outcome.append(exc)
+                finally:
+                    done.set()
+
+            threading.Thread(target=commit, daemon=True).start()
+            assert done.wait(60), "the commit still waits for a broker that is gone"
+            assert len(outcome) == 1 and isinstance(outcome[0], DeliveryError), outcome
+            assert "not done within 2 s" in str(outcome[0])
+            assert txn.open, "a transaction that did not commit is not reported closed"
+        finally:
+            producer.close(timeout=0)

@@ -84,7 +84,7 @@ def work(worker: KafkaWorker, stop: threading.Event) -> bool:
     """Run the worker until `stop`; False when it stopped itself because a restart is what
     helps (out of its group for good, or the broker refused an output): said in one line."""
     from pipeline.kafka.liveness import GroupStalledError
-    from pipeline.kafka.worker import DeliveryError
+    from pipeline.kafka.transaction import DeliveryError
 
     try:
         worker.run(stop)

@@ -31,6 +31,8 @@ from kafka.coordinator.assignors.range import RangePartitionAssignor
 from pipeline.kafka import decompress, resume
 from pipeline.settings import MASK, KafkaSettings, Settings
 
+TRANSACTION_TIMEOUT_MS = 30_000  # an exactly-once transaction open longer is aborted
+
 # The largest record any client sends or fetches: an 8 MiB image plus headers, as a record
 # or as a dead letter. One limit for the worker, the recorder and the replayer.
 MAX_RECORD_BYTES = 10 * 1024 * 1024 + 512 * 1024
@@ -117,7 +119,7 @@ def producer_config(settings: Settings) -> dict[str, Any]:
     }
     if k.exactly_once:
         cfg["transactional_id"] = transactional_id(k)
-        cfg["transaction_timeout_ms"] = 30000
+        cfg["transaction_timeout_ms"] = TRANSACTION_TIMEOUT_MS
     return cfg
 
 

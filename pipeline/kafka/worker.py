@@ -45,6 +45,7 @@ from pipeline.kafka.liveness import GroupWatch
 from pipeline.kafka.log_end import LogEnd
 from pipeline.kafka.messages import to_record
 from pipeline.kafka.producer import BoundedProducer
+from pipeline.kafka.transaction import DeliveryError, Transactions
 from pipeline.kafka.unreadable import find_unreadable
 from pipeline.logs import Throttle
 from pipeline.settings import Settings
@@ -66,10 +67,6 @@ COMMIT_FLUSH_TIMEOUT_S = 5.0
 IN_FLIGHT_POLL_MS = 5  # longest a poll waits for records while the model thread works
 
 
-class DeliveryError(RuntimeError):
-    """The broker refused an output after all retries: stop, restart re-reads the input."""
-
-
 class KafkaWorker:
     def __init__(self, settings: Settings, engine: Engine, clock: Clock = wall_clock_ms) -> None:
         self.settings = settings
@@ -78,7 +75,6 @@ class KafkaWorker:
         self.metrics = engine.metrics
         self.tracker = OffsetTracker()
         self.exactly_once = settings.kafka.exactly_once
-        self._in_txn = False
         self._last_commit_ms = clock()
         self._flow = Flow.READING  # back-pressure's last decision
         self._broker_error = BrokerErrors(self.metrics, clock, settings.kafka.bootstrap_servers)
@@ -108,6 +104,7 @@ class KafkaWorker:
             undo.callback(self.offsets.close)
             self.producer = KafkaProducer(**producer_config(settings))
             undo.callback(self.producer.close, timeout=10)
+            self.txn = Transactions(self.producer)
             self._start_clients(settings, clock)
             undo.pop_all()  # started: close() closes them from now on
 
@@ -244,9 +241,8 @@ class KafkaWorker:
     # -- output -------------------------------------------------------------------------
     def _publish(self, outputs: list[Output]) -> None:
         for out in outputs:
-            if self.exactly_once and not self._in_txn:
-                self.producer.begin_transaction()
-                self._in_txn = True
+            if self.exactly_once:
+                self.txn.begin()
             sent = self._fitted(out)
             self.out.send(out, sent.topic, sent.key, sent.value, sent.headers, sent.timestamp_ms)
         self._drain_acks()
@@ -297,7 +293,7 @@ class KafkaWorker:
         self._drain_acks()  # raises if anything failed: nothing gets committed then
         offsets = self._assigned_offsets()  # all of them: the progress changes too
         if self.exactly_once:
-            self._commit_transaction(offsets)
+            self.txn.commit(self._with_progress(offsets), self.consumer.group_metadata())
         elif offsets:
             try:
                 self.consumer.commit(self._with_progress(offsets))
@@ -311,18 +307,6 @@ class KafkaWorker:
                 )
             except KafkaError as exc:  # e.g. the broker is down: the next interval retries
                 self._broker_error("commit", exc)
-
-    def _commit_transaction(self, offsets: dict[TopicPartition, int]) -> None:
-        if not self._in_txn and not offsets:
-            return
-        if not self._in_txn:
-            self.producer.begin_transaction()
-        if offsets:
-            self.producer.send_offsets_to_transaction(
-                self._with_progress(offsets), self.consumer.group_metadata()
-            )
-        self.producer.commit_transaction()
-        self._in_txn = False
 
     def _with_progress(self, offsets: dict[TopicPartition, int]) -> dict[Any, Any]:
         parts = {tp.partition for tp in offsets}
