@@ -164,6 +164,12 @@ class RuntimeSettings:
         "auto (on for an exported model, which runs without Python's lock; off for torch, "
         "whose operators take the lock back one by one from a worker busy reading).",
     )
+    model_timeout_s: float = _f(
+        120.0,
+        "Longest a batch may stay with the model thread; past it the worker stops and exits "
+        "non-zero (its supervisor restarts it) rather than living on without publishing. "
+        "0 = no limit.",
+    )
     explain_telemetry_top: int = _f(
         0,
         "Add to each event the N telemetry metrics whose absence lowers its label's "

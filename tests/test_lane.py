@@ -15,6 +15,7 @@ from pipeline.records import Record
 from pipeline.settings import Settings
 from pipeline.stream.assembly import build_engine, model_thread
 from pipeline.stream.engine import Engine
+from pipeline.stream.lane import ModelStalledError
 from pipeline.stream.model_runner import ModelRunner, Window
 from pipeline.stream.outputs import Decision, Output
 from pipeline.testing import FakeClock
@@ -39,9 +40,11 @@ class GatedRunner(ModelRunner):
         return super().classify(windows, explain_top)
 
 
-def engine(runner: ModelRunner, thread: str, clock: FakeClock) -> Engine:
+def engine(runner: ModelRunner, thread: str, clock: FakeClock, timeout_s: float = 0) -> Engine:
     s = Settings()
-    runtime = replace(s.runtime, model_thread=thread, early_inference=False)
+    runtime = replace(
+        s.runtime, model_thread=thread, early_inference=False, model_timeout_s=timeout_s
+    )
     return build_engine(replace(s, runtime=runtime), runner, clock=clock)
 
 
@@ -90,7 +93,7 @@ def test_windows_are_read_while_the_model_thread_classifies(runner: ModelRunner)
     second = events(e.run_batch())
     assert [(d, s) for d, s, _ in first] == [(d, T0) for d in DEVICES]
     assert [(d, s) for d, s, _ in second] == [(d, T0 + 2000) for d in DEVICES]
-    assert set(gated.threads) == {"iotfuse-model_0"}  # never the caller's thread
+    assert set(gated.threads) == {"iotfuse-model"}  # never the caller's thread
     e.close()
 
 
@@ -107,6 +110,30 @@ def test_the_model_thread_changes_no_event(runner: ModelRunner) -> None:
         got[thread] = events(outputs + e.finish())
         e.close()
     assert got["on"] == got["off"] and len(got["on"]) == 4 * len(DEVICES)
+
+
+def test_a_batch_the_model_never_returns_stops_the_engine_at_model_timeout(
+    runner: ModelRunner,
+) -> None:
+    """A model call that hangs (a wedged accelerator, a deadlock) would leave the worker
+    alive and publishing nothing: past runtime.model_timeout_s collecting raises, and so
+    does the shutdown's wait for it; closing does not wait for the stuck thread."""
+    clock = FakeClock()
+    gated = GatedRunner(runner)
+    e = engine(gated, "on", clock, timeout_s=60)
+    feed(e, records_until(0, 2.7), clock)
+    e.start_batch()
+    assert gated.entered.wait(10)
+    clock.now += 59_000
+    assert e.collect() == []  # slow, not yet stalled
+    clock.now += 800  # 0.2 s left: the shutdown's wait gives up after that
+    with pytest.raises(ModelStalledError, match=r"runtime.model_timeout_s=60\)"):
+        e.collect(wait=True)
+    clock.now += 1_000
+    with pytest.raises(ModelStalledError, match="with the model for 61 s"):
+        e.collect()
+    e.close()  # returns: the stuck thread is a daemon, not joined
+    gated.gate.set()
 
 
 class BrokenRunner(ModelRunner):

@@ -82,13 +82,15 @@ def _run(settings: Settings, stop: threading.Event) -> int:
 
 def work(worker: KafkaWorker, stop: threading.Event) -> bool:
     """Run the worker until `stop`; False when it stopped itself because a restart is what
-    helps (out of its group for good, or the broker refused an output): said in one line."""
+    helps (out of its group for good, the broker refused an output, or the model hung):
+    said in one line."""
     from pipeline.kafka.liveness import GroupStalledError
     from pipeline.kafka.transaction import DeliveryError
+    from pipeline.stream.lane import ModelStalledError
 
     try:
         worker.run(stop)
-    except (GroupStalledError, DeliveryError) as exc:
+    except (GroupStalledError, DeliveryError, ModelStalledError) as exc:
         log.error("stopped: %s", exc)
         return False
     return True

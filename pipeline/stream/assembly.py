@@ -76,6 +76,7 @@ def build_engine(
         feature_threads=feature_threads(settings.runtime.feature_threads),
         early_inference=settings.runtime.early_inference,
         model_thread=model_thread(settings.runtime.model_thread, runner.exported),
+        model_timeout_s=settings.runtime.model_timeout_s,
     )
     metrics = metrics or Metrics()
     classify = runner.classifier(settings.runtime.explain_telemetry_top)

@@ -78,6 +78,7 @@ class EngineConfig:
     feature_threads: int = 1  # threads preparing one batch's window inputs (frame decode)
     early_inference: bool = False  # classify complete windows before they close
     model_thread: bool = False  # classify batches on a thread of their own (lane.py)
+    model_timeout_s: float = 0.0  # longest a batch may stay with that thread; 0 = no limit
 
 
 @dataclass(slots=True)
@@ -106,7 +107,9 @@ class Engine:
         self._checks = DeviceChecks(metrics)
         self.prefetch = FramePrefetch(cfg.features, cfg.feature_threads)
         self._early = EarlyResults()
-        self._lane: ModelLane[_Started, dict[WindowKey, Classified]] = ModelLane(cfg.model_thread)
+        self._lane: ModelLane[_Started, dict[WindowKey, Classified]] = ModelLane(
+            cfg.model_thread, cfg.model_timeout_s, lambda: clock() / 1000
+        )
         self._rejections = Throttle(log)  # one line per reason a minute: floods stay quiet
 
     # -- records in ---------------------------------------------------------------------
