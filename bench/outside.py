@@ -46,7 +46,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka.admin import ConfigResource, ConfigResourceType
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.kafka.admin import TopicNames, ensure_topics
@@ -60,6 +61,9 @@ START_S = 300.0  # the worker loads its model and joins its group within this
 WINDOW_MS = 2000  # the fleet's model's window (bench/fleet.py)
 WARM_UP_MS = 6000  # bench/live_latency.py WARM_UP_MS (checked in `measure`)
 LATE = "iotfuse_late_records_total"  # docs/metrics.md
+# a 15-minute soak at 100 devices writes ~20 GB of frames (one filled the disk): keep at
+# most this much of each camera and audio partition (the worker reads live)
+INPUT_RETENTION = {"retention.bytes": str(1 << 30), "segment.bytes": str(128 << 20)}
 Arrival = tuple[str, int, int, int]  # device id, window start_ms, end_ms, arrival (wall ms)
 
 
@@ -319,6 +323,17 @@ def sampler(
     return rss
 
 
+def bound_disk(bootstrap: str, topics: tuple[str, ...]) -> None:
+    """INPUT_RETENTION on `topics`: the oldest segments go once a partition holds more."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        admin.alter_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, t, dict(INPUT_RETENTION)) for t in topics]
+        )
+    finally:
+        admin.close()
+
+
 def measure(
     bootstrap: str,
     devices: int,
@@ -337,6 +352,7 @@ def measure(
         raise ValueError(f"--seconds must be a multiple of {WINDOW_MS // 1000}: got {seconds}")
     names = TopicNames.prefixed(f"outside-{time.time_ns()}")
     ensure_topics(bootstrap, names, PARTITIONS, 1)
+    bound_disk(bootstrap, (names.camera, names.audio))
     media = make_media()
     events = Tap(bootstrap, names.events)
     program = (
