@@ -2,13 +2,13 @@
 
 kafka-python 3.0's `send_offsets_to_transaction` and `commit_transaction` wait for the
 broker without one. When the broker that coordinates the group or the transaction is
-killed, the client can lose track of the request and wait forever: a worker that lived on
-without consuming (tests/test_broker_failures_kafka.py hung 2 runs in 4 in a 3-node cluster
-whose input leader was killed). A step not done within the transaction timeout can no
-longer commit anyway (the broker aborts the transaction by then), so the worker stops
-there with `DeliveryError`: nothing of that transaction was committed, and a restart fences
-this producer and re-reads the input from the last committed offsets (the supervisor's
-`restart: unless-stopped`).
+killed, the client can lose track of the request and wait forever: a worker that lives on
+without consuming. So each step is started on the client's transaction manager (as the
+public calls do) and waited for with a deadline. A step not done within the transaction
+timeout can no longer commit anyway (the broker aborts the transaction by then), so the
+worker stops there with `DeliveryError`: nothing of that transaction was committed, and a
+restart fences this producer and re-reads the input from the last committed offsets (the
+supervisor's `restart: unless-stopped`).
 """
 
 from __future__ import annotations
@@ -45,10 +45,11 @@ class Transactions:
         if not self.open and not offsets:
             return
         self.begin()
+        manager = self.producer._transaction_manager  # the public calls, less their wait
         try:
             if offsets:
-                self._step("offsets", "send_offsets_to_transaction", offsets, group_metadata)
-            self._step("commit", "commit_transaction")
+                self._wait("offsets", manager.send_offsets_to_transaction(offsets, group_metadata))
+            self._wait("commit", manager.begin_commit())
         except KafkaError as exc:
             raise DeliveryError(
                 f"the transaction failed at the broker ({exc!r}); stopping without "
@@ -56,18 +57,9 @@ class Transactions:
             ) from exc
         self.open = False
 
-    def _step(self, what: str, call: str, *args: Any) -> None:
-        """The producer's `call`, started on kafka-python's transaction manager and waited
-        for at most the transaction timeout (the public call, without a deadline, where the
-        manager is not there)."""
-        manager = getattr(self.producer, "_transaction_manager", None)
-        sender = getattr(self.producer, "_sender", None)
-        if manager is None or sender is None:
-            getattr(self.producer, call)(*args)
-            return
-        start = {"send_offsets_to_transaction": manager.send_offsets_to_transaction}
-        result = start.get(call, manager.begin_commit)(*args)
-        sender.wakeup()
+    def _wait(self, what: str, result: Any) -> None:
+        """Wake the client's sender for `result` and wait at most the transaction timeout."""
+        self.producer._sender.wakeup()
         if not result.wait(timeout_ms=self.timeout_ms):
             raise DeliveryError(
                 f"the transaction's {what} step was not done within "

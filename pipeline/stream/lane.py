@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import wait as wait_for
 from typing import Generic, TypeVar
 
 P = TypeVar("P")
@@ -77,12 +77,8 @@ class ModelLane(Generic[P, R]):
                     raise self._stalled(started)
                 if not wait:
                     break
-                try:
-                    future.result(timeout=left)
-                except FutureTimeout:
-                    raise self._stalled(started) from None
-                except Exception:  # noqa: BLE001, S110  # raised below, where it is collected
-                    pass
+                if not wait_for([future], timeout=left).done:
+                    raise self._stalled(started)
             self._started.popleft()
             out.append((payload, future.result()))
         return out
