@@ -105,7 +105,11 @@ class WindowSettings:
         "A modality's watermark = largest event time seen on it minus this; a device's is the "
         "smallest over its active modalities.",
     )
-    idle_timeout_ms: int = _f(5000, "Wall-clock silence after which a device's windows close.")
+    idle_timeout_ms: int = _f(
+        5000,
+        "Wall-clock silence after which a device's windows close (timed to what `run` has "
+        "read of the log: a broker away or a lagging partition is not silence).",
+    )
     modality_silence_ms: int = _f(
         5000,
         "Wall-clock silence (while its device is heard from) after which a modality stops "

@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,12 +26,15 @@ import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 from encoders.modality import Modality
+from pipeline.clock import wall_clock_ms
 from pipeline.kafka.admin import TopicNames, ensure_topics
 from pipeline.kafka.config import producer_config
 from pipeline.kafka.local.broker import LocalKafka
 from pipeline.kafka.transaction import DeliveryError, Transactions
+from pipeline.kafka.worker import KafkaWorker
 from pipeline.records import Record
 from pipeline.settings import Settings
+from pipeline.stream.assembly import build_engine
 from pipeline.stream.model_runner import ModelRunner
 from tests.contract import Published, expected_windows
 from tests.factory import T0, device_stream, make_model, number
@@ -281,6 +284,68 @@ def test_a_single_broker_killed_under_load_is_ridden_out(
     # before the worker's clients capped their reconnect backoff at 1 s, kafka-python's
     # 30 s cap left it 12 s after an 8 s outage (it grows with the outage)
     assert first_ack - ready < 5.0, f"first event {first_ack - ready:.1f} s after the restart"
+
+
+class Skewed:
+    """The wall clock, moved forward by `skew` ms when the test says so."""
+
+    def __init__(self) -> None:
+        self.skew = 0
+
+    def __call__(self) -> int:
+        return wall_clock_ms() + self.skew
+
+
+def test_records_left_unread_while_the_broker_is_away_are_not_silence(
+    runner: ModelRunner, tmp_path: Path, show_broker_logs
+) -> None:
+    """A device's window is half read when the only broker dies; its other half is in the
+    log. However far the outage runs past the idle timeout, the device is not silent: its
+    event counts every record of the window (an outage once closed every open window with
+    what was read, and the rest of it was dead-lettered late)."""
+    clock = Skewed()
+    with show_broker_logs(LocalKafka(nodes=1, log_dir=tmp_path)) as kafka:
+        bootstrap = kafka.bootstrap_servers
+        topics = TopicNames.prefixed(f"unread-{uuid.uuid4().hex[:8]}")
+        ensure_topics(bootstrap, topics, partitions=1, replication_factor=1)
+        settings = settings_for(bootstrap, topics)  # idle timeout 1.5 s
+        recs = to_topics(
+            device_stream("dev-0", T0, 4, (Modality.TELEMETRY, Modality.AUDIO)), topics
+        )
+        sent = produce(bootstrap, [r for r in recs if r.timestamp_ms < T0 + 1000])
+        worker = KafkaWorker(settings, build_engine(settings, runner, clock=clock), clock)
+        inputs = [TopicPartition(t, 0) for t in (topics.telemetry, topics.audio)]
+
+        def step_until(done: Callable[[], bool], what: str) -> None:
+            deadline = time.monotonic() + 90
+            while not done():
+                assert time.monotonic() < deadline, f"timed out waiting for {what}"
+                worker.step()
+
+        try:
+            read = {tp: sum(r.topic == tp.topic for r in sent) for tp in inputs}
+            step_until(
+                lambda: (
+                    set(read) <= worker.consumer.assignment()
+                    and all(worker.consumer.position(tp) >= n for tp, n in read.items())
+                    and not worker.aligner.buffered
+                ),
+                "the first half of the window read",
+            )
+            sent += produce(bootstrap, [r for r in recs if r.timestamp_ms >= T0 + 1000])
+            kafka.stop_node(0, kill=True)
+            clock.skew += 10_000  # a 10 s outage, as the worker's clock sees it
+            worker.step()  # an idle timeout would close the window here
+            kafka.start_node(0)
+            step_until(lambda: worker.metrics.value(ACKED) >= 1, "the first window's event")
+            clock.skew += 10_000  # the device is silent now: its last window closes
+            step_until(lambda: worker.metrics.value(ACKED) >= 2, "the second window's event")
+            worker.drain()
+        finally:
+            worker.close()
+        events = read_until(bootstrap, [topics.events], lambda got: len(got) >= 2, 60)
+    assert_whole_windows(events, sent, topics)
+    assert sorted(windows_of(events)) == [("dev-0", T0), ("dev-0", T0 + 2000)]
 
 
 def test_a_transaction_its_coordinator_never_finishes_stops_the_worker_in_time(

@@ -65,6 +65,21 @@ def test_windows_closing_together_are_classified_in_one_batch(runner: ModelRunne
     assert metrics.value("iotfuse_batch_windows_sum") == 12
 
 
+def test_silence_is_timed_to_what_the_reader_has_read_through(runner: ModelRunner) -> None:
+    """The reader knows its input only up to `read_through` (a broker away): a device is
+    not silent for longer than that, however far the wall clock runs."""
+    clock = FakeClock()
+    engine: Engine = build_engine(Settings(), runner, clock=clock)
+    for r in number(device_stream("quiet", T0, 1, (Modality.TELEMETRY,))):
+        engine.process(r)
+    read_through = clock.now
+    clock.now += 60_000
+    engine.tick(read_through)
+    assert engine.queued() == 0  # nothing known of the last minute
+    engine.tick(read_through + 5_000)  # read through the idle timeout: silent
+    assert engine.queued() == 1
+
+
 def test_idle_timeout_and_batch_delay_follow_the_injected_clock(runner: ModelRunner) -> None:
     clock = FakeClock()
     engine: Engine = build_engine(Settings(), runner, clock=clock)

@@ -105,6 +105,23 @@ def test_an_idle_device_closes_on_the_wall_clock_through_the_worker_loop(
     assert metrics.value("iotfuse_incidents_open") == 0
 
 
+def test_an_incident_stays_open_while_its_devices_input_is_unread(runner: ModelRunner) -> None:
+    """A broker away for a minute is not a device gone idle: idleness is timed to what the
+    reader has read through."""
+    clock = FakeClock(T0)
+    engine = build_engine(settings(idle_close_ms=10_000), runner, clock=clock)
+    outputs = list(run_offline(engine, records(devices=1, seconds=6)))
+    assert [i["change"] for i in incidents(outputs)] == ["open"]
+    read_through = clock.now
+    clock.now += 60_000
+    engine.tick(read_through)
+    assert not engine.batch_due()
+    clock.now += 1_000  # the next second-long check
+    engine.tick(read_through + 10_000)
+    assert engine.batch_due()
+    assert [i["change"] for i in incidents(engine.run_batch())] == ["close"]
+
+
 class FakeStore:
     def __init__(self, saved: dict[int, list[bytes]]) -> None:
         self.saved = saved

@@ -1,4 +1,5 @@
-"""The "read to the log end?" answer (pipeline/kafka/log_end.py) the aligner asks per partition.
+"""The "read to the log end?" answer (pipeline/kafka/log_end.py) the aligner asks per partition,
+and the wall time up to which the input is read (`ReadThrough`, the idle timeouts' clock).
 
 Pure logic: the consumer's position and highwater and the broker's end offsets are given
 as the clients would report them (the path through a real broker is in
@@ -8,9 +9,11 @@ test_pipeline_kafka.py and test_offline_equals_live.py).
 from __future__ import annotations
 
 from kafka import TopicPartition
+from kafka.errors import KafkaConnectionError, KafkaError
 
-from pipeline.kafka.log_end import LogEnd
+from pipeline.kafka.log_end import LogEnd, ReadThrough
 from pipeline.stream.align import Aligner
+from pipeline.testing import FakeClock
 from tests.factory import T0, record
 
 CAM, TEL = TopicPartition("cam", 0), TopicPartition("tel", 0)
@@ -22,6 +25,7 @@ class Clients:
     def __init__(self, position: dict, highwater: dict, log_end: dict) -> None:
         self.pos, self.high, self.log_end = position, highwater, log_end
         self.asked: list[list[TopicPartition]] = []
+        self.down = False  # the broker cannot be reached
 
     def position(self, tp: TopicPartition) -> int:
         return self.pos[tp]
@@ -33,6 +37,8 @@ class Clients:
         self, partitions: list[TopicPartition], timeout_ms: int | None = None
     ) -> dict[TopicPartition, int]:
         self.asked.append(list(partitions))
+        if self.down:
+            raise KafkaConnectionError("socket disconnected")
         return {tp: self.log_end[tp] for tp in partitions}
 
 
@@ -66,3 +72,49 @@ def test_the_fetched_highwater_alone_decides_when_records_are_still_unread() -> 
     log_end = log_end_with(clients, Aligner(("cam", "tel")))
     assert not log_end.at_log_end(CAM) and clients.asked == []
     assert log_end.at_log_end(TEL) and clients.asked == [[CAM, TEL]]  # every idle one
+
+
+def read_through_with(clients: Clients, clock: FakeClock) -> tuple[ReadThrough, list[str]]:
+    errors: list[str] = []
+
+    def broker_error(call: str, exc: KafkaError) -> None:
+        errors.append(call)
+
+    log_end = LogEnd(clients, clients, Aligner(("cam", "tel")), broker_error)
+    return ReadThrough(log_end, clock, every_ms=250, retry_ms=2000), errors
+
+
+def test_the_input_is_read_through_when_asked_once_the_position_reaches_that_end() -> None:
+    clock = FakeClock(10_000)
+    clients = Clients({CAM: 10, TEL: 20}, {}, {CAM: 10, TEL: 25})
+    through, _ = read_through_with(clients, clock)
+    assert through({CAM, TEL}) is None  # telemetry: 5 records to read
+    clients.log_end[TEL] = 40  # the devices go on producing while the worker reads
+    clock.now += 300
+    clients.pos[TEL] = 25
+    assert through({CAM, TEL}) == 10_000  # read through what the broker held at 10_000
+    clock.now += 300
+    clients.pos[TEL] = 40
+    assert through({CAM, TEL}) == 10_600  # reached what was asked at 10_300; asked again
+    clients.log_end[TEL] = 50
+    clock.now += 300
+    assert through({CAM, TEL}) == 10_600  # telemetry lags again
+    assert through({CAM}) == 10_900  # a partition lost counts no more
+
+
+def test_while_the_broker_is_away_the_read_through_time_stands() -> None:
+    clock = FakeClock(10_000)
+    clients = Clients({CAM: 10, TEL: 20}, {}, {CAM: 10, TEL: 20})
+    through, errors = read_through_with(clients, clock)
+    assert through({CAM, TEL}) == 10_000
+    clients.down = True
+    for _ in range(40):  # 20 s without an answer: the idle timeout (5 s) must not pass
+        clock.now += 500
+        assert through({CAM, TEL}) == 10_000
+    assert len(errors) == 10  # asked again every retry_ms, each failure counted
+    clients.down = False
+    clients.log_end[TEL] = 30  # what the devices sent meanwhile
+    clock.now += 2000
+    assert through({CAM, TEL}) == 10_000  # not read yet
+    clients.pos[TEL] = 30
+    assert through({CAM, TEL}) == clock.now

@@ -107,13 +107,15 @@ class IncidentStage:
             self._partition[device] = o.holds[0].partition
         return self._outputs(self.tracker.observe(device, obs, self.clock()))
 
-    def tick(self) -> list[Output]:
-        """Close the incidents of devices gone idle (checked once a second)."""
+    def tick(self, read_through: int | None = None) -> list[Output]:
+        """Close the incidents of devices gone idle (checked once a second), idleness timed
+        to `read_through` as `Engine.tick` does."""
         now = self.clock()
         if now - self._last_idle_check < IDLE_CHECK_MS:
             return []
         self._last_idle_check = now
-        out = self._outputs(self.tracker.idle(now))
+        heard_until = now if read_through is None else min(now, read_through)
+        out = self._outputs(self.tracker.idle(heard_until))
         for device in [d for d in self._partition if d not in self.tracker.devices]:
             del self._partition[device]
         return out
@@ -213,9 +215,9 @@ class IncidentEngine(Engine):
     def batch_due(self) -> bool:
         return bool(self._pending) or super().batch_due()
 
-    def tick(self) -> None:
-        super().tick()
-        self._pending += self.incidents.tick()
+    def tick(self, read_through: int | None = None) -> None:
+        super().tick(read_through)
+        self._pending += self.incidents.tick(read_through)
 
     def finish(self) -> list[Output]:
         outputs = super().finish()

@@ -18,6 +18,7 @@ from kafka.errors import KafkaError
 from pipeline.stream.align import Aligner
 
 LOG_END_TIMEOUT_MS = 5000  # a log-end query waits this long for an unreachable broker
+READ_THROUGH_TIMEOUT_MS = 1000  # and ReadThrough's, asked more often, this long
 
 
 class LogEnd:
@@ -80,15 +81,67 @@ class LogEnd:
         return end is not None and bool(position >= end)
 
     def end_offsets(
-        self, partitions: list[TopicPartition], call: str = "log_end"
+        self,
+        partitions: list[TopicPartition],
+        call: str = "log_end",
+        timeout_ms: int = LOG_END_TIMEOUT_MS,
     ) -> dict[TopicPartition, int]:
         """End offsets; none while the broker cannot be reached (not caught up: the aligner
         keeps what it holds until it can tell); `call` names the query to `on_error`."""
         try:
             try:
-                return dict(self.offsets.end_offsets(partitions, LOG_END_TIMEOUT_MS))
+                return dict(self.offsets.end_offsets(partitions, timeout_ms))
             except KeyError:  # kafka-python: a partition the offsets client has no metadata
-                return dict(self.consumer.end_offsets(partitions, LOG_END_TIMEOUT_MS))  # yet
+                return dict(self.consumer.end_offsets(partitions, timeout_ms))  # yet
         except KafkaError as exc:
             self.on_error(call, exc)
             return {}
+
+
+class ReadThrough:
+    """The wall time up to which the worker has read every input partition it owns: the
+    clock of idle timeouts (`Engine.tick`).
+
+    A device is silent when nothing of it is in the log, not when nothing of it was read:
+    while the broker is away, or a partition lags, records sit unread. Timed by the wall
+    clock alone, an 8 s broker outage closed every device's open window (idle timeout 5 s)
+    without the records still unread in the log, and each event counted only part of its
+    window. So the broker's end offset of each owned partition is asked (at most every
+    `every_ms`), and once the position reaches it, the partition is read through the moment
+    it was asked. While the broker cannot answer, or the worker lags, this clock stands.
+    An unanswered query is tried again `retry_ms` later.
+    """
+
+    def __init__(
+        self, log_end: LogEnd, clock: Callable[[], int], every_ms: int = 250, retry_ms: int = 2000
+    ) -> None:
+        self.log_end, self.clock = log_end, clock
+        self.every_ms, self.retry_ms = every_ms, retry_ms
+        self._asked: dict[TopicPartition, tuple[int, int]] = {}  # end offset, wall ms asked
+        self._through: dict[TopicPartition, int] = {}  # wall ms read through
+        self._next_ask = clock()
+
+    def __call__(self, owned: set[TopicPartition]) -> int | None:
+        """Wall ms up to which every partition in `owned` is read; None: not known yet."""
+        for tp in set(self._asked) | set(self._through):
+            if tp not in owned:
+                self._asked.pop(tp, None)
+                self._through.pop(tp, None)
+        self._reached()
+        now = self.clock()
+        unasked = sorted(tp for tp in owned if tp not in self._asked)
+        if unasked and now >= self._next_ask:
+            ends = self.log_end.end_offsets(unasked, "read_through", READ_THROUGH_TIMEOUT_MS)
+            self._next_ask = now + self.every_ms if ends else self.clock() + self.retry_ms
+            self._asked.update({tp: (end, now) for tp, end in ends.items()})
+            self._reached()
+        if not owned or any(tp not in self._through for tp in owned):
+            return None
+        return min(self._through[tp] for tp in owned)
+
+    def _reached(self) -> None:
+        """Partitions whose position reached the end offset asked: read through then."""
+        for tp, (end, asked) in list(self._asked.items()):
+            if self.log_end.consumer.position(tp) >= end:
+                self._through[tp] = asked
+                del self._asked[tp]

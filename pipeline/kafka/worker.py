@@ -42,7 +42,7 @@ from pipeline.kafka.config import (
     producer_config,
 )
 from pipeline.kafka.liveness import GroupWatch
-from pipeline.kafka.log_end import LogEnd
+from pipeline.kafka.log_end import LogEnd, ReadThrough
 from pipeline.kafka.messages import to_record
 from pipeline.kafka.producer import BoundedProducer
 from pipeline.kafka.transaction import DeliveryError, Transactions
@@ -64,6 +64,9 @@ log = logging.getLogger(__name__)
 # a commit waits this long for outputs in flight: without it, a broker away held the loop
 # (no polling, no word of it) for the producer's whole 120 s delivery timeout
 COMMIT_FLUSH_TIMEOUT_S = 5.0
+# and this long for the offsets commit itself (kafka-python's default held a step 5-20 s
+# while the broker was away)
+COMMIT_TIMEOUT_MS = 5000
 IN_FLIGHT_POLL_MS = 5  # longest a poll waits for records while the model thread works
 
 
@@ -110,6 +113,7 @@ class KafkaWorker:
 
     def _start_clients(self, settings: Settings, clock: Clock) -> None:
         self.log_end = LogEnd(self.consumer, self.offsets, self.aligner, self._broker_error)
+        self.read_through = ReadThrough(self.log_end, clock)  # idle timeouts' clock
         self.out: BoundedProducer[Output] = BoundedProducer(
             self.producer, settings.kafka.max_in_flight_bytes, clock
         )
@@ -161,8 +165,10 @@ class KafkaWorker:
                 self.aligner.push(record)
                 count += 1
         released = process_ready(self.aligner, self.log_end.caught_up, self.engine, self._publish)
-        if not self.aligner.buffered:  # a device is not silent while its records wait here
-            self.engine.tick()
+        read_through = self.read_through(self._owned)  # None: not known (yet)
+        # a device is not silent while its records wait here, nor while they wait unread
+        if read_through is not None and not self.aligner.buffered:
+            self.engine.tick(read_through)
         classify_due(self.engine, self._publish)
         self.tracker.release(self.engine.take_released())
         self._drain_acks()
@@ -296,7 +302,7 @@ class KafkaWorker:
             self.txn.commit(self._with_progress(offsets), self.consumer.group_metadata())
         elif offsets:
             try:
-                self.consumer.commit(self._with_progress(offsets))
+                self.consumer.commit(self._with_progress(offsets), COMMIT_TIMEOUT_MS)
             except (CommitFailedError, RebalanceInProgressError) as exc:
                 self.metrics.commits_skipped.inc()  # the liveness rule acts if it lasts
                 self._skipped.log(

@@ -158,11 +158,16 @@ class Engine:
                 self.prefetch.on_frame(got.device_id, start, got.item)
         return []
 
-    def tick(self) -> None:
-        """Close windows of devices that went silent (wall-clock idle timeout)."""
+    def tick(self, read_through: int | None = None) -> None:
+        """Close windows of devices that went silent (wall-clock idle timeout).
+
+        `read_through`: the wall time up to which the input has been read, when the
+        reader knows it (the Kafka worker: pipeline/kafka/log_end.py); silence is timed to
+        it, so records still unread (a broker away, a lagging partition) are not silence."""
         now = self.clock()
-        self._enqueue(self.windower.expire_idle(now), now)
-        self._forget_devices(self.windower.forget_silent(now))
+        heard_until = now if read_through is None else min(now, read_through)
+        self._enqueue(self.windower.expire_idle(heard_until), now)
+        self._forget_devices(self.windower.forget_silent(heard_until))
         self.metrics.open_windows.set(self.windower.open_windows)
         self.metrics.buffered_bytes.set(self.windower.buffered_bytes)
 

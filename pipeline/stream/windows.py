@@ -14,7 +14,8 @@
   it went quiet hold its windows again until each is heard, or silent that long once more.
   Silence is judged when the device's records arrive, so a modality that went silent
   releases the windows it held at the device's next record (or at the idle timeout).
-- A device silent for `idle_timeout_ms` of wall-clock time has all its windows closed.
+- A device silent for `idle_timeout_ms` of wall-clock time has all its windows closed (the
+  caller's clock: the Kafka worker's stands while its input is unread).
 - A window is complete once every active modality of its device sent a record at or past
   its end, though it stays open for late records until the watermark passes it; `add`
   reports windows as they complete, so their inference can start early
