@@ -9,7 +9,7 @@ test_pipeline_kafka.py and test_offline_equals_live.py).
 from __future__ import annotations
 
 from kafka import TopicPartition
-from kafka.errors import KafkaConnectionError, KafkaError
+from kafka.errors import IllegalStateError, KafkaConnectionError, KafkaError
 
 from pipeline.kafka.log_end import LogEnd, ReadThrough
 from pipeline.stream.align import Aligner
@@ -28,6 +28,8 @@ class Clients:
         self.down = False  # the broker cannot be reached
 
     def position(self, tp: TopicPartition) -> int:
+        if tp not in self.pos:
+            raise IllegalStateError("Partition is not assigned")
         return self.pos[tp]
 
     def highwater(self, tp: TopicPartition) -> int:
@@ -118,3 +120,16 @@ def test_while_the_broker_is_away_the_read_through_time_stands() -> None:
     assert through({CAM, TEL}) == 10_000  # not read yet
     clients.pos[TEL] = 30
     assert through({CAM, TEL}) == clock.now
+
+
+def test_a_partition_revoked_under_the_worker_is_not_waited_for() -> None:
+    """kafka-python rebalances on its own thread: a partition the worker still counts as its
+    own may be gone when its position is asked."""
+    clock = FakeClock(10_000)
+    clients = Clients({CAM: 10, TEL: 20}, {}, {CAM: 10, TEL: 25})
+    through, _ = read_through_with(clients, clock)
+    assert through({CAM, TEL}) is None
+    del clients.pos[TEL]  # revoked
+    clock.now += 300
+    assert through({CAM, TEL}) is None  # not known this step: no idle close
+    assert through({CAM}) == 10_300  # the next step's assignment

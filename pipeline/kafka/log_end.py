@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kafka import TopicPartition
-from kafka.errors import KafkaError
+from kafka.errors import IllegalStateError, KafkaError
 
 from pipeline.stream.align import Aligner
 
@@ -67,7 +67,10 @@ class LogEnd:
         was once taken as caught up without asking)."""
         if tp not in self.owned:
             return True
-        position = self.consumer.position(tp)
+        try:
+            position = self.consumer.position(tp)
+        except IllegalStateError:  # revoked meanwhile: its records are dropped next step
+            return True
         if position < (self.consumer.highwater(tp) or 0):
             return False
         if tp not in self._end_offsets:
@@ -142,6 +145,12 @@ class ReadThrough:
     def _reached(self) -> None:
         """Partitions whose position reached the end offset asked: read through then."""
         for tp, (end, asked) in list(self._asked.items()):
-            if self.log_end.consumer.position(tp) >= end:
+            try:
+                position = self.log_end.consumer.position(tp)
+            except IllegalStateError:  # revoked meanwhile (kafka-python rebalances on its
+                del self._asked[tp]  # own thread): the next assignment decides
+                self._through.pop(tp, None)
+                continue
+            if position >= end:
                 self._through[tp] = asked
                 del self._asked[tp]
