@@ -442,9 +442,11 @@ def with_broker(bootstrap: str | None, job: Callable[[str], Outcome]) -> Outcome
 
 
 def heading(a: argparse.Namespace, seconds: int) -> str:
+    # the worker inherits LD_PRELOAD: the images preload jemalloc (docker/Dockerfile)
+    allocator = "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "glibc malloc"
     return (
         f"{a.devices} devices, {seconds} s after a {WARM_UP_MS // 1000} s warm-up; "
-        f"{a.iotfuse or 'iotfuse'} run, model {a.model or 'shipped'}; "
+        f"{a.iotfuse or 'iotfuse'} run, model {a.model or 'shipped'}, {allocator}; "
         f"load avg {os.getloadavg()[0]:.1f}"
     )
 

@@ -1,6 +1,8 @@
 """Soak (issue 15, part 6): a real `iotfuse run` at half load for minutes; does it stay the same?
 
     .venv/bin/python bench/soak.py --devices 100 --minutes 10 [--warm-up 5] [--model DIR]
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 .venv/bin/python bench/soak.py ...
+        # the allocator the docker images run on (docs/performance.md, "Soak")
 
 bench/outside.py for `--warm-up` then `--minutes` minutes (the worker in its own process,
 latency from when a window can close to its event reaching a consumer, RSS sampled every

@@ -377,6 +377,50 @@ def test_the_edge_target_serves_an_exported_model_without_torch() -> None:
     assert dict(edge)["HEALTHCHECK"] == dict(stages["runtime"])["HEALTHCHECK"]
 
 
+def test_the_served_images_allocate_with_jemalloc() -> None:
+    """A worker's RSS crept for minutes on glibc's malloc and held flat on jemalloc (the
+    soak, docs/performance.md): both images that serve a model preload it, from the path
+    their install links."""
+    stages = {st[0][1].split()[-1]: st for st in dockerfile()[1:]}  # name -> instructions
+    for name in ("edge", "runtime"):
+        assert stages[name][0][1].split()[0] == "served", name
+    served = stages["served"]
+    env = dict(kv.split("=", 1) for op, a in served if op == "ENV" for kv in shlex.split(a))
+    (install,) = [a for op, a in served if op == "RUN" and "libjemalloc2" in a]
+    assert env["LD_PRELOAD"].endswith("libjemalloc.so.2")
+    assert "ln -s" in install and env["LD_PRELOAD"] in install
+    ops = [op for op, _ in served]
+    assert ops.index("ENV") > ops.index("RUN")  # preloaded once it is there, not before
+
+
+JEMALLOC = sorted(Path("/usr/lib").glob("*/libjemalloc.so.2"))  # Debian's libjemalloc2
+
+
+@pytest.mark.skipif(not JEMALLOC, reason="libjemalloc2 is not installed (.ci/run installs it)")
+def test_the_pipeline_runs_on_the_images_allocator(tmp_path: Path) -> None:
+    """What the images preload, under torch, OpenCV and the pipeline: `simulate` and
+    `evaluate` exit 0 with jemalloc mapped into their process."""
+    rec, report = tmp_path / "r.iotrec", tmp_path / "report"
+    code = (
+        "import sys; from pipeline.cli import main; rc = main(sys.argv[1:]); "
+        "sys.exit(rc or (0 if 'libjemalloc' in open('/proc/self/maps').read() else 3))"
+    )
+    env = {**os.environ, "LD_PRELOAD": str(JEMALLOC[0])}
+    for argv in (
+        ["simulate", "--seed", "3", "--devices", "2", "--duration", "6", "--out", str(rec)],
+        ["evaluate", "--data", str(rec), "--out", str(report), "--device", "cpu"],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", code, *argv],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, f"{argv[0]}: exit {done.returncode}\n{done.stderr[-2000:]}"
+    assert json.loads((report / "metrics.json").read_text())["windows"] == 6
+
+
 def test_build_context_holds_the_packages_and_model_but_no_venv_git_or_recordings() -> None:
     stages = dockerfile()
     sources = [
