@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -119,6 +120,44 @@ def fold_batchnorm(module: nn.Module) -> int:
             del block[-2]  # [..., conv, BN, GELU] -> [..., conv (with bias), GELU]
             folded += 1
     return folded
+
+
+class FrozenBatchNorm(nn.Module):
+    """A BatchNorm whose statistics stay what they were: each example is normalised with
+    the running mean and variance, never with its batch's, in training too, so it is a
+    per-channel affine map of one example alone (what DP-SGD needs). The scale and shift
+    still train. Its state dict is the BatchNorm's: a model saved with it loads back into
+    BatchNorms, and computes the same in eval mode."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError("FrozenBatchNorm needs a BatchNorm that tracks running statistics")
+        self.eps = bn.eps
+        self.weight = bn.weight
+        self.bias = bn.bias
+        self.running_mean: Tensor
+        self.running_var: Tensor
+        self.register_buffer("running_mean", bn.running_mean.detach().clone())
+        self.register_buffer("running_var", bn.running_var.detach().clone())
+        self.register_buffer("num_batches_tracked", bn.num_batches_tracked)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.batch_norm(  # [B, C, ...] -> [B, C, ...]
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
+
+
+def freeze_batchnorm(module: nn.Module) -> int:
+    """Replace each ConvBlock's BatchNorm with a FrozenBatchNorm of its statistics: how a
+    trained model (the shipped one, trained with BatchNorm) is fine-tuned with DP-SGD.
+    Returns how many blocks changed."""
+    frozen = 0
+    for block in module.modules():
+        if isinstance(block, ConvBlock) and isinstance(block[-2], nn.modules.batchnorm._BatchNorm):
+            block[-2] = FrozenBatchNorm(block[-2])
+            frozen += 1
+    return frozen
 
 
 def use_group_norm(module: nn.Module) -> int:

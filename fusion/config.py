@@ -78,6 +78,9 @@ class PrivacyConfig:
     steps: int  # optimiser steps (of the site that spent the most, when federated)
     accountant: str = "rdp"
     scope: Literal["central", "per-site"] = "central"
+    # the version of the model training started from ("" from scratch): its own training
+    # data is outside the guarantee (a public model, e.g. the shipped one)
+    init_version: str = ""
 
     def __post_init__(self) -> None:
         require(

@@ -28,7 +28,7 @@ from fusion.modelfile import load_model, save_model
 from fusion.train import TrainConfig, TrainStep, train
 from pipeline.cli import main
 from pipeline.errors import UserError
-from pipeline.learn.privacy import DP_BATCH, DPOptions, calibrate
+from pipeline.learn.privacy import DP_BATCH, DPOptions, calibrate, dp_layers
 from pipeline.stream.model_runner import default_model_dir
 from tests.factory import TINY_RATE, random_window, tiny_config
 
@@ -246,3 +246,68 @@ def test_every_sampled_step_is_taken_and_counted_an_empty_one_as_noise_alone() -
             y = torch.zeros(len(indices), dtype=torch.long)
             recipe.step(WindowBatch.collate(windows, TINY_RATE), y)
     assert dp.steps == 40 and len(taken) == 40
+
+
+def test_a_trained_batchnorm_model_is_fine_tuned_with_its_statistics_frozen(
+    tmp_path: Path,
+) -> None:
+    cfg = tiny_config(dropout=0.0)
+    data = colour_windows(cfg, 48, seed=0)
+    torch.manual_seed(0)
+    public = FusionClassifier(cfg)  # BatchNorm, with statistics of its own training
+    train(public, data, data[:6], TrainConfig(epochs=1, batch_size=16))
+    save_model(public, tmp_path / "public")
+    model = load_model(tmp_path / "public").model.train()
+    assert "GroupNorm" in dp_layers(FusionClassifier(dataclasses.replace(cfg, conv_norm="group")))
+    assert "frozen" in dp_layers(model) and _norms(model) == (0, 0)
+
+    # in training mode each window is normalised as the saved model does in eval mode, so
+    # its output (and gradient) does not depend on the other windows of its batch
+    rng = np.random.default_rng(1)
+    windows = [random_window(rng, cfg, ALL_MODALITIES) for _ in range(4)]
+    together = model(WindowBatch.collate(windows, TINY_RATE))["logits"]
+    alone = torch.cat([model(WindowBatch.collate([w], TINY_RATE))["logits"] for w in windows])
+    saved = load_model(tmp_path / "public").model  # eval mode
+    torch.testing.assert_close(together, alone)
+    torch.testing.assert_close(together, saved(WindowBatch.collate(windows, TINY_RATE))["logits"])
+
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    dp = calibrate(DPOptions(epsilon=8.0, delta=1e-3), n_train=48, batch_size=16, epochs=1)
+    train(model, data, data[:6], TrainConfig(epochs=1, batch_size=16), recipe=dp.recipe)
+    assert dp.steps == 4  # DP-SGD took it (a BatchNorm in training mode it refuses)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # statistics kept
+    assert not torch.equal(after["classifier.weight"], public.state_dict()["classifier.weight"])
+    save_model(model, tmp_path / "tuned")  # BatchNorm again, with those statistics
+    assert _norms(load_model(tmp_path / "tuned").model) == (11, 0)
+
+
+@pytest.mark.slow
+def test_train_init_fine_tunes_a_public_model_with_dp_and_keeps_its_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rec = tmp_path / "tiny.iotrec"
+    assert (
+        main(["simulate", "--seed", "3", "--devices", "2", "--duration", "8", "--out", str(rec)])
+        == 0
+    )
+    args = ["train", "--data", str(rec), "--epochs", "1", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "public")]) == 0
+    public = load_model(tmp_path / "public")
+    out = tmp_path / "private"
+    init = ["--init", str(tmp_path / "public")]
+    assert main([*args, *init, "--out", str(out), "--dp-epsilon", "4", "--dp-delta", "1e-4"]) == 0
+    assert "statistics stay --init's model's" in capsys.readouterr().err
+    tuned = load_model(out)
+    assert tuned.config.conv_norm == "batch" and tuned.config.privacy is not None
+    assert tuned.config.privacy.init_version == public.version
+    assert 0 < tuned.config.privacy.epsilon <= 4.0
+    assert tuned.config.classes == public.config.classes
+    assert tuned.config.telemetry == public.config.telemetry  # its normalisation, not refitted
+    for key, value in public.model.state_dict().items():
+        same = torch.equal(tuned.model.state_dict()[key], value)
+        assert same == ("running" in key or "num_batches" in key), key  # only statistics kept
+
+    assert main([*args, "--init", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--init" in err[0] and "Traceback" not in err[0]

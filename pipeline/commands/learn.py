@@ -216,6 +216,14 @@ def train_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     p.add_argument(
+        "--init",
+        type=Path,
+        metavar="MODEL_DIR",
+        help="start from this model's weights and keep its config (classes, windows, "
+        "telemetry normalisation; --modalities, --metrics and the hf trunks then do not "
+        "apply): fine-tune a public model, e.g. the shipped one, on these recordings",
+    )
+    p.add_argument(
         "--nproc",
         type=count,
         default=1,
@@ -287,6 +295,7 @@ def train(args: argparse.Namespace, settings: Settings) -> int:
         augment=not args.no_augment,
         overwrite=args.overwrite,
         dp=dp_options(args),
+        init=args.init,
         nproc=args.nproc,
     )
     try:

@@ -105,16 +105,20 @@ def _train(
             f"{list(classes)}; {class_counts(prep.train, classes)}; device {device}"
             + (f"; {process.world} processes (DDP)" if process is not None else ""),
         )
+        torch.manual_seed(options.seed)
+        model = FusionClassifier(prep.config)
+        init_version = ""
+        if options.init is not None:
+            init_version = start_from(model, options.init)
+            _say(stream, f"train: starting from --init {options.init} ({init_version})")
         dp = None
         if options.dp is not None:
             dp = privacy.calibrate(
                 options.dp, len(train_data), options.batch_size, options.epochs, options.seed
             )
-            _say(stream, privacy.GROUP_NORM_NOTE)
+            _say(stream, privacy.dp_layers(model))
             _say(stream, privacy.describe(dp, options.dp))
             _say(stream, privacy.delta_warning(options.dp, len(train_data)))
-        torch.manual_seed(options.seed)
-        model = FusionClassifier(prep.config)
         bar = EpochBar(stream)
         leader = process is None or process.leader
 
@@ -136,7 +140,7 @@ def _train(
         )
         seconds = time.monotonic() - started
         if dp is not None and options.dp is not None:
-            record = privacy.privacy_record(options.dp, dp)
+            record = privacy.privacy_record(options.dp, dp, init_version=init_version)
             model.config = dataclasses.replace(model.config, privacy=record)
             _say(stream, f"dp: spent epsilon {record.epsilon:.3f} (delta {record.delta:g})")
         version = save_model(model, options.out) if leader else ""
@@ -158,6 +162,15 @@ def _train(
         history=[dataclasses.asdict(h) for h in result.history],
         epsilon=None if dp is None or options.dp is None else dp.epsilon(options.dp.delta),
     )
+
+
+def start_from(model: Any, path: Any) -> str:
+    """Load --init's weights into `model` (built from its config); returns its version."""
+    from fusion.modelfile import load_model
+
+    loaded = load_model(path)
+    model.load_state_dict(loaded.model.state_dict())
+    return str(loaded.version)
 
 
 def _say(stream: TextIO | None, line: str | None) -> None:

@@ -41,6 +41,11 @@ GROUP_NORM_NOTE = (
     "dp: the CNN trunks use GroupNorm instead of BatchNorm (BatchNorm mixes the windows of "
     "a batch, so DP-SGD could not bound each window's influence)"
 )
+FROZEN_NORM_NOTE = (
+    "dp: the CNN trunks' BatchNorm statistics stay --init's model's (frozen; BatchNorm over "
+    "a batch would mix the windows, so DP-SGD could not bound each window's influence); "
+    "their scale and shift train"
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +72,16 @@ class DPOptions:
 def dp_architecture(config: Any) -> Any:
     """The model config with GroupNorm in every CNN block (fusion ModelConfig)."""
     return dataclasses.replace(config, conv_norm="group")
+
+
+def dp_layers(model: Any) -> str:
+    """Make a model DP-SGD can train, in place, and say how: a new model is built with
+    GroupNorm (`dp_architecture`); a trained one with BatchNorm (--init) keeps its
+    statistics frozen (encoders.base.freeze_batchnorm). The saved model has BatchNorm
+    again, with those statistics."""
+    from encoders.base import freeze_batchnorm
+
+    return FROZEN_NORM_NOTE if freeze_batchnorm(model) else GROUP_NORM_NOTE
 
 
 DP_BATCH = 256  # windows a DP-SGD step takes on average, at most
@@ -131,7 +146,10 @@ def delta_warning(options: DPOptions, n_train: int) -> str | None:
 
 
 def privacy_record(
-    options: DPOptions, dp: Any, scope: Literal["central", "per-site"] = "central"
+    options: DPOptions,
+    dp: Any,
+    scope: Literal["central", "per-site"] = "central",
+    init_version: str = "",
 ) -> Any:
     """What was spent, as the model config's `privacy` section (fusion PrivacyConfig)."""
     from fusion.config import PrivacyConfig
@@ -145,6 +163,7 @@ def privacy_record(
         sample_rate=dp.sample_rate,
         steps=dp.steps,
         scope=scope,
+        init_version=init_version,
     )
 
 

@@ -16,6 +16,9 @@ federated site runs it on its own recordings (pipeline.learn.federated.site).
    validation score improves the model directory is rewritten (a checkpoint). Training
    windows are varied anew on every read (pipeline.learn.augment.Augmented).
 5. With `dp` (DPOptions): DP-SGD, GroupNorm in the CNN trunks (pipeline.learn.privacy).
+6. With `init` (a model directory): training starts from that model's weights, and its
+   config (architecture, classes, windows, telemetry normalisation) is kept as it is: how
+   a public model (the shipped one) is fine-tuned on a site's private recordings.
 
 Deterministic: the same data, options, device and thread count give the same weights
 (and so the same `model.version`).
@@ -72,6 +75,7 @@ class TrainOptions:
     freeze_hf: bool = False  # train only the heads and fusion on top of the hf trunks
     overwrite: bool = False
     dp: DPOptions | None = None  # train with DP-SGD (pipeline.learn.privacy)
+    init: Path | None = None  # start from this model: its weights, architecture and config
     nproc: int = 1  # data-parallel processes on this machine (pipeline.learn.distributed)
 
     def __post_init__(self) -> None:
@@ -256,7 +260,9 @@ def read_windows(
     options: TrainOptions, settings: Settings, on_records: OnRecords | None = None
 ) -> tuple[list[LabelledWindow], list[int], float]:
     """(windows, the recording of each, seconds) of every --data recording."""
-    untrained = model_config(options, ("a", "b"))  # the feature spec does not need classes
+    untrained = (  # the feature spec does not need classes
+        init_config(options.init) if options.init else model_config(options, ("a", "b"))
+    )
     started = time.monotonic()
     per_file = recording_windows(
         options.data, settings, FeatureSpec.from_model_config(untrained), on_records
@@ -270,14 +276,32 @@ def prepare(
     options: TrainOptions, settings: Settings, on_records: OnRecords | None = None
 ) -> Prepared:
     windows, sources, seconds = read_windows(options, settings, on_records)
-    classes = choose_classes(windows)
     train_w, val_w = split_windows(windows, options.val_fraction, options.val_block_ms, sources)
-    config = with_telemetry_stats(model_config(options, classes), train_w)
+    if options.init is not None:
+        config = init_config(options.init)
+        unknown = sorted({w.label for w in windows} - set(config.classes))
+        if unknown:
+            raise UserError(
+                f"--init {options.init} does not know the labels {unknown} of --data; train "
+                "without --init, or leave those recordings out"
+            )
+        return Prepared(config, train_w, val_w, seconds)  # its normalisation, its norm layers
+    config = with_telemetry_stats(model_config(options, choose_classes(windows)), train_w)
     if options.dp is not None:
         from pipeline.learn.privacy import dp_architecture
 
         config = dp_architecture(config)
     return Prepared(config, train_w, val_w, seconds)
+
+
+def init_config(path: Path) -> Any:
+    """The config of --init's model (a UserError saying why when it does not load)."""
+    from fusion.modelfile import load_model
+
+    try:
+        return load_model(path).config
+    except ValueError as exc:  # ModelFileError, ModelConfigError: which file, which field
+        raise UserError(f"--init {path}: {exc}") from exc
 
 
 def labelled_examples(
