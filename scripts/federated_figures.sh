@@ -13,6 +13,10 @@
 #   fed-noniid-group   fed-noniid with GroupNorm in the CNN trunks (--conv-norm group)
 #   fed-dp-eps{1,3,8}  fed-noniid with DP-SGD at every site to that epsilon (delta 1e-5)
 #   central-dp-eps{8,3,1}  iotfuse train --dp-epsilon E (CENTRAL_DP=0 leaves them out)
+#   public         the same recipe on data of another seed (a public model, as the shipped
+#                  one is to a user's sites)
+#   public-tuned, public-dp-eps{8,3,1}  iotfuse train --init public on the training data,
+#                  without DP and with DP-SGD to that epsilon (PUBLIC=0 leaves them out)
 # and scores them side by side with `iotfuse evaluate --compare` on recordings simulated
 # with seeds never used for training (report in $WORK/report/report.md and metrics.json).
 # Everything goes to $WORK (default build/federated, git-ignored); recordings already there
@@ -77,6 +81,27 @@ if [[ "${CENTRAL_DP:-1}" != 0 ]]; then
     for eps in 8 3 1; do
         NAME=central-dp-eps$eps; log "$NAME"
         timed "$IOTFUSE" train "${TRAIN[@]}" --name "$NAME" --dp-epsilon "$eps" --out "$WORK/$NAME"
+        COMPARE+=("$WORK/$NAME")
+    done
+fi
+
+# from a public model (PUBLIC=0 leaves these out): the same recipe on data simulated with
+# another seed (none of the training data's devices), then fine-tuned on the training data
+# with `train --init`, without DP and with DP-SGD to epsilon 8, 3, 1 ($TUNE_EPOCHS epochs)
+if [[ "${PUBLIC:-1}" != 0 ]]; then
+    [[ -f "$WORK/public.iotrec" ]] || "$IOTFUSE" simulate --seed 2 --devices "$DEVICES" \
+        --duration "$DURATION" --out "$WORK/public.iotrec"
+    NAME=public; log "$NAME"
+    timed "$IOTFUSE" train --data "$WORK/public.iotrec" --epochs "$EPOCHS" --seed 0 --device cpu \
+        --overwrite --name public --out "$WORK/public"
+    TUNE=(--data "$WORK/train.iotrec" --init "$WORK/public" --epochs "${TUNE_EPOCHS:-10}"
+          --seed 0 --device cpu --overwrite)
+    NAME=public-tuned; log "$NAME"
+    timed "$IOTFUSE" train "${TUNE[@]}" --name "$NAME" --out "$WORK/$NAME"
+    COMPARE+=("$WORK/public" "$WORK/$NAME")
+    for eps in 8 3 1; do
+        NAME=public-dp-eps$eps; log "$NAME"
+        timed "$IOTFUSE" train "${TUNE[@]}" --name "$NAME" --dp-epsilon "$eps" --out "$WORK/$NAME"
         COMPARE+=("$WORK/$NAME")
     done
 fi

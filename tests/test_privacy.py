@@ -296,13 +296,15 @@ def test_train_init_fine_tunes_a_public_model_with_dp_and_keeps_its_config(
     public = load_model(tmp_path / "public")
     out = tmp_path / "private"
     init = ["--init", str(tmp_path / "public")]
-    assert main([*args, *init, "--out", str(out), "--dp-epsilon", "4", "--dp-delta", "1e-4"]) == 0
-    assert "statistics stay --init's model's" in capsys.readouterr().err
+    dp = ["--dp-epsilon", "4", "--dp-delta", "1e-4"]
+    assert main([*args, *init, "--out", str(out), "--name", "site-3", *dp]) == 0
+    said = capsys.readouterr().err
+    assert "statistics stay --init's model's" in said and "AdamW at lr 0.0005" in said
     tuned = load_model(out)
     assert tuned.config.conv_norm == "batch" and tuned.config.privacy is not None
     assert tuned.config.privacy.init_version == public.version
     assert 0 < tuned.config.privacy.epsilon <= 4.0
-    assert tuned.config.classes == public.config.classes
+    assert tuned.config.classes == public.config.classes and tuned.config.name == "site-3"
     assert tuned.config.telemetry == public.config.telemetry  # its normalisation, not refitted
     for key, value in public.model.state_dict().items():
         same = torch.equal(tuned.model.state_dict()[key], value)

@@ -171,7 +171,9 @@ def train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=count, default=32, help="windows per training step")
     p.add_argument("--lr", type=positive, default=1e-3, help="AdamW learning rate")
     p.add_argument("--device", help="torch device: auto (CUDA when present, default), cpu, cuda")
-    p.add_argument("--name", default="", help="model name (default: iotfuse-<modalities>)")
+    p.add_argument(
+        "--name", default="", help="model name (default: iotfuse-<modalities>, or --init's)"
+    )
     p.add_argument(
         "--metrics", help="telemetry metric names, comma-separated (default: the simulator's five)"
     )

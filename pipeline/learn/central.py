@@ -114,7 +114,12 @@ def _train(
         dp = None
         if options.dp is not None:
             dp = privacy.calibrate(
-                options.dp, len(train_data), options.batch_size, options.epochs, options.seed
+                options.dp,
+                len(train_data),
+                options.batch_size,
+                options.epochs,
+                options.seed,
+                fine_tune=options.init is not None,
             )
             _say(stream, privacy.dp_layers(model))
             _say(stream, privacy.describe(dp, options.dp))

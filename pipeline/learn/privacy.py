@@ -98,14 +98,27 @@ def sample_rate(batch_size: int, n_train: int) -> float:
     return min(1.0, batch_size / max(n_train, 1))
 
 
-def calibrate(options: DPOptions, n_train: int, batch_size: int, epochs: int, seed: int = 0) -> Any:
+DP_FINE_TUNE_LR = 5e-4  # AdamW's learning rate under DP-SGD from a trained model (--init)
+
+
+def calibrate(
+    options: DPOptions,
+    n_train: int,
+    batch_size: int,
+    epochs: int,
+    seed: int = 0,
+    fine_tune: bool = False,
+) -> Any:
     """A fusion.dp.DPSGD whose noise spends the budget over `epochs` passes (of 1 / rate
     Poisson steps each) over `n_train` windows. Each step samples `options.expected_batch`
     windows on average (default `dp_batch_size`); `batch_size` (the plain recipe's
-    --batch-size) is how many of them go through the model at once (memory only)."""
+    --batch-size) is how many of them go through the model at once (memory only).
+    `fine_tune` (training starts from a trained model): AdamW at DP_FINE_TUNE_LR instead of
+    fusion.dp.DPUpdate's 1e-2 for new weights, which moved a good model away from what it
+    knew (docs/federated.md, Differential privacy)."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    from fusion.dp import DPSGD
+    from fusion.dp import DPSGD, DPUpdate
 
     expected = options.expected_batch or dp_batch_size(n_train)
     rate = sample_rate(expected, n_train)
@@ -132,6 +145,7 @@ def calibrate(options: DPOptions, n_train: int, batch_size: int, epochs: int, se
         sample_rate=rate,
         seed=seed,
         physical_batch=max(1, batch_size),
+        update=DPUpdate(lr=DP_FINE_TUNE_LR) if fine_tune else DPUpdate(),
     )
 
 

@@ -285,6 +285,8 @@ def prepare(
                 f"--init {options.init} does not know the labels {unknown} of --data; train "
                 "without --init, or leave those recordings out"
             )
+        if options.name:
+            config = dataclasses.replace(config, name=options.name)
         return Prepared(config, train_w, val_w, seconds)  # its normalisation, its norm layers
     config = with_telemetry_stats(model_config(options, choose_classes(windows)), train_w)
     if options.dp is not None:
