@@ -310,6 +310,11 @@ def test_train_init_fine_tunes_a_public_model_with_dp_and_keeps_its_config(
         same = torch.equal(tuned.model.state_dict()[key], value)
         assert same == ("running" in key or "num_batches" in key), key  # only statistics kept
 
+    again = tmp_path / "again"  # from the DP model, without DP: no privacy claimed
+    assert main([*args, "--init", str(out), "--out", str(again)]) == 0
+    assert load_model(again).config.privacy is None
+    capsys.readouterr()
+
     assert main([*args, "--init", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--init" in err[0] and "Traceback" not in err[0]

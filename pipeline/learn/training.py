@@ -278,7 +278,8 @@ def prepare(
     windows, sources, seconds = read_windows(options, settings, on_records)
     train_w, val_w = split_windows(windows, options.val_fraction, options.val_block_ms, sources)
     if options.init is not None:
-        config = init_config(options.init)
+        # what DP spent on the starting model does not describe this run (it records its own)
+        config = dataclasses.replace(init_config(options.init), privacy=None)
         unknown = sorted({w.label for w in windows} - set(config.classes))
         if unknown:
             raise UserError(
