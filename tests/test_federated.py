@@ -353,3 +353,13 @@ def test_a_new_federated_model_has_the_cnn_norm_asked_for(tmp_path: Path, norm: 
     metrics = len(fed.untrained.telemetry.metrics)
     fed.first_weights([{"site": "a", **site_stats([LabelledWindow("d", T0, {}, "fire")], metrics)}])
     assert fed.config.conv_norm == norm
+
+
+def test_a_dp_federation_refuses_a_batchnorm_init_before_it_starts(tmp_path: Path) -> None:
+    init = make_model(tmp_path / "init")  # BatchNorm: frozen statistics are train's only
+    options = ServerOptions(
+        rounds=1, min_sites=1, out=tmp_path / "m", init=init, dp=DPOptions(epsilon=8.0)
+    )
+    with pytest.raises(UserError, match="a GroupNorm model"):
+        run_server(options, Settings())
+    assert not (tmp_path / "m").exists()

@@ -165,8 +165,9 @@ def _check_init(options: ServerOptions) -> None:
         raise UserError(f"--init {options.init}: {exc}") from exc
     if options.dp is not None and config.conv_norm != "group":
         raise UserError(
-            f"--init {options.init} has BatchNorm, which DP-SGD cannot train; start from a "
-            "model trained with --dp-epsilon (GroupNorm), or without --init"
+            f"--init {options.init} has BatchNorm, which a DP federation cannot train; start "
+            "from a GroupNorm model (train --dp-epsilon without --init, or federate "
+            "--conv-norm group), or without --init"
         )
 
 
