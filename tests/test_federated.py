@@ -363,3 +363,31 @@ def test_a_dp_federation_refuses_a_batchnorm_init_before_it_starts(tmp_path: Pat
     with pytest.raises(UserError, match="a GroupNorm model"):
         run_server(options, Settings())
     assert not (tmp_path / "m").exists()
+
+
+def test_a_federation_from_a_dp_model_claims_only_its_own_budget(tmp_path: Path) -> None:
+    init = make_model(tmp_path / "init")
+    config = json.loads((init / "config.json").read_text())
+    config["privacy"] = {  # a model trained with DP elsewhere, on other data
+        "epsilon": 1.0,
+        "delta": 1e-5,
+        "target_epsilon": 1.0,
+        "noise_multiplier": 5.0,
+        "max_grad_norm": 1.0,
+        "sample_rate": 0.1,
+        "steps": 10,
+    }
+    (init / "config.json").write_text(json.dumps(config))
+    loaded = load_model(init)
+    assert loaded.config.privacy is not None
+    plain = Federation(ServerOptions(rounds=1, min_sites=1, out=tmp_path / "m", init=init), None)
+    reply = {"site": "a", **site_stats([LabelledWindow("d", T0, {}, "fire")], 3)}
+    arrays = plain.first_weights([reply])
+    assert plain.config.privacy is None  # trained without DP: no budget claimed
+    dp = ServerOptions(
+        rounds=1, min_sites=1, out=tmp_path / "m2", init=init, dp=DPOptions(epsilon=8.0)
+    )
+    private = Federation(dp, None)
+    private.current = private.first_weights([reply])
+    private.average([(arrays, 2, {"site": "a", "train_loss": 0.5, "epsilon": 7.5})])
+    assert private.privacy.epsilon == 7.5 and private.privacy.init_version == loaded.version

@@ -286,15 +286,16 @@ def test_a_trained_batchnorm_model_is_fine_tuned_with_its_statistics_frozen(
 def test_train_init_fine_tunes_a_public_model_with_dp_and_keeps_its_config(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    rec = tmp_path / "tiny.iotrec"
-    assert (
-        main(["simulate", "--seed", "3", "--devices", "2", "--duration", "8", "--out", str(rec)])
-        == 0
-    )
-    args = ["train", "--data", str(rec), "--epochs", "1", "--device", "cpu"]
-    assert main([*args, "--out", str(tmp_path / "public")]) == 0
+    recs = {}
+    for name, seed in (("public", "3"), ("private", "4")):  # other devices, other values
+        recs[name] = str(tmp_path / f"{name}.iotrec")
+        sim = ["simulate", "--seed", seed, "--devices", "2", "--duration", "8"]
+        assert main([*sim, "--out", recs[name]]) == 0
+    args = ["train", "--epochs", "1", "--device", "cpu"]
+    assert main([*args, "--data", recs["public"], "--out", str(tmp_path / "public")]) == 0
     public = load_model(tmp_path / "public")
     out = tmp_path / "private"
+    args += ["--data", recs["private"]]
     init = ["--init", str(tmp_path / "public")]
     dp = ["--dp-epsilon", "4", "--dp-delta", "1e-4"]
     assert main([*args, *init, "--out", str(out), "--name", "site-3", *dp]) == 0
@@ -306,6 +307,8 @@ def test_train_init_fine_tunes_a_public_model_with_dp_and_keeps_its_config(
     assert 0 < tuned.config.privacy.epsilon <= 4.0
     assert tuned.config.classes == public.config.classes and tuned.config.name == "site-3"
     assert tuned.config.telemetry == public.config.telemetry  # its normalisation, not refitted
+    assert main([*args, "--out", str(tmp_path / "new")]) == 0  # what refitting would give
+    assert load_model(tmp_path / "new").config.telemetry != public.config.telemetry
     for key, value in public.model.state_dict().items():
         same = torch.equal(tuned.model.state_dict()[key], value)
         assert same == ("running" in key or "num_batches" in key), key  # only statistics kept

@@ -303,7 +303,7 @@ def init_config(path: Path) -> Any:
 
     try:
         return load_model(path).config
-    except ValueError as exc:  # ModelFileError, ModelConfigError: which file, which field
+    except (ValueError, OSError) as exc:  # ModelFileError, ModelConfigError, unreadable
         raise UserError(f"--init {path}: {exc}") from exc
 
 

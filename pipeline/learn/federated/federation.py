@@ -144,6 +144,7 @@ class Federation:
         self.labels: dict[str, int] = {}
         self.site_labels: dict[str, dict[str, int]] = {}  # each site's class mix
         self.privacy: Any = None
+        self.init_version = ""  # --init's model's version (recorded with a DP budget)
         self.round_loss: float = math.nan
         self.started = time.monotonic()
 
@@ -182,7 +183,9 @@ class Federation:
                 raise UserError(
                     f"the sites have labels {unknown} that --init's model does not know"
                 )
-            self.config = loaded.config
+            # what DP spent on --init's model does not describe this federation
+            self.config = dataclasses.replace(loaded.config, privacy=None)
+            self.init_version = loaded.version
             model = loaded.model
         else:
             from pipeline.learn.training import model_config
@@ -245,6 +248,7 @@ class Federation:
                 sample_rate=number(worst, "sample_rate", 0.0),
                 steps=int(number(worst, "dp_steps", 0.0)),
                 scope="per-site",
+                init_version=self.init_version,
             )
         return weighted_average([(a, n) for a, n, _ in good])
 
