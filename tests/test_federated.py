@@ -3,14 +3,17 @@ wire (every message the server's strategy receives, inspected), TLS, DP at the s
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from encoders.modality import Modality
 from fusion.config import ModelConfig
@@ -134,18 +137,18 @@ def test_statistics_from_site_sums_equal_the_central_fit() -> None:
     assert set(replies[0]) == {"windows", "count", "sum", "sumsq", "labels"}
 
 
-def test_a_site_that_requires_dp_refuses_a_federation_without_it() -> None:
-    site = Site(SiteOptions(server="h:1", data=(Path("x"),), dp=DPOptions(epsilon=2.0)), Settings())
-    plain = ServerOptions(rounds=1, min_sites=1, out=Path("m")).architecture()
-    from pipeline.learn.training import model_config
-
-    config = model_config(plain, ("a", "b"))
-    with pytest.raises(UserError, match="requires DP-SGD"):
-        site.check_privacy(config, None)
-    group = __import__("dataclasses").replace(config, conv_norm="group")
+def test_a_site_that_requires_dp_trains_with_it_whatever_the_server_asks() -> None:
+    options = SiteOptions(server="h:1", data=(Path("x"),), dp=DPOptions(epsilon=2.0))
+    site = Site(options, Settings())
+    alone = site.privacy_for(SiteRecipe())  # the server asks for no DP
+    assert alone is not None and alone.epsilon == 2.0
     asked = SiteRecipe(dp_epsilon=8.0, dp_delta=1e-5)
-    got = site.check_privacy(group, asked)
+    got = site.privacy_for(asked)
     assert got is not None and got.epsilon == 2.0  # the site's own ceiling wins
+    plain = Site(SiteOptions(server="h:1", data=(Path("x"),)), Settings())
+    assert plain.privacy_for(SiteRecipe()) is None
+    server = plain.privacy_for(asked)
+    assert server is not None and server.epsilon == 8.0
 
 
 @pytest.mark.slow
@@ -263,6 +266,50 @@ def _certificates(directory: Path) -> tuple[Path, Path, Path]:
 
 
 @pytest.mark.slow
+def test_a_dp_federation_fine_tunes_a_batchnorm_model_with_its_statistics_frozen(
+    recording: Path, tmp_path: Path
+) -> None:
+    from fusion.model import FusionClassifier
+    from fusion.modelfile import save_model
+    from pipeline.simulate import CLASSES as SIMULATED
+
+    tiny = load_model(make_model(tmp_path / "tiny")).config
+    torch.manual_seed(0)  # BatchNorm, as the shipped model; the recording's classes
+    init = tmp_path / "init"
+    save_model(FusionClassifier(dataclasses.replace(tiny, classes=tuple(SIMULATED))), init)
+    port = free_port()
+    command = [
+        sys.executable, "-m", "pipeline.cli", "federate", "site", "--server", f"localhost:{port}",
+        "--data", str(recording), "--name", "plant-1", "--device", "cpu",
+        "--set", "runtime.torch_threads=1",
+    ]  # fmt: skip
+    site = SiteProcesses([command], [tmp_path / "site.log"], port)
+    options = ServerOptions(
+        rounds=1,
+        min_sites=1,
+        out=tmp_path / "model",
+        init=init,
+        address=f"127.0.0.1:{port}",
+        dp=DPOptions(epsilon=5.0, delta=1e-4),
+        wait_s=120,
+    )
+    site.thread.start()
+    try:
+        run_server(options, Settings(), None, abort=site.failure)
+    finally:
+        codes = site.stop()
+    log = (tmp_path / "site.log").read_text()
+    assert codes == [0], log
+    assert "statistics stay" in log and "AdamW at lr 0.0005" in log and "epsilon spent" in log
+    start, tuned = load_model(init), load_model(tmp_path / "model")
+    assert tuned.config.conv_norm == "batch" and tuned.config.privacy is not None
+    assert tuned.config.privacy.init_version == start.version
+    before, after = start.model.state_dict(), tuned.model.state_dict()
+    for key in before:  # statistics as they were; the rest trained
+        assert torch.equal(after[key], before[key]) == ("running" in key or "batches" in key), key
+
+
+@pytest.mark.slow
 def test_a_site_joins_over_tls_and_trains_with_dp(recording: Path, tmp_path: Path) -> None:
     ca, cert, key = _certificates(tmp_path)
     port = free_port()
@@ -271,8 +318,6 @@ def test_a_site_joins_over_tls_and_trains_with_dp(recording: Path, tmp_path: Pat
         "--data", str(recording), "--name", "tls-site", "--tls-ca", str(ca), "--device", "cpu",
         "--set", "runtime.torch_threads=1",
     ]  # fmt: skip
-    import sys
-
     command[0] = sys.executable
     site = SiteProcesses([command], [tmp_path / "site.log"], port)
     options = ServerOptions(
@@ -353,16 +398,6 @@ def test_a_new_federated_model_has_the_cnn_norm_asked_for(tmp_path: Path, norm: 
     metrics = len(fed.untrained.telemetry.metrics)
     fed.first_weights([{"site": "a", **site_stats([LabelledWindow("d", T0, {}, "fire")], metrics)}])
     assert fed.config.conv_norm == norm
-
-
-def test_a_dp_federation_refuses_a_batchnorm_init_before_it_starts(tmp_path: Path) -> None:
-    init = make_model(tmp_path / "init")  # BatchNorm: frozen statistics are train's only
-    options = ServerOptions(
-        rounds=1, min_sites=1, out=tmp_path / "m", init=init, dp=DPOptions(epsilon=8.0)
-    )
-    with pytest.raises(UserError, match="a GroupNorm model"):
-        run_server(options, Settings())
-    assert not (tmp_path / "m").exists()
 
 
 def test_a_federation_from_a_dp_model_claims_only_its_own_budget(tmp_path: Path) -> None:

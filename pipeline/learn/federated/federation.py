@@ -324,7 +324,11 @@ class Federation:
         if dp is None:
             return r
         return dataclasses.replace(
-            r, dp_epsilon=dp.epsilon, dp_delta=dp.delta, dp_max_grad_norm=dp.max_grad_norm
+            r,
+            dp_epsilon=dp.epsilon,
+            dp_delta=dp.delta,
+            dp_max_grad_norm=dp.max_grad_norm,
+            dp_fine_tune=self.options.init is not None,
         )
 
     def strategy(self) -> Any:

@@ -55,6 +55,7 @@ class SiteRecipe:
     dp_epsilon: float = 0.0  # 0: no DP
     dp_delta: float = 1e-5
     dp_max_grad_norm: float = 1.0
+    dp_fine_tune: bool = False  # the federation starts from a trained model (--init)
 
     def to_config(self) -> Config:
         return {f"recipe.{k}": v for k, v in asdict(self).items()}

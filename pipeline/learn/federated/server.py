@@ -154,21 +154,15 @@ def run_server(
 
 
 def _check_init(options: ServerOptions) -> None:
-    """--init's model loads, and can be trained with DP-SGD when --dp-epsilon asks for it."""
+    """--init's model loads (one line saying why when it does not)."""
     if options.init is None:
         return
     from fusion.modelfile import load_model
 
     try:
-        config = load_model(options.init).config
-    except ValueError as exc:  # ModelFileError, ModelConfigError: say which and why
+        load_model(options.init)
+    except (ValueError, OSError) as exc:  # ModelFileError, ModelConfigError: which and why
         raise UserError(f"--init {options.init}: {exc}") from exc
-    if options.dp is not None and config.conv_norm != "group":
-        raise UserError(
-            f"--init {options.init} has BatchNorm, which a DP federation cannot train; start "
-            "from a GroupNorm model (train --dp-epsilon without --init, or federate "
-            "--conv-norm group), or without --init"
-        )
 
 
 def _check_out(options: ServerOptions) -> None:

@@ -136,7 +136,6 @@ class Site:
     def stats(self, model_cfg: Any) -> tuple[int, Config]:
         from pipeline.learn.federated.stats import site_stats
 
-        self.check_privacy(model_cfg, None)
         train, _ = self.split(model_cfg)
         n_metrics = len(model_cfg.telemetry.metrics) if model_cfg.telemetry is not None else 0
         self.say(f"round 0: statistics of {len(train)} training windows sent (no values)")
@@ -151,7 +150,7 @@ class Site:
         from pipeline.learn.training import training_examples
 
         started = time.monotonic()
-        dp_options = self.check_privacy(model_cfg, recipe)
+        dp_options = self.privacy_for(recipe)
         train_w, val_w = self.split(model_cfg)
         train_data = self.examples(train_w, model_cfg.classes, "training")
         val_data = self.examples(val_w, model_cfg.classes, "validation") or train_data[:1]
@@ -164,10 +163,17 @@ class Site:
                 recipe.batch_size,
                 recipe.rounds * recipe.local_epochs,
                 recipe.seed,
+                fine_tune=recipe.dp_fine_tune,
             )
             self.say(privacy.describe(self.dp, dp_options))
         model = FusionClassifier(model_cfg)
         load_arrays(model, parameters)
+        if self.dp is not None:
+            from pipeline.learn import privacy
+
+            note = privacy.dp_layers(model)  # a BatchNorm model (--init's): statistics frozen
+            if self.rounds == 0:
+                self.say(note)
         fed_round = int(config.get("round", 1)) - 1  # round 1 was the statistics
         seed = recipe.seed * 1000 + fed_round
         cfg = TrainConfig(
@@ -224,17 +230,11 @@ class Site:
 
     # --- helpers ------------------------------------------------------------------------
 
-    def check_privacy(self, model_cfg: Any, recipe: SiteRecipe | None) -> DPOptions | None:
+    def privacy_for(self, recipe: SiteRecipe) -> DPOptions | None:
         """The DP options this round trains with: the server's, capped by this site's own
-        --dp-epsilon; a site that asks for DP refuses a model that cannot have it."""
+        --dp-epsilon. A site that asks for DP trains with it whatever the server asks (a
+        BatchNorm model with its statistics frozen: encoders.base.FrozenBatchNorm)."""
         own = self.options.dp
-        if own is not None and model_cfg.conv_norm != "group":
-            raise UserError(
-                f"this site requires DP-SGD (--dp-epsilon {own.epsilon:g}) but the server "
-                "trains without DP (a BatchNorm model); start the server with --dp-epsilon"
-            )
-        if recipe is None:
-            return None
         asked = (
             DPOptions(
                 epsilon=recipe.dp_epsilon,
