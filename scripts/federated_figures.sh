@@ -17,6 +17,7 @@
 #                  one is to a user's sites)
 #   public-tuned, public-dp-eps{8,3,1}  iotfuse train --init public on the training data,
 #                  without DP and with DP-SGD to that epsilon (PUBLIC=0 leaves them out)
+#   public-fed-dp-eps8  fed-noniid from public, DP-SGD at every site to epsilon 8
 # and scores them side by side with `iotfuse evaluate --compare` on recordings simulated
 # with seeds never used for training (report in $WORK/report/report.md and metrics.json).
 # Everything goes to $WORK (default build/federated, git-ignored); recordings already there
@@ -104,6 +105,10 @@ if [[ "${PUBLIC:-1}" != 0 ]]; then
         timed "$IOTFUSE" train "${TUNE[@]}" --name "$NAME" --dp-epsilon "$eps" --out "$WORK/$NAME"
         COMPARE+=("$WORK/$NAME")
     done
+    NAME=public-fed-dp-eps8; log "$NAME"  # 5 rounds x 2 local epochs: 10, as the fine-tunes
+    timed "$IOTFUSE" federate simulate "${FED[@]}" --split by-class-skew --init "$WORK/public" \
+        --rounds 5 --dp-epsilon 8 --name "$NAME" --out "$WORK/$NAME"
+    COMPARE+=("$WORK/$NAME/model")
 fi
 
 log "evaluate"

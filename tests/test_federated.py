@@ -289,6 +289,7 @@ def test_a_dp_federation_fine_tunes_a_batchnorm_model_with_its_statistics_frozen
         min_sites=1,
         out=tmp_path / "model",
         init=init,
+        name="plant-model",
         address=f"127.0.0.1:{port}",
         dp=DPOptions(epsilon=5.0, delta=1e-4),
         wait_s=120,
@@ -304,6 +305,7 @@ def test_a_dp_federation_fine_tunes_a_batchnorm_model_with_its_statistics_frozen
     start, tuned = load_model(init), load_model(tmp_path / "model")
     assert tuned.config.conv_norm == "batch" and tuned.config.privacy is not None
     assert tuned.config.privacy.init_version == start.version
+    assert tuned.config.name == "plant-model"
     before, after = start.model.state_dict(), tuned.model.state_dict()
     for key in before:  # statistics as they were; the rest trained
         assert torch.equal(after[key], before[key]) == ("running" in key or "batches" in key), key

@@ -184,7 +184,9 @@ class Federation:
                     f"the sites have labels {unknown} that --init's model does not know"
                 )
             # what DP spent on --init's model does not describe this federation
-            self.config = dataclasses.replace(loaded.config, privacy=None)
+            self.config = dataclasses.replace(
+                loaded.config, privacy=None, name=self.options.name or loaded.config.name
+            )
             self.init_version = loaded.version
             model = loaded.model
         else:
