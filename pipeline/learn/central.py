@@ -108,8 +108,9 @@ def _train(
         torch.manual_seed(options.seed)
         model = FusionClassifier(prep.config)
         init_version = ""
-        if options.init is not None:
-            init_version = start_from(model, options.init)
+        if prep.start is not None:
+            model.load_state_dict(prep.start.model.state_dict())
+            init_version = prep.start.version
             _say(stream, f"train: starting from --init {options.init} ({init_version})")
         dp = None
         if options.dp is not None:
@@ -167,15 +168,6 @@ def _train(
         history=[dataclasses.asdict(h) for h in result.history],
         epsilon=None if dp is None or options.dp is None else dp.epsilon(options.dp.delta),
     )
-
-
-def start_from(model: Any, path: Any) -> str:
-    """Load --init's weights into `model` (built from its config); returns its version."""
-    from fusion.modelfile import load_model
-
-    loaded = load_model(path)
-    model.load_state_dict(loaded.model.state_dict())
-    return str(loaded.version)
 
 
 def _say(stream: TextIO | None, line: str | None) -> None:

@@ -250,6 +250,7 @@ class Prepared:
     train: list[LabelledWindow]
     val: list[LabelledWindow]
     window_seconds: float
+    start: Any = None  # --init's fusion LoadedModel: the weights training starts from
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -257,12 +258,10 @@ class Prepared:
 
 
 def read_windows(
-    options: TrainOptions, settings: Settings, on_records: OnRecords | None = None
+    options: TrainOptions, settings: Settings, untrained: Any, on_records: OnRecords | None
 ) -> tuple[list[LabelledWindow], list[int], float]:
-    """(windows, the recording of each, seconds) of every --data recording."""
-    untrained = (  # the feature spec does not need classes
-        init_config(options.init) if options.init else model_config(options, ("a", "b"))
-    )
+    """(windows, the recording of each, seconds) of every --data recording, made as the
+    `untrained` ModelConfig's features say (classes do not matter)."""
     started = time.monotonic()
     per_file = recording_windows(
         options.data, settings, FeatureSpec.from_model_config(untrained), on_records
@@ -275,11 +274,13 @@ def read_windows(
 def prepare(
     options: TrainOptions, settings: Settings, on_records: OnRecords | None = None
 ) -> Prepared:
-    windows, sources, seconds = read_windows(options, settings, on_records)
+    start = None if options.init is None else load_init(options.init)
+    untrained = model_config(options, ("a", "b")) if start is None else start.config
+    windows, sources, seconds = read_windows(options, settings, untrained, on_records)
     train_w, val_w = split_windows(windows, options.val_fraction, options.val_block_ms, sources)
-    if options.init is not None:
+    if start is not None:
         # what DP spent on the starting model does not describe this run (it records its own)
-        config = dataclasses.replace(init_config(options.init), privacy=None)
+        config = dataclasses.replace(start.config, privacy=None)
         unknown = sorted({w.label for w in windows} - set(config.classes))
         if unknown:
             raise UserError(
@@ -288,7 +289,7 @@ def prepare(
             )
         if options.name:
             config = dataclasses.replace(config, name=options.name)
-        return Prepared(config, train_w, val_w, seconds)  # its normalisation, its norm layers
+        return Prepared(config, train_w, val_w, seconds, start)  # its normalisation, norms
     config = with_telemetry_stats(model_config(options, choose_classes(windows)), train_w)
     if options.dp is not None:
         from pipeline.learn.privacy import dp_architecture
@@ -297,12 +298,12 @@ def prepare(
     return Prepared(config, train_w, val_w, seconds)
 
 
-def init_config(path: Path) -> Any:
-    """The config of --init's model (a UserError saying why when it does not load)."""
+def load_init(path: Path) -> Any:
+    """--init's model (a UserError saying why when it does not load)."""
     from fusion.modelfile import load_model
 
     try:
-        return load_model(path).config
+        return load_model(path)
     except (ValueError, OSError) as exc:  # ModelFileError, ModelConfigError, unreadable
         raise UserError(f"--init {path}: {exc}") from exc
 

@@ -147,6 +147,7 @@ class Site:
         from fusion.model import FusionClassifier
         from fusion.train import TrainConfig
         from fusion.train import train as train_model
+        from pipeline.learn import privacy
         from pipeline.learn.training import training_examples
 
         started = time.monotonic()
@@ -155,8 +156,6 @@ class Site:
         train_data = self.examples(train_w, model_cfg.classes, "training")
         val_data = self.examples(val_w, model_cfg.classes, "validation") or train_data[:1]
         if dp_options is not None and self.dp is None:
-            from pipeline.learn import privacy
-
             self.dp = privacy.calibrate(
                 dp_options,
                 len(train_data),
@@ -169,8 +168,6 @@ class Site:
         model = FusionClassifier(model_cfg)
         load_arrays(model, parameters)
         if self.dp is not None:
-            from pipeline.learn import privacy
-
             note = privacy.dp_layers(model)  # a BatchNorm model (--init's): statistics frozen
             if self.rounds == 0:
                 self.say(note)
