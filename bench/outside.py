@@ -77,7 +77,10 @@ class Worker:
         with socket.socket() as s:  # a free port for its metrics endpoint
             s.bind(("127.0.0.1", 0))
             self.port = int(s.getsockname()[1])
-        env = {k: v for k, v in os.environ.items() if not k.startswith("IOTFUSE_")}
+        # this run's settings only; the allocator as asked (IOTFUSE_RUNTIME__ALLOCATOR=system
+        # keeps glibc's malloc where the machine has jemalloc)
+        keep = ("IOTFUSE_RUNTIME__ALLOCATOR",)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("IOTFUSE_") or k in keep}
         roles = ("camera", "audio", "telemetry", "labels", "events", "deadletter", "incidents")
         env |= {f"IOTFUSE_TOPICS__{r.upper()}": getattr(names, r) for r in roles}
         env |= {
@@ -126,6 +129,12 @@ class Worker:
                 said = now
                 progress(f"  {now - start:.0f} s: waiting for the worker to consume")
             time.sleep(0.2)  # polling its endpoint with a deadline
+
+    def allocator(self) -> str:
+        """What it allocates with: `iotfuse run` starts again on jemalloc where the
+        machine has it (runtime.allocator=auto), so its own memory map says."""
+        maps = Path(f"/proc/{self.proc.pid}/maps").read_text()
+        return "jemalloc" if "libjemalloc" in maps else "glibc malloc"
 
     def rss_mib(self) -> float:
         status = Path(f"/proc/{self.proc.pid}/status").read_text()
@@ -232,6 +241,7 @@ class Outcome:
     behind_s: float
     exit_code: int
     log: Path
+    allocator: str
 
     def part(
         self, since_s: float = 0, until_s: float | None = None, source: np.ndarray | None = None
@@ -363,6 +373,7 @@ def measure(
     try:
         progress(f"outside: started `iotfuse run` (pid {worker.proc.pid}, log {worker.log_path})")
         worker.wait_consuming(START_S, progress)
+        allocator = worker.allocator()
         if not events.ready.wait(60):
             raise RuntimeError("the events consumer was not ready within 60 s")
         rss = sampler(worker, events, stop, progress)
@@ -411,6 +422,7 @@ def measure(
         behind,
         code,
         worker.log_path,
+        allocator,
     )
 
 
@@ -441,12 +453,10 @@ def with_broker(bootstrap: str | None, job: Callable[[str], Outcome]) -> Outcome
         return job(kafka.bootstrap_servers)
 
 
-def heading(a: argparse.Namespace, seconds: int) -> str:
-    # the worker inherits LD_PRELOAD: the images preload jemalloc (docker/Dockerfile)
-    allocator = "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "glibc malloc"
+def heading(a: argparse.Namespace, seconds: int, out: Outcome) -> str:
     return (
         f"{a.devices} devices, {seconds} s after a {WARM_UP_MS // 1000} s warm-up; "
-        f"{a.iotfuse or 'iotfuse'} run, model {a.model or 'shipped'}, {allocator}; "
+        f"{a.iotfuse or 'iotfuse'} run, model {a.model or 'shipped'}, {out.allocator}; "
         f"load avg {os.getloadavg()[0]:.1f}"
     )
 
@@ -463,7 +473,7 @@ def main() -> int:
         return measure(bootstrap, a.devices, a.seconds, a.model, a.iotfuse)
 
     out = with_broker(a.bootstrap_servers, job)
-    print(f"outside: {heading(a, a.seconds)}", *out.lines(), sep="\n")
+    print(f"outside: {heading(a, a.seconds, out)}", *out.lines(), sep="\n")
     return 0 if not out.lost and out.exit_code == 0 else 1
 
 

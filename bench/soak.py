@@ -1,8 +1,9 @@
 """Soak (issue 15, part 6): a real `iotfuse run` at half load for minutes; does it stay the same?
 
     .venv/bin/python bench/soak.py --devices 100 --minutes 10 [--warm-up 5] [--model DIR]
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 .venv/bin/python bench/soak.py ...
-        # the allocator the docker images run on (docs/performance.md, "Soak")
+    IOTFUSE_RUNTIME__ALLOCATOR=system .venv/bin/python bench/soak.py ...
+        # glibc's malloc: `iotfuse run` otherwise runs on jemalloc where the machine has
+        # it, as the docker images do (docs/performance.md, "Soak")
 
 bench/outside.py for `--warm-up` then `--minutes` minutes (the worker in its own process,
 latency from when a window can close to its event reaching a consumer, RSS sampled every
@@ -73,7 +74,7 @@ def main() -> int:
 
     out = with_broker(a.bootstrap_servers, job)
     results = targets(out, warm_up_s)
-    print(f"soak: {heading(a, seconds)}", *out.lines(), sep="\n")
+    print(f"soak: {heading(a, seconds, out)}", *out.lines(), sep="\n")
     for met, line in results:
         print(f"  {'PASS' if met else 'FAIL'} {line}")
     return 0 if all(met for met, _ in results) else 1

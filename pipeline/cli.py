@@ -89,6 +89,8 @@ def torch_threads(setting: int, command: str) -> int | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The iotfuse command; `argv` None: this process's own command line (then `run` may
+    start the process again on jemalloc: pipeline/commands/allocator.py)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -99,6 +101,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.logs import setup_logging
 
     setup_logging(settings.runtime.log_level, settings.runtime.log_format)
+    if args.command == "run":
+        from pipeline.commands.allocator import choose
+
+        try:  # only the iotfuse command itself (argv None) may start again on jemalloc
+            choose(settings.runtime.allocator, may_restart=argv is None)
+        except UserError as exc:
+            print(f"iotfuse run: {exc}", file=sys.stderr)
+            return 1
     threads = torch_threads(settings.runtime.torch_threads, args.command)
     if threads:  # the process's CPU budget for inference (torch, ONNX Runtime)
         from pipeline.stream.model_runner import set_inference_threads

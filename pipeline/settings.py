@@ -180,6 +180,12 @@ class RuntimeSettings:
         "probability most (`explanation.telemetry`, docs/contract.md); 0 = off. A torch model "
         "only; costs the telemetry encoder and fusion once more per metric.",
     )
+    allocator: str = _f(
+        "auto",
+        "malloc of `iotfuse run`: auto (jemalloc when the machine has it, else glibc's, said "
+        "in a warning), jemalloc (refuse to start without it) or system (as started). On "
+        "glibc's malloc a worker's memory creeps under sustained load.",
+    )
     commit_interval_ms: int = _f(1000, "How often acknowledged progress is committed.")
     metrics_port: int = _f(9108, "Prometheus metrics HTTP port; 0 = off.")
     metrics_host: str = _f("0.0.0.0", "Address the metrics endpoint binds to.")
