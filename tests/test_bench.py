@@ -24,6 +24,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
         ("soak", "--iotfuse"),
         ("soak", "--warm-up"),
         ("outside", "--iotfuse"),
+        ("client_bench", "--repeat"),
     ],
 )
 def test_a_benchmark_imports_and_parses_its_arguments(name: str, option: str) -> None:
