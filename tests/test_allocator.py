@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
-from pipeline.commands.allocator import find_jemalloc, loaded, plan
+from pipeline.commands.allocator import choose, find_jemalloc, loaded, plan
+from pipeline.errors import UserError
 
 JEMALLOC = find_jemalloc()
 IOTFUSE = Path(sys.executable).with_name("iotfuse")
@@ -105,3 +106,12 @@ def test_a_bad_setting_is_one_line() -> None:
 def test_main_called_in_a_process_does_not_start_it_again() -> None:
     assert main(["run", "--model", "/nonexistent/model", "--metrics-port", "0"]) == 1
     assert main(["run", "--set", "runtime.allocator=bogus", "--metrics-port", "0"]) == 1
+
+
+def test_elsewhere_than_linux_auto_keeps_the_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr("pipeline.commands.allocator.loaded", lambda: False)
+    monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("started again off Linux"))
+    choose("auto", may_restart=True)  # returns: no restart, nothing to refuse
+    with pytest.raises(UserError, match="runtime.allocator=jemalloc"):
+        choose("jemalloc", may_restart=True)

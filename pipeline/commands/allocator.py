@@ -95,7 +95,9 @@ def choose(setting: str, may_restart: bool) -> None:
     """Apply `runtime.allocator` to this process: with `may_restart`, start it again on
     jemalloc (it does not return then); raise UserError, or log what it allocates with."""
     restarted = os.environ.pop(RESTARTED, None) is not None
-    got = plan(setting, loaded(), find_jemalloc(), may_restart, restarted)
+    linux = sys.platform.startswith("linux")  # LD_PRELOAD and /proc: elsewhere, as started
+    found = find_jemalloc() if linux else None
+    got = plan(setting, loaded(), found, may_restart and linux, restarted)
     if got.error:
         raise UserError(got.error)
     if got.preload:
