@@ -61,6 +61,12 @@ class KafkaSettings:
         "images pass). Larger fetches cost kafka-python more CPU (32 MiB: 20% slower drain).",
     )
     max_poll_records: int = _f(500, "Records returned by one consumer poll at most.")
+    fetcher: str = _f(
+        "kafka-python",
+        "What fetches `run`'s input records: kafka-python (parses in Python, under the "
+        "worker's lock) or librdkafka (confluent-kafka: parses in C, 7x less CPU a record; "
+        "the group and commits stay kafka-python's). docs/operations.md says what differs.",
+    )
     session_timeout_ms: int = _f(30000, "Consumer group session timeout.")
     max_poll_interval_ms: int = _f(300000, "Longest gap between polls before a rebalance.")
     topic_wait_ms: int = _f(

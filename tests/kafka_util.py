@@ -17,9 +17,15 @@ from pipeline.testing import WorkerThread
 from tests.contract import Published
 from tests.factory import TOPICS
 
+# each fetcher of the worker's input (kafka.fetcher), for tests run with both
+FETCHERS = ("kafka-python", "librdkafka")
 
-def settings_for(bootstrap: str, names: object, **runtime: object) -> Settings:
-    """Settings pointing at a test's own topics (names: a TopicNames)."""
+
+def settings_for(
+    bootstrap: str, names: object, *, fetcher: str = "kafka-python", **runtime: object
+) -> Settings:
+    """Settings pointing at a test's own topics (names: a TopicNames), the worker's input
+    read by `fetcher`."""
     s = Settings()
     topics = replace(
         s.topics,
@@ -39,7 +45,12 @@ def settings_for(bootstrap: str, names: object, **runtime: object) -> Settings:
     )
     return replace(
         s,
-        kafka=replace(s.kafka, bootstrap_servers=bootstrap, group_id=f"g-{names.camera}"),  # type: ignore[attr-defined]
+        kafka=replace(
+            s.kafka,
+            bootstrap_servers=bootstrap,
+            group_id=f"g-{names.camera}",  # type: ignore[attr-defined]
+            fetcher=fetcher,
+        ),
         topics=topics,
         windows=replace(s.windows, idle_timeout_ms=1500),
         runtime=replace(s.runtime, metrics_port=0, commit_interval_ms=200, **runtime),

@@ -327,7 +327,7 @@ def test_records_left_unread_while_the_broker_is_away_are_not_silence(
             step_until(
                 lambda: (
                     set(read) <= worker.consumer.assignment()
-                    and all(worker.consumer.position(tp) >= n for tp, n in read.items())
+                    and all(worker.fetch.position(tp) >= n for tp, n in read.items())
                     and not worker.aligner.buffered
                 ),
                 "the first half of the window read",

@@ -20,7 +20,7 @@ from pipeline.kafka.admin import TopicNames, ensure_topics
 from pipeline.kafka.local.broker import LocalKafka
 from tests.contract import Published, expected_windows
 from tests.factory import T0, device_stream, make_model, number
-from tests.kafka_util import produce, read_until, settings_for, to_topics, wait_until
+from tests.kafka_util import FETCHERS, produce, read_until, settings_for, to_topics, wait_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -152,21 +152,29 @@ def run_kill_restart(
     return sent, events
 
 
-# with the model thread, commits go on while a batch is with the model (Engine.progress)
-THREAD = pytest.mark.parametrize("thread", ["off", "on"])
+# with the model thread, commits go on while a batch is with the model (Engine.progress);
+# librdkafka fetching (kafka.fetcher) with the model thread, as the exported model runs
+THREAD = pytest.mark.parametrize(
+    ("thread", "fetcher"), [("off", "kafka-python"), ("on", "kafka-python"), ("on", "librdkafka")]
+)
 
 
 @THREAD
-def test_sigkill_and_restart_loses_no_window(bootstrap, topics, workers, thread: str) -> None:
+def test_sigkill_and_restart_loses_no_window(
+    bootstrap, topics, workers, thread: str, fetcher: str
+) -> None:
     sent, events = run_kill_restart(
-        bootstrap, topics, workers, "--set", f"runtime.model_thread={thread}"
+        bootstrap,
+        topics,
+        workers,
+        *("--set", f"runtime.model_thread={thread}", "--set", f"kafka.fetcher={fetcher}"),
     )
     assert_whole_windows(events, sent, topics)
 
 
 @THREAD
 def test_exactly_once_survives_sigkill_without_duplicates(
-    bootstrap, topics, workers, thread: str
+    bootstrap, topics, workers, thread: str, fetcher: str
 ) -> None:
     sent, events = run_kill_restart(
         bootstrap,
@@ -175,8 +183,7 @@ def test_exactly_once_survives_sigkill_without_duplicates(
         "--exactly-once",
         "--transactional-id",
         f"tx-{topics.camera}",
-        "--set",
-        f"runtime.model_thread={thread}",
+        *("--set", f"runtime.model_thread={thread}", "--set", f"kafka.fetcher={fetcher}"),
     )
     workers.stop_all()  # SIGTERM: commits the last transaction
     events = read_until(
@@ -187,15 +194,16 @@ def test_exactly_once_survives_sigkill_without_duplicates(
     assert dupes == [], f"read_committed consumer saw duplicates: {dupes[:5]}"
 
 
-def test_two_workers_share_partitions_and_hand_over(bootstrap, topics, workers) -> None:
+@pytest.mark.parametrize("fetcher", FETCHERS)
+def test_two_workers_share_partitions_and_hand_over(bootstrap, topics, workers, fetcher) -> None:
     # The whole backlog is in the log before the workers start: records produced while a
     # caught-up worker consumes may land seconds apart across topics (big audio batches
     # trail small telemetry ones) and then are late by the contract, which is not what
     # this test is about. Here the handover happens in the middle of the backlog.
     sent = produce(bootstrap, to_topics(fleet(30, devices=9), topics))
     expected = {(d, s) for d, s, _ in expected_windows(sent, [], settings_for("x", topics).topics)}
-    a = workers.start()
-    b = workers.start()
+    a = workers.start("--set", f"kafka.fetcher={fetcher}")
+    b = workers.start("--set", f"kafka.fetcher={fetcher}")
     early = read_until(
         bootstrap,
         [topics.events],

@@ -29,7 +29,7 @@ from pipeline.stream.assembly import build_engine, run_offline
 from pipeline.stream.model_runner import ModelRunner
 from tests.contract import Published, bad_inputs
 from tests.factory import T0, TOPICS, device_stream, jpeg, mutate, number, png, record, wav
-from tests.kafka_util import produce, read_until, settings_for, to_topics, worker_thread
+from tests.kafka_util import FETCHERS, produce, read_until, settings_for, to_topics, worker_thread
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -141,8 +141,9 @@ def produce_unreadable(bootstrap: str, topic: str) -> tuple[int, int]:
     return md.partition, md.offset
 
 
+@pytest.mark.parametrize("fetcher", FETCHERS)
 def test_a_fixed_seed_of_hostile_records_each_ends_as_it_should_beside_a_normal_device(
-    bootstrap: str, topics: TopicNames, runner: ModelRunner
+    bootstrap: str, topics: TopicNames, runner: ModelRunner, fetcher: str
 ) -> None:
     records = hostile_records(random.Random(SEED))
     want_dead, want_counts = offline(records, runner)
@@ -161,7 +162,7 @@ def test_a_fixed_seed_of_hostile_records_each_ends_as_it_should_beside_a_normal_
         len(records): "batch_too_large_decompressed",
         len(records) + 1: "unreadable_record",
     }
-    settings = settings_for(bootstrap, topics)
+    settings = settings_for(bootstrap, topics, fetcher=fetcher)
     settings = replace(settings, windows=replace(settings.windows, idle_timeout_ms=1000))
     worker = worker_thread(settings, runner)
     devices = set(want_counts) | {NORMAL}

@@ -1,6 +1,7 @@
 """The house rules, checked: the folder says what a module may touch.
 
-- pipeline/kafka/ is the one place that imports kafka-python; every other module imports
+- pipeline/kafka/ is the one place that imports a Kafka client (kafka-python, and
+  confluent-kafka for `kafka.fetcher=librdkafka`); every other module imports
   without it (checked by importing them with kafka-python blocked, and by reading every
   import statement, those inside functions included);
 - dependencies point one way: pipeline -> fusion -> encoders;
@@ -46,13 +47,13 @@ def _imports(path: Path) -> set[str]:
     return out
 
 
-def _is_kafka_python(name: str) -> bool:
-    return name == "kafka" or name.startswith("kafka.")
+def _is_kafka_client(name: str) -> bool:
+    return name.split(".")[0] in ("kafka", "confluent_kafka")
 
 
 def test_only_pipeline_kafka_imports_kafka_python() -> None:
     offenders = {
-        name: sorted(i for i in _imports(path) if _is_kafka_python(i))
+        name: sorted(i for i in _imports(path) if _is_kafka_client(i))
         for name, path in MODULES.items()
         if not (name == "pipeline.kafka" or name.startswith("pipeline.kafka."))
     }

@@ -28,7 +28,7 @@ from pipeline.stream.assembly import build_engine
 from pipeline.stream.model_runner import ModelRunner
 from pipeline.testing import FakeClock
 from tests.factory import T0, device_stream
-from tests.kafka_util import produce, settings_for, to_topics, wait_until
+from tests.kafka_util import FETCHERS, produce, settings_for, to_topics, wait_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -91,10 +91,11 @@ def _healthz(port: int) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
+@pytest.mark.parametrize("fetcher", FETCHERS)
 def test_a_rejoin_that_finished_unobserved_is_rejoined_and_consumption_resumes(
-    bootstrap: str, topics: TopicNames, runner: ModelRunner
+    bootstrap: str, topics: TopicNames, runner: ModelRunner, fetcher: str
 ) -> None:
-    s = settings_for(bootstrap, topics)
+    s = settings_for(bootstrap, topics, fetcher=fetcher)
     # the liveness rule stays out of it: this is the worker's own guard at every poll
     s = replace(s, kafka=replace(s.kafka, stall_timeout_ms=600_000))
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)

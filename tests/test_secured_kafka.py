@@ -37,7 +37,7 @@ from pipeline.records import Record
 from pipeline.settings import MASK
 from pipeline.stream.model_runner import ModelRunner
 from tests.factory import T0, device_stream, make_model
-from tests.kafka_util import settings_for, to_topics, worker_thread
+from tests.kafka_util import FETCHERS, settings_for, to_topics, worker_thread
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -247,9 +247,12 @@ def test_simulate_record_replay_each_with_only_its_acls(
     assert_no_secret(sim.out + sim.err + rec.out + rec.err + rep.out + rep.err)
 
 
-def test_run_works_with_only_the_worker_acls(secured: LocalKafka, runner: ModelRunner) -> None:
-    names = topic_set(secured, "run")
-    settings = settings_for(secured.bootstrap_servers, names)
+@pytest.mark.parametrize("fetcher", FETCHERS)
+def test_run_works_with_only_the_worker_acls(
+    secured: LocalKafka, runner: ModelRunner, fetcher: str
+) -> None:
+    names = topic_set(secured, f"run-{fetcher}")
+    settings = settings_for(secured.bootstrap_servers, names, fetcher=fetcher)
     settings = dataclasses.replace(
         settings, kafka=dataclasses.replace(settings.kafka, **secured.client_settings("worker"))
     )

@@ -112,3 +112,43 @@ def test_every_kafka_client_gets_the_security_settings_and_logs_them_masked() ->
         assert "s3cret" not in repr(config.printable(cfg)), role
     sizes = {built["producer"]["max_request_size"], built["recorder"]["max_partition_fetch_bytes"]}
     assert sizes == {config.MAX_RECORD_BYTES}
+
+
+def test_librdkafkas_fetching_consumer_gets_the_same_security_masked() -> None:
+    """kafka.fetcher=librdkafka: the same TLS and SASL settings under librdkafka's names."""
+    from pipeline.kafka import config
+
+    s = Settings(
+        kafka=KafkaSettings(
+            security_protocol="SASL_SSL",
+            sasl_mechanism="SCRAM-SHA-512",
+            sasl_username="worker",
+            sasl_password="s3cret",
+            ssl_cafile="/ca.pem",
+            ssl_certfile="/cert.pem",
+            ssl_keyfile="/key.pem",
+        )
+    )
+    cfg = config.rdkafka_fetch_config(s)
+    assert {k: v for k, v in cfg.items() if k.startswith(("security", "sasl", "ssl"))} == {
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": "worker",
+        "sasl.password": "s3cret",
+        "ssl.ca.location": "/ca.pem",
+        "ssl.certificate.location": "/cert.pem",
+        "ssl.key.location": "/key.pem",
+    }
+    assert "s3cret" not in repr(config.printable(cfg))
+    assert cfg["isolation.level"] == "read_committed" and cfg["enable.auto.commit"] is False
+    # a response holds the largest record the contract admits, past the fetch's limit
+    assert cfg["receive.message.max.bytes"] > s.kafka.fetch_max_bytes + config.MAX_RECORD_BYTES
+
+
+def test_an_unknown_fetcher_is_refused_in_one_line() -> None:
+    from pipeline.errors import UserError
+    from pipeline.kafka.fetch import open_fetch
+
+    s = Settings(kafka=KafkaSettings(fetcher="rdkafka"))
+    with pytest.raises(UserError, match="kafka.fetcher='rdkafka': use kafka-python or librdkafka"):
+        open_fetch(s, consumer=None)

@@ -4,6 +4,7 @@ A security option (TLS, SASL) or a limit changes here once and reaches every cli
 
 - `consumer_config`: one member of the workers' group, range assignor (co-partitioning),
   manual commits, read_committed, fetch limits that admit the contract's largest records;
+- `rdkafka_fetch_config`: librdkafka fetching for the worker (`kafka.fetcher`);
 - `offsets_config`: a group-less client asking only for log end offsets, on its own
   connection;
 - `producer_config`: the worker's producer, idempotent, acks=all, transactional with
@@ -37,7 +38,18 @@ TRANSACTION_TIMEOUT_MS = 30_000  # an exactly-once transaction open longer is ab
 # or as a dead letter. One limit for the worker, the recorder and the replayer.
 MAX_RECORD_BYTES = 10 * 1024 * 1024 + 512 * 1024
 
-_SECRET_KEYS = ("sasl_plain_password", "ssl_password", "sasl_oauth_token_provider")
+_SECRET_KEYS = (
+    "sasl_plain_password",
+    "ssl_password",
+    "sasl_oauth_token_provider",
+    "sasl.password",  # librdkafka's names
+    "ssl.key.password",
+)
+# librdkafka fetches at most this much of one partition a request, so that each fetch
+# mixes the partitions (its default, 1 MiB, handed each partition's backlog out in runs and
+# the aligner waited on the topics not yet handed out); a larger first record comes whole
+RD_PARTITION_FETCH_BYTES = 128 * 1024
+RD_QUEUED_KBYTES = 16 * 1024  # records librdkafka fetches ahead of the worker, at most
 
 
 def security_config(k: KafkaSettings) -> dict[str, Any]:
@@ -93,6 +105,45 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
         # on incomplete metadata rejoins soon, and added partitions are picked up
         "metadata_max_age_ms": 30_000,
     }
+
+
+def rdkafka_fetch_config(settings: Settings, logger: Any = None) -> dict[str, Any]:
+    """librdkafka's fetching consumer (`kafka.fetcher=librdkafka`, confluent-kafka): assign
+    mode, never committing (the group id names no group it joins), read_committed, the
+    contract's largest records, security as every other client's."""
+    k = settings.kafka
+    cfg: dict[str, Any] = {
+        "bootstrap.servers": k.bootstrap_servers,
+        "client.id": f"{k.client_id}-fetch",
+        "group.id": k.group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "isolation.level": "read_committed",
+        "max.partition.fetch.bytes": RD_PARTITION_FETCH_BYTES,
+        "fetch.max.bytes": k.fetch_max_bytes,
+        # a response: the fetch's limit, past which only a larger first record goes
+        "receive.message.max.bytes": k.fetch_max_bytes + MAX_RECORD_BYTES + 1024 * 1024,
+        "queued.max.messages.kbytes": RD_QUEUED_KBYTES,
+        # that full, fetching waits this long before it tries again (librdkafka's default,
+        # 1 s, left a worker draining a backlog idle a third of the time)
+        "fetch.queue.backoff.ms": 10,
+        "reconnect.backoff.max.ms": 1000,  # as every kafka-python client's
+        "log.connection.close": False,
+        "security.protocol": k.security_protocol,
+    }
+    optional = {
+        "sasl.mechanism": k.sasl_mechanism,
+        "sasl.username": k.sasl_username,
+        "sasl.password": k.sasl_password,
+        "ssl.ca.location": k.ssl_cafile,
+        "ssl.certificate.location": k.ssl_certfile,
+        "ssl.key.location": k.ssl_keyfile,
+    }
+    cfg.update({key: v for key, v in optional.items() if v})
+    if logger is not None:
+        cfg["logger"] = logger
+    return cfg
 
 
 def offsets_config(settings: Settings) -> dict[str, Any]:

@@ -198,9 +198,12 @@ class GroupWatch:
         stall_timeout_ms: int,
         clock: Clock,
         probe: TopicPartition,
+        positions: Any = None,
     ) -> None:
-        """`probe`: a partition whose end offset says the broker answers when none is owned."""
+        """`probe`: a partition whose end offset says the broker answers when none is owned;
+        `positions`: what gives the positions of records read (default: the consumer)."""
         self.consumer, self.log_end, self.metrics, self.probe = consumer, log_end, metrics, probe
+        self.positions = consumer if positions is None else positions
         self.rule = Liveness(stall_timeout_ms, clock)
         metrics.watch(self.rule)
 
@@ -229,7 +232,7 @@ class GroupWatch:
                 if tp not in ends:
                     continue
                 try:
-                    position = self.consumer.position(tp, timeout_ms=LOG_END_TIMEOUT_MS)
+                    position = self.positions.position(tp, timeout_ms=LOG_END_TIMEOUT_MS)
                 except KafkaError as exc:
                     self.log_end.on_error("lag", exc)
                     continue

@@ -24,15 +24,16 @@ READ_THROUGH_TIMEOUT_MS = 1000  # and ReadThrough's, asked more often, this long
 class LogEnd:
     def __init__(
         self,
-        consumer: Any,
+        fetch: Any,
         offsets: Any,
         aligner: Aligner,
         on_error: Callable[[str, KafkaError], None],
     ) -> None:
-        """`consumer` gives positions and highwaters, `offsets` end offsets (kafka-python
-        KafkaConsumers); `on_error` takes a broker error that trying later may fix."""
-        self.consumer, self.offsets, self.aligner, self.on_error = (
-            consumer,
+        """`fetch` gives positions and highwaters (pipeline/kafka/fetch.py), `offsets` end
+        offsets (a kafka-python KafkaConsumer); `on_error` takes a broker error that trying
+        later may fix."""
+        self.fetch, self.offsets, self.aligner, self.on_error = (
+            fetch,
             offsets,
             aligner,
             on_error,
@@ -68,10 +69,10 @@ class LogEnd:
         if tp not in self.owned:
             return True
         try:
-            position = self.consumer.position(tp)
+            position = self.fetch.position(tp)
         except IllegalStateError:  # revoked meanwhile: its records are dropped next step
             return True
-        if position < (self.consumer.highwater(tp) or 0):
+        if position < (self.fetch.highwater(tp) or 0):
             return False
         if tp not in self._end_offsets:
             idle = {
@@ -95,7 +96,7 @@ class LogEnd:
             try:
                 return dict(self.offsets.end_offsets(partitions, timeout_ms))
             except KeyError:  # kafka-python: a partition the offsets client has no metadata
-                return dict(self.consumer.end_offsets(partitions, timeout_ms))  # yet
+                return dict(self.fetch.end_offsets(partitions, timeout_ms))  # yet
         except KafkaError as exc:
             self.on_error(call, exc)
             return {}
@@ -146,7 +147,7 @@ class ReadThrough:
         """Partitions whose position reached the end offset asked: read through then."""
         for tp, (end, asked) in list(self._asked.items()):
             try:
-                position = self.log_end.consumer.position(tp)
+                position = self.log_end.fetch.position(tp)
             except IllegalStateError:  # revoked meanwhile (kafka-python rebalances on its
                 del self._asked[tp]  # own thread): the next assignment decides
                 self._through.pop(tp, None)

@@ -41,13 +41,14 @@ from pipeline.kafka.config import (
     offsets_config,
     producer_config,
 )
+from pipeline.kafka.fetch import UnreadableRecord, open_fetch
 from pipeline.kafka.liveness import GroupWatch
 from pipeline.kafka.log_end import LogEnd, ReadThrough
-from pipeline.kafka.messages import to_record
 from pipeline.kafka.producer import BoundedProducer
 from pipeline.kafka.transaction import DeliveryError, Transactions
-from pipeline.kafka.unreadable import find_unreadable
+from pipeline.kafka.unreadable import Unreadable, find_unreadable
 from pipeline.logs import Throttle
+from pipeline.records import Record
 from pipeline.settings import Settings
 from pipeline.stream.align import Aligner
 from pipeline.stream.backpressure import Flow
@@ -103,6 +104,8 @@ class KafkaWorker:
             # network threads ran on: a caller that retries or goes on leaked them)
             self.consumer = KafkaConsumer(**consumer_config(settings))
             undo.callback(self.consumer.close, autocommit=False)
+            self.fetch = open_fetch(settings, self.consumer)  # what reads the records
+            undo.callback(self.fetch.close)
             self.offsets = KafkaConsumer(**offsets_config(settings))
             undo.callback(self.offsets.close)
             self.producer = KafkaProducer(**producer_config(settings))
@@ -112,7 +115,7 @@ class KafkaWorker:
             undo.pop_all()  # started: close() closes them from now on
 
     def _start_clients(self, settings: Settings, clock: Clock) -> None:
-        self.log_end = LogEnd(self.consumer, self.offsets, self.aligner, self._broker_error)
+        self.log_end = LogEnd(self.fetch, self.offsets, self.aligner, self._broker_error)
         self.read_through = ReadThrough(self.log_end, clock)  # idle timeouts' clock
         self.out: BoundedProducer[Output] = BoundedProducer(
             self.producer, settings.kafka.max_in_flight_bytes, clock
@@ -134,6 +137,7 @@ class KafkaWorker:
             settings.kafka.stall_timeout_ms,
             clock,
             probe=TopicPartition(inputs[0], 0),
+            positions=self.fetch,
         )
 
     # -- main loop ----------------------------------------------------------------------
@@ -157,13 +161,13 @@ class KafkaWorker:
         self._follow_assignment()
         self.log_end.new_poll(self._owned)
         count = 0
-        for messages in polled.values():
-            for msg in messages:
-                record = to_record(msg)
-                if not self.tracker.track(Position(record.topic, record.partition, record.offset)):
-                    continue  # re-delivered after a rebalance: already in a window or done
-                self.aligner.push(record)
-                count += 1
+        for record in polled:
+            if (record.topic, record.partition) not in self._owned:
+                continue  # its partition was lost in this poll's rebalance
+            if not self.tracker.track(Position(record.topic, record.partition, record.offset)):
+                continue  # re-delivered after a rebalance: already in a window or done
+            self.aligner.push(record)
+            count += 1
         released = process_ready(self.aligner, self.log_end.caught_up, self.engine, self._publish)
         read_through = self.read_through(self._owned)  # None: not known (yet)
         # a device is not silent while its records wait here, nor while they wait unread
@@ -181,13 +185,16 @@ class KafkaWorker:
         self._trim_heap()
         return count
 
-    def _poll(self, timeout_ms: int) -> dict[TopicPartition, list[Any]]:
-        """consumer.poll; a record the client cannot parse is dead-lettered and skipped."""
+    def _poll(self, timeout_ms: int) -> list[Record]:
+        """The fetcher's poll; a record the client cannot parse is dead-lettered and skipped."""
         try:
-            return dict(self.consumer.poll(timeout_ms=timeout_ms))
-        except CorruptRecordError:
-            positions = {tp: self.consumer.position(tp) for tp in self._owned - self._held_back}
+            return self.fetch.poll(timeout_ms, joining=self.watch.rule.state != "stable")
+        except CorruptRecordError as exc:
+            readable = self._owned - self._held_back
+            positions = {tp: p for tp in readable if (p := self.fetch.position(tp)) is not None}
             found = find_unreadable(self.offsets, positions)
+            if not found and isinstance(exc, UnreadableRecord):  # kafka-python reads it
+                found = [Unreadable(exc.tp, exc.offset, exc.offset, exc)]
             if not found:
                 raise  # not a record this worker can point at
             for bad in found:  # a record, or a batch that cannot be decompressed
@@ -205,8 +212,8 @@ class KafkaWorker:
                     self.tracker.track(position)
                 self.metrics.labelled(self.metrics.dead_letters, str(bad.reason)).inc()
                 self._publish([bad.dead_letter(self.settings.topics.deadletter, self.clock())])
-                self.consumer.seek(bad.tp, bad.last + 1)
-            return {}
+                self.fetch.seek(bad.tp, bad.last + 1)
+            return []
 
     def _status(self, every_ms: int = 10_000) -> None:
         """A concise progress line every 10 s."""
@@ -238,6 +245,7 @@ class KafkaWorker:
 
     def close(self) -> None:
         try:
+            self.fetch.close()
             self.consumer.close(autocommit=False)
             self.offsets.close()
         finally:
@@ -330,6 +338,7 @@ class KafkaWorker:
         current = set(self.consumer.assignment())
         if current == self._owned:
             return
+        self.fetch.follow(current)
         lost, gained = self._owned - current, current - self._owned
         if lost:
             keys = [(tp.topic, tp.partition) for tp in lost]
@@ -346,9 +355,9 @@ class KafkaWorker:
             committed = self.consumer.committed(tp, metadata=True)
             if committed is not None:
                 self.engine.resume(tp.partition, decode_progress(committed.metadata))
-                self.consumer.seek(tp, committed.offset)
+                self.fetch.seek(tp, committed.offset)
             else:
-                self.consumer.seek_to_beginning(tp)
+                self.fetch.seek_to_beginning(tp)
         if gained:
             log.info("partitions gained: %s", sorted((tp.topic, tp.partition) for tp in gained))
         self._owned = current
@@ -370,9 +379,9 @@ class KafkaWorker:
         pause = set(self._owned) if decision.pause else set()
         pause |= {TopicPartition(t, p) for t, p in self.aligner.pause} & self._owned
         if pause - self._held_back:
-            self.consumer.pause(*(pause - self._held_back))
+            self.fetch.pause(*(pause - self._held_back))
         if self._held_back - pause:
-            self.consumer.resume(*(self._held_back - pause))
+            self.fetch.resume(*(self._held_back - pause))
         self._held_back = pause
 
 
@@ -387,3 +396,5 @@ class _Rebalance(AsyncConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         log.debug("rebalance: %d partitions assigned", len(assigned))
+        if self.worker.settings.kafka.fetcher == "librdkafka" and assigned:
+            self.worker.consumer.pause(*assigned)  # before kafka-python fetches any
