@@ -3,6 +3,7 @@
     .venv/bin/python bench/edge_bench.py                       # starts a local broker
     .venv/bin/python bench/edge_bench.py --edge-venv build/edge-venv   # workers without torch
     .venv/bin/python bench/edge_bench.py --quick
+    .venv/bin/python bench/edge_bench.py --e2e-only --skip-evaluate --fetchers librdkafka
 
 Models: the shipped torch model, and its exports (fp32, int8, fp16) written into a
 temporary directory by `iotfuse export` (each checked against torch). Inputs: the devices of
@@ -15,7 +16,8 @@ One inference thread for every backend (what `iotfuse run` sets on 2 cores).
 2. offline pipeline: `run_offline` over the records, max_batch 64;
 3. end to end via Kafka: records produced once; per model, `iotfuse run` in its own process
    (with --edge-venv: that venv's, no torch installed; else this venv's) of a new group
-   drains them into its own events topic; windows/s from its first batch of events to its
+   drains them into its own events topic, once per fetcher of its input (`--fetchers`:
+   kafka.fetcher, kafka-python and librdkafka); windows/s from its first batch of events to its
    last (group join, model loading and the first batch left out), the best of `--repeat`
    runs alternated between the models (the others in brackets), and the worker's peak
    RSS (VmHWM);
@@ -121,6 +123,7 @@ def end_to_end(
     python: str,
     block: bool,
     model_thread: str = "auto",
+    fetcher: str = "kafka-python",
 ) -> E2E:
     """The worker on `model` reading the produced windows as fast as it can."""
     t = names
@@ -135,7 +138,7 @@ def end_to_end(
     ]
     argv = ["run", "--bootstrap-servers", bootstrap, "--model", str(model), "--device", "cpu"]
     argv += ["--metrics-port", "0", "--set", "runtime.torch_threads=1"]
-    argv += ["--set", f"runtime.model_thread={model_thread}"]
+    argv += ["--set", f"runtime.model_thread={model_thread}", "--set", f"kafka.fetcher={fetcher}"]
     argv += [a for s in sets for a in ("--set", s)]
     script = (BLOCK if block else "import sys\n") + "from pipeline.cli import main\n"
     script += "sys.exit(main(sys.argv[1:]))\n"
@@ -190,6 +193,13 @@ def main() -> int:
     p.add_argument("--skip-kafka", action="store_true")
     p.add_argument("--skip-evaluate", action="store_true")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--e2e-only", action="store_true", help="skip model only and offline")
+    p.add_argument("--models", help="end to end only these, comma-separated (e.g. torch,onnx fp32)")
+    p.add_argument(
+        "--fetchers",
+        default="kafka-python,librdkafka",
+        help="kafka.fetcher values for end to end, comma-separated",
+    )
     a = p.parse_args()
     if a.quick:
         a.devices, a.seconds, a.repeat = 4, 6, 1
@@ -223,7 +233,7 @@ def main() -> int:
         return sum(1 for o in run_offline(engine, records) if o.topic == s.topics.events)
 
     table: dict[str, dict[str, str]] = {k: {} for k in models}
-    for name, runner in runners.items():
+    for name, runner in {} if a.e2e_only else runners.items():
         print(f"{name}: model only, offline ...", file=sys.stderr, flush=True)
         table[name]["model"] = f"{best_rate(lambda r=runner: classify_all(r), a.repeat):.0f}"
         with PythonLoad():
@@ -238,23 +248,25 @@ def main() -> int:
             names = produced(bootstrap, records + closing(a.devices, t0 + a.seconds * 1000, media))
             # the exported fp32 model once more with the model thread off: what it buys
             workers = {**{k: (v, "auto") for k, v in models.items()}, NO_THREAD: (fp32, "off")}
-            table[NO_THREAD] = {}
-            runs: dict[str, list[E2E]] = {k: [] for k in workers}
+            if a.models:
+                workers = {k: v for k, v in workers.items() if k in a.models.split(",")}
+            fetchers = a.fetchers.split(",")
+            runs: dict[tuple[str, str], list[E2E]] = {(k, f): [] for k in workers for f in fetchers}
             for n in range(a.repeat):  # alternated: the machine's speed drifts
-                for name, (model, thread) in workers.items():
+                for (name, fetcher), (model, thread) in ((k, workers[k[0]]) for k in runs):
                     print(f"{name}: end to end, round {n + 1} ...", file=sys.stderr, flush=True)
                     edge = model is not None and a.edge_venv is not None
                     python = (
                         str(a.edge_venv.resolve() / "bin" / "python") if edge else sys.executable
                     )
                     path = model or REPO / "fusion" / "default_model"
-                    runs[name].append(
-                        end_to_end(
-                            bootstrap, names, path, windows, python, model is not None, thread
-                        )
+                    block = model is not None
+                    runs[name, fetcher].append(
+                        end_to_end(bootstrap, names, path, windows, python, block, thread, fetcher)
                     )
-            for name, got in runs.items():
-                table[name].update(e2e_columns(got))
+            for (name, fetcher), got in runs.items():
+                row = name if len(fetchers) == 1 else f"{name}, {fetcher}"
+                table.setdefault(row, {}).update(e2e_columns(got))
     cols = ["model", "model+py", "offline", "e2e", "rss", "worker_ms", "machine_ms"]
     heads = ["model only", "beside Python", "offline", "e2e Kafka", "worker RSS MiB"]
     heads += ["worker CPU ms", "all CPU ms"]

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/outside.py --devices 50 --seconds 120 [--model DIR]
         [--iotfuse PATH] [--bootstrap-servers HOST:PORT]
+    IOTFUSE_KAFKA__FETCHER=librdkafka .venv/bin/python bench/outside.py ...  # its fetcher
 
 The worker is `iotfuse run` in its own process (this venv's, or `--iotfuse`, e.g.
 build/edge-venv/bin/iotfuse), configured through IOTFUSE_* variables: fresh prefixed topics,
@@ -78,8 +79,8 @@ class Worker:
             s.bind(("127.0.0.1", 0))
             self.port = int(s.getsockname()[1])
         # this run's settings only; the allocator as asked (IOTFUSE_RUNTIME__ALLOCATOR=system
-        # keeps glibc's malloc where the machine has jemalloc)
-        keep = ("IOTFUSE_RUNTIME__ALLOCATOR",)
+        # keeps glibc's malloc where the machine has jemalloc), and the input's fetcher
+        keep = ("IOTFUSE_RUNTIME__ALLOCATOR", "IOTFUSE_KAFKA__FETCHER")
         env = {k: v for k, v in os.environ.items() if not k.startswith("IOTFUSE_") or k in keep}
         roles = ("camera", "audio", "telemetry", "labels", "events", "deadletter", "incidents")
         env |= {f"IOTFUSE_TOPICS__{r.upper()}": getattr(names, r) for r in roles}
@@ -456,7 +457,8 @@ def with_broker(bootstrap: str | None, job: Callable[[str], Outcome]) -> Outcome
 def heading(a: argparse.Namespace, seconds: int, out: Outcome) -> str:
     return (
         f"{a.devices} devices, {seconds} s after a {WARM_UP_MS // 1000} s warm-up; "
-        f"{a.iotfuse or 'iotfuse'} run, model {a.model or 'shipped'}, {out.allocator}; "
+        f"{a.iotfuse or 'iotfuse'} run, model {a.model or 'shipped'}, {out.allocator}, "
+        f"fetcher {os.environ.get('IOTFUSE_KAFKA__FETCHER', 'kafka-python')}; "
         f"load avg {os.getloadavg()[0]:.1f}"
     )
 
