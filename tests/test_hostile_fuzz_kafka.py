@@ -183,6 +183,11 @@ def test_a_fixed_seed_of_hostile_records_each_ends_as_it_should_beside_a_normal_
         [p for p in got if p.topic == topics.events],
         where,
     )
+    if fetcher == "librdkafka":  # it may decompress the bomb whole: then its image is too
+        # large (docs/contract.md: the decompression bound is kafka-python's)
+        bombed = {"batch_too_large_decompressed", "image_too_large_bytes"}
+        assert dead.pop(len(records), None) in bombed
+        del want_dead[len(records)]
     assert dead == want_dead
     assert counts.pop(NORMAL) == {m: n * 3 for m, n in PER_WINDOW.items()}
     assert counts == want_counts
