@@ -168,9 +168,11 @@ def test_a_fixed_seed_of_hostile_records_each_ends_as_it_should_beside_a_normal_
     devices = set(want_counts) | {NORMAL}
 
     def done(got: list[Published]) -> bool:
-        events = {json.loads(p.value or b"")["device_id"] for p in got if p.topic == topics.events}
+        ids = [json.loads(p.value or b"")["device_id"] for p in got if p.topic == topics.events]
         letters = sum(p.topic == topics.deadletter for p in got)
-        return events >= devices and letters >= len(want_dead)
+        # the normal device's 3 windows too: its last closes at the idle timeout, which may
+        # come after the last dead letter (with librdkafka's timing it did)
+        return set(ids) >= devices and ids.count(NORMAL) >= 3 and letters >= len(want_dead)
 
     try:
         got = read_until(
