@@ -60,7 +60,11 @@ class KafkaSettings:
         "Consumer fetch size (soft: the broker still returns a larger first record, so 8 MiB "
         "images pass). Larger fetches cost kafka-python more CPU (32 MiB: 20% slower drain).",
     )
-    max_poll_records: int = _f(500, "Records returned by one consumer poll at most.")
+    max_poll_records: int = _f(
+        500,
+        "Records returned by one consumer poll at most (kafka-python; librdkafka, parsing in "
+        "C, hands out up to 2000: 500 drained 13% slower).",
+    )
     fetcher: str = _f(
         "kafka-python",
         "What fetches `run`'s input records: kafka-python (parses in Python, under the "
