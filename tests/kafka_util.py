@@ -17,9 +17,6 @@ from pipeline.testing import WorkerThread
 from tests.contract import Published
 from tests.factory import TOPICS
 
-# each fetcher of the worker's input (kafka.fetcher), for tests run with both
-FETCHERS = ("kafka-python", "librdkafka")
-
 
 def settings_for(
     bootstrap: str, names: object, *, fetcher: str = "kafka-python", **runtime: object

@@ -17,10 +17,11 @@ import pytest
 
 from encoders.modality import Modality
 from pipeline.kafka.admin import TopicNames, ensure_topics
+from pipeline.kafka.fetch import FETCHERS
 from pipeline.kafka.local.broker import LocalKafka
 from tests.contract import Published, expected_windows
 from tests.factory import T0, device_stream, make_model, number
-from tests.kafka_util import FETCHERS, produce, read_until, settings_for, to_topics, wait_until
+from tests.kafka_util import produce, read_until, settings_for, to_topics, wait_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

@@ -23,13 +23,14 @@ from kafka import KafkaProducer
 from encoders.modality import Modality
 from pipeline.kafka.admin import TopicNames
 from pipeline.kafka.decompress import MAX_BATCH_BYTES
+from pipeline.kafka.fetch import FETCHERS
 from pipeline.records import Record
 from pipeline.settings import Settings
 from pipeline.stream.assembly import build_engine, run_offline
 from pipeline.stream.model_runner import ModelRunner
 from tests.contract import Published, bad_inputs
 from tests.factory import T0, TOPICS, device_stream, jpeg, mutate, number, png, record, wav
-from tests.kafka_util import FETCHERS, produce, read_until, settings_for, to_topics, worker_thread
+from tests.kafka_util import produce, read_until, settings_for, to_topics, worker_thread
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

@@ -22,13 +22,14 @@ from kafka.structs import MemberState
 from pipeline.clock import Clock, wall_clock_ms
 from pipeline.kafka import liveness
 from pipeline.kafka.admin import TopicNames
+from pipeline.kafka.fetch import FETCHERS
 from pipeline.kafka.worker import KafkaWorker
 from pipeline.settings import Settings
 from pipeline.stream.assembly import build_engine
 from pipeline.stream.model_runner import ModelRunner
 from pipeline.testing import FakeClock
 from tests.factory import T0, device_stream
-from tests.kafka_util import FETCHERS, produce, settings_for, to_topics, wait_until
+from tests.kafka_util import produce, settings_for, to_topics, wait_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

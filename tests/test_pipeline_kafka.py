@@ -16,6 +16,7 @@ from kafka.admin import KafkaAdminClient, NewTopic
 
 from pipeline.errors import UserError
 from pipeline.kafka.admin import TopicNames, auto_creates_topics, ensure_topics
+from pipeline.kafka.fetch import FETCHERS
 from pipeline.kafka.local.broker import LocalKafka
 from pipeline.kafka.worker import KafkaWorker
 from pipeline.settings import Settings
@@ -25,7 +26,6 @@ from pipeline.testing import WorkerThread
 from tests.contract import Published, check_contract, scenario
 from tests.factory import CLASSES, T0, device_stream, make_model
 from tests.kafka_util import (
-    FETCHERS,
     produce,
     read_until,
     settings_for,

@@ -30,6 +30,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from pipeline.cli import main
 from pipeline.kafka.access import worker_grants
 from pipeline.kafka.admin import TopicNames, check_copartitioned, ensure_topics
+from pipeline.kafka.fetch import FETCHERS
 from pipeline.kafka.local.broker import LocalKafka
 from pipeline.kafka.local.security import SecurityConfig, make_ca
 from pipeline.recordings.file import RecordingWriter
@@ -37,7 +38,7 @@ from pipeline.records import Record
 from pipeline.settings import MASK
 from pipeline.stream.model_runner import ModelRunner
 from tests.factory import T0, device_stream, make_model
-from tests.kafka_util import FETCHERS, settings_for, to_topics, worker_thread
+from tests.kafka_util import settings_for, to_topics, worker_thread
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

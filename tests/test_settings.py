@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -82,18 +83,19 @@ def test_metrics_reference_is_up_to_date() -> None:
     )
 
 
+SECURED = KafkaSettings(
+    security_protocol="SASL_SSL",
+    sasl_mechanism="SCRAM-SHA-512",
+    sasl_username="worker",
+    sasl_password="s3cret",
+    ssl_cafile="/ca.pem",
+)
+
+
 def test_every_kafka_client_gets_the_security_settings_and_logs_them_masked() -> None:
     from pipeline.kafka import config
 
-    s = Settings(
-        kafka=KafkaSettings(
-            security_protocol="SASL_SSL",
-            sasl_mechanism="SCRAM-SHA-512",
-            sasl_username="worker",
-            sasl_password="s3cret",
-            ssl_cafile="/ca.pem",
-        )
-    )
+    s = Settings(kafka=SECURED)
     k = s.kafka
     built = {
         "consumer": config.consumer_config(s),
@@ -118,17 +120,7 @@ def test_librdkafkas_fetching_consumer_gets_the_same_security_masked() -> None:
     """kafka.fetcher=librdkafka: the same TLS and SASL settings under librdkafka's names."""
     from pipeline.kafka import config
 
-    s = Settings(
-        kafka=KafkaSettings(
-            security_protocol="SASL_SSL",
-            sasl_mechanism="SCRAM-SHA-512",
-            sasl_username="worker",
-            sasl_password="s3cret",
-            ssl_cafile="/ca.pem",
-            ssl_certfile="/cert.pem",
-            ssl_keyfile="/key.pem",
-        )
-    )
+    s = Settings(kafka=replace(SECURED, ssl_certfile="/cert.pem", ssl_keyfile="/key.pem"))
     cfg = config.rdkafka_fetch_config(s)
     assert {k: v for k, v in cfg.items() if k.startswith(("security", "sasl", "ssl"))} == {
         "security.protocol": "SASL_SSL",

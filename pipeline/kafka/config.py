@@ -50,6 +50,16 @@ _SECRET_KEYS = (
 # the aligner waited on the topics not yet handed out); a larger first record comes whole
 RD_PARTITION_FETCH_BYTES = 128 * 1024
 RD_QUEUED_KBYTES = 16 * 1024  # records librdkafka fetches ahead of the worker, at most
+# security_config's kafka-python names as librdkafka's
+_RD_SECURITY_NAMES = {
+    "security_protocol": "security.protocol",
+    "sasl_mechanism": "sasl.mechanism",
+    "sasl_plain_username": "sasl.username",
+    "sasl_plain_password": "sasl.password",
+    "ssl_cafile": "ssl.ca.location",
+    "ssl_certfile": "ssl.certificate.location",
+    "ssl_keyfile": "ssl.key.location",
+}
 
 
 def security_config(k: KafkaSettings) -> dict[str, Any]:
@@ -130,17 +140,8 @@ def rdkafka_fetch_config(settings: Settings, logger: Any = None) -> dict[str, An
         "fetch.queue.backoff.ms": 10,
         "reconnect.backoff.max.ms": 1000,  # as every kafka-python client's
         "log.connection.close": False,
-        "security.protocol": k.security_protocol,
+        **{_RD_SECURITY_NAMES[key]: v for key, v in security_config(k).items()},
     }
-    optional = {
-        "sasl.mechanism": k.sasl_mechanism,
-        "sasl.username": k.sasl_username,
-        "sasl.password": k.sasl_password,
-        "ssl.ca.location": k.ssl_cafile,
-        "ssl.certificate.location": k.ssl_certfile,
-        "ssl.key.location": k.ssl_keyfile,
-    }
-    cfg.update({key: v for key, v in optional.items() if v})
     if logger is not None:
         cfg["logger"] = logger
     return cfg

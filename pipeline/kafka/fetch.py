@@ -208,7 +208,6 @@ class RdKafkaFetch:
             for tp in lost:
                 del self._positions[tp]
                 self._paused.discard(tp)
-        self._pause_group()
 
     def position(self, tp: TopicPartition, timeout_ms: int | None = None) -> int | None:
         position = self._positions.get(tp)
