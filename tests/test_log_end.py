@@ -22,8 +22,11 @@ CAM, TEL = TopicPartition("cam", 0), TopicPartition("tel", 0)
 class Clients:
     """position/highwater as the consumer saw them; end_offsets as the broker has them."""
 
-    def __init__(self, position: dict, highwater: dict, log_end: dict) -> None:
+    def __init__(
+        self, position: dict, highwater: dict, log_end: dict, fetched: dict | None = None
+    ) -> None:
         self.pos, self.high, self.log_end = position, highwater, log_end
+        self.fetched = fetched or {}  # what the fetcher knows of the log end without asking
         self.asked: list[list[TopicPartition]] = []
         self.down = False  # the broker cannot be reached
 
@@ -34,6 +37,9 @@ class Clients:
 
     def highwater(self, tp: TopicPartition) -> int:
         return self.high[tp]
+
+    def fetched_end(self, tp: TopicPartition) -> int | None:
+        return self.fetched.get(tp)
 
     def end_offsets(
         self, partitions: list[TopicPartition], timeout_ms: int | None = None
@@ -74,6 +80,20 @@ def test_the_fetched_highwater_alone_decides_when_records_are_still_unread() -> 
     log_end = log_end_with(clients, Aligner(("cam", "tel")))
     assert not log_end.at_log_end(CAM) and clients.asked == []
     assert log_end.at_log_end(TEL) and clients.asked == [[CAM, TEL]]  # every idle one
+
+
+def test_a_fetcher_that_knows_the_log_end_is_not_asked_again() -> None:
+    """librdkafka keeps a fetch of each partition waiting at the broker and takes the log end
+    from every answer: a round trip per poll to ask the same cost the worker's main thread
+    18% of its time at 100 live devices. A partition it does not fetch (paused) is asked."""
+    clients = Clients({CAM: 10, TEL: 20}, {CAM: 10, TEL: 20}, {CAM: 10, TEL: 25}, {CAM: 10})
+    log_end = log_end_with(clients, Aligner(("cam", "tel")))
+    assert log_end.at_log_end(CAM) and clients.asked == []
+    assert not log_end.at_log_end(TEL)  # no fetch of it waits (paused): the broker is asked
+    assert clients.asked == [[CAM, TEL]]  # (with every partition idle here, as always)
+    clients.fetched[TEL] = 25  # fetched now: 5 records to hand out
+    log_end.new_poll({CAM, TEL})
+    assert not log_end.at_log_end(TEL) and len(clients.asked) == 1
 
 
 def read_through_with(clients: Clients, clock: FakeClock) -> tuple[ReadThrough, list[str]]:

@@ -44,6 +44,7 @@ class Fetch(Protocol):
     def poll(self, timeout_ms: int, joining: bool = False) -> list[Record]: ...
     def position(self, tp: TopicPartition, timeout_ms: int | None = None) -> int | None: ...
     def highwater(self, tp: TopicPartition) -> int | None: ...
+    def fetched_end(self, tp: TopicPartition) -> int | None: ...
     def end_offsets(
         self, partitions: list[TopicPartition], timeout_ms: int
     ) -> dict[TopicPartition, int]: ...
@@ -95,6 +96,11 @@ class KafkaPythonFetch:
 
     def highwater(self, tp: TopicPartition) -> int | None:
         return self.consumer.highwater(tp)  # type: ignore[no-any-return]
+
+    def fetched_end(self, tp: TopicPartition) -> int | None:
+        """None: kafka-python hands out records of older completed fetches, whose highwater
+        is as old as they are, so only the broker can say where the log ends now."""
+        return None
 
     def end_offsets(
         self, partitions: list[TopicPartition], timeout_ms: int
@@ -225,6 +231,14 @@ class RdKafkaFetch:
         except KafkaException:  # not fetched yet
             return None
         return int(high) if high is not None and high >= 0 else None
+
+    def fetched_end(self, tp: TopicPartition) -> int | None:
+        """Where the log of `tp` ends, as new as asking the broker: librdkafka keeps a fetch
+        of every partition it reads waiting at the broker, which answers it as soon as
+        anything is appended, and takes its end offset from each answer before handing out
+        its records. Not for a paused partition (no fetch waits for it) or one not fetched
+        yet: None, ask the broker."""
+        return None if tp in self._paused else self.highwater(tp)
 
     def end_offsets(
         self, partitions: list[TopicPartition], timeout_ms: int

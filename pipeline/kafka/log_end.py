@@ -65,7 +65,9 @@ class LogEnd:
         (a sixth of the frames at 100 live devices). So the broker is asked, once per poll
         and partition, with every owned partition with nothing buffered here at that moment;
         a partition whose buffered records ran out later in the same poll is asked then (it
-        was once taken as caught up without asking)."""
+        was once taken as caught up without asking). A fetcher that learns the log end with
+        every fetch answer (librdkafka: `Fetch.fetched_end`) is not asked again: at 100 live
+        devices that round trip took 18% of the main thread's time."""
         if tp not in self.owned:
             return True
         try:
@@ -74,6 +76,9 @@ class LogEnd:
             return True
         if position < (self.fetch.highwater(tp) or 0):
             return False
+        fetched = self.fetch.fetched_end(tp)
+        if fetched is not None:
+            return bool(position >= fetched)
         if tp not in self._end_offsets:
             idle = {
                 p
