@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from encoders.modality import Modality
 from pipeline.settings import Settings
-from pipeline.stream.assembly import build_engine, run_offline
+from pipeline.stream.assembly import build_engine
 from pipeline.stream.engine import Engine
 from pipeline.stream.model_runner import ModelRunner
 from tests.contract import Published
@@ -37,11 +37,18 @@ def stream_with_a_bad_frame() -> list:
     return number(sorted(records, key=lambda r: r.timestamp_ms))
 
 
-def outputs(engine: Engine, records: list) -> list[Published]:
-    return [
-        Published(o.topic, o.key, o.value, o.headers, o.timestamp_ms)
-        for o in run_offline(engine, records)
-    ]
+def outputs(engine: Engine, records: list, idle: bool = True) -> list[Published]:
+    """The engine's outputs over `records` (in event-time order), its reader idle after
+    handing over each record (a live fleet's worker between ticks) or never (a backlog)."""
+    got = []
+    for r in records:
+        got += engine.process(r)
+        if idle:
+            engine.idle()
+        if engine.queued() >= engine.cfg.max_batch:
+            got += engine.run_batch()
+    got += engine.finish()
+    return [Published(o.topic, o.key, o.value, o.headers, o.timestamp_ms) for o in got]
 
 
 def test_prefetched_frames_give_the_outputs_of_decoding_at_close(runner: ModelRunner) -> None:
@@ -70,3 +77,16 @@ def test_revoked_windows_leave_no_decoded_frames_behind(runner: ModelRunner) -> 
     engine.revoke([(TOPICS.camera, records[0].partition)])
     assert engine.prefetch.pending == 0
     engine.close()
+
+
+def test_frames_are_decoded_ahead_only_while_the_reader_idles(runner: ModelRunner) -> None:
+    """Decoding on arrival took both cores in the moment a fleet's windows closed: the
+    frames wait for the reader to have nothing to hand over, and a reader that never has
+    that moment decodes at close, with the same outputs."""
+    records = stream_with_a_bad_frame()
+    expected = outputs(engine_with(runner, 0), records)
+    busy = engine_with(runner, 2)
+    assert outputs(busy, records, idle=False) == expected
+    k = runner.features.num_frames
+    assert (busy.prefetch.ahead, busy.prefetch.at_close) == (0, 3 * 4 * k + 1)
+    assert busy.prefetch.pending == 0

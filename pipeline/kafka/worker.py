@@ -158,6 +158,8 @@ class KafkaWorker:
             timeout = self.watch.poll_timeout(poll_timeout_ms)
         polled = self._poll(timeout)
         self.watch.polled(fetched=bool(polled))
+        if not polled:
+            self.engine.idle()  # frames decoded ahead, not while a fleet's windows close
         self._follow_assignment()
         self.log_end.new_poll(self._owned)
         count = 0

@@ -6,6 +6,7 @@ replay and the tests all drive the same `Engine`:
     for record in source:
         outputs += engine.process(record)     # dead letters now; windows queue as they close
     engine.tick()                             # idle timeouts (injected wall clock)
+    engine.idle()                             # nothing to read now: decode frames ahead
     if engine.batch_due(): outputs += engine.run_batch()   # encode + fuse closed windows
     elif not engine.queued(): engine.infer_early()          # spare time: see below
     engine.take_released()                    # positions that need no output (late records)
@@ -157,6 +158,11 @@ class Engine:
                 start = self.cfg.windows.start_of(got.item.ts_ms)
                 self.prefetch.on_frame(got.device_id, start, got.item)
         return []
+
+    def idle(self) -> None:
+        """The reader has no records for the engine now: decode the frames predicted ahead
+        (pipeline/stream/prefetch.py). A reader that never idles decodes them at close."""
+        self.prefetch.idle()
 
     def tick(self, read_through: int | None = None) -> None:
         """Close windows of devices that went silent (wall-clock idle timeout).

@@ -4,14 +4,23 @@ All devices' windows end on the same epoch boundaries, so they close together: d
 their frames only then puts every JPEG of a fleet into one burst, and the last window's
 event waits for all of them. The prefetcher spreads that work over the window's lifetime:
 as a frame arrives it predicts, from the frame count of the device's previous window,
-whether `window_inputs` will pick it (the same `spread` rule), and if so decodes it on a
-thread pool (OpenCV decodes without the GIL). At close, `decode` hands out the result or,
-for a frame it did not predict, decodes it then. The frames picked and their pixels are
-exactly those of decoding at close: only the moment of the work changes.
+whether `window_inputs` will pick it (the same `spread` rule), and if so keeps it to decode
+on a thread pool (OpenCV decodes without the GIL) once the reader is `idle`. At close,
+`decode` hands out the result or, for a frame it did not predict or has not started,
+decodes it then. The frames picked and their pixels are exactly those of decoding at
+close: only the moment of the work changes.
+
+Why at idle, not on arrival: the frames of a fleet arrive together too, and the first
+frame past a window's end plus the allowed lateness, the one that closes the window, is
+often a frame the next window picks. Decoded on arrival, 100 devices' frames took both
+cores in the very moment their windows closed, and each event waited for them
+(docs/performance.md). A reader that never idles (a backlog, a replay) decodes at close,
+a batch at a time on every feature thread, as without prefetching.
 """
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -26,7 +35,9 @@ class FramePrefetch:
         self.spec = spec
         self.threads = threads
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: dict[Position, Future[np.ndarray]] = {}
+        self._waiting: dict[Position, Item] = {}  # predicted, decoded once the reader idles
+        self._pending: dict[Position, Future[np.ndarray]] = {}  # started
+        self._lock = threading.Lock()  # `decode` runs on the model's and feature threads
         self._last_count: dict[str, int] = {}  # device -> frames in its last closed window
         self._arrived: dict[tuple[str, int], int] = {}  # (device, window start) -> frames
         self.ahead = 0  # frames handed out decoded ahead
@@ -44,15 +55,26 @@ class FramePrefetch:
         if self.threads < 1 or expected is None:
             return  # a device's first window: nothing to predict from
         if index in spread(expected, self.spec.num_frames):
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="iotfuse-frames")
-            self._pending[item.position] = self._pool.submit(
-                decode_frame, item, self.spec.image_size
-            )
+            with self._lock:
+                self._waiting[item.position] = item
+
+    def idle(self) -> None:
+        """The reader has nothing to hand over now: start decoding the frames waiting."""
+        if not self._waiting:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="iotfuse-frames")
+        with self._lock:
+            for position, item in self._waiting.items():
+                future = self._pool.submit(decode_frame, item, self.spec.image_size)
+                self._pending[position] = future
+            self._waiting.clear()
 
     def decode(self, item: Item) -> np.ndarray:
         """The decoded frame (uint8 [S, S, 3]); raises RejectedRecord as decoding does."""
-        future = self._pending.pop(item.position, None)
+        with self._lock:
+            future = self._pending.pop(item.position, None)
+            self._waiting.pop(item.position, None)
         if future is not None:
             self.ahead += 1
             return future.result()
@@ -69,7 +91,9 @@ class FramePrefetch:
     def done(self, window: Window) -> None:
         """The window's inputs are built: forget frames decoded but not picked."""
         for item in window.items.get(Modality.CAMERA, ()):
-            future = self._pending.pop(item.position, None)
+            with self._lock:
+                self._waiting.pop(item.position, None)
+                future = self._pending.pop(item.position, None)
             if future is not None:
                 future.cancel()
 
@@ -83,7 +107,8 @@ class FramePrefetch:
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        """Frames predicted and not handed out yet, started or waiting."""
+        return len(self._pending) + len(self._waiting)
 
     def close(self) -> None:
         if self._pool is not None:
