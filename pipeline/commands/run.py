@@ -50,6 +50,7 @@ def _run(settings: Settings, stop: threading.Event) -> int:
     from pipeline.kafka.incident_state import build_live_engine
     from pipeline.kafka.worker import KafkaWorker
     from pipeline.metrics import Metrics
+    from pipeline.stream.heap import freeze_start_up
     from pipeline.stream.model_runner import ModelRunner
 
     metrics = Metrics()
@@ -72,6 +73,7 @@ def _run(settings: Settings, stop: threading.Event) -> int:
         f":{settings.runtime.metrics_port}/metrics" if settings.runtime.metrics_port else "off",
     )
     capture_native_stderr()  # from now on libpng/libjpeg/OpenCV complaints are log lines
+    freeze_start_up()  # full collections walk only what the stream makes
     with user_errors(settings.kafka):  # e.g. an ACL revoked while running: one line
         if not work(worker, stop):
             return 1
