@@ -21,21 +21,29 @@ read, after handing out every record before it; the worker then finds and dead-l
 from __future__ import annotations
 
 import logging
-from typing import Any, Protocol
+import time
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kafka import TopicPartition
 from kafka.errors import CorruptRecordError, IllegalStateError, for_code
 
+from pipeline.clock import Seconds
 from pipeline.errors import UserError
 from pipeline.kafka.config import rdkafka_fetch_config
 from pipeline.kafka.messages import to_record
 from pipeline.records import Record
 from pipeline.settings import Settings
 
+if TYPE_CHECKING:
+    from confluent_kafka import Consumer
+
 log = logging.getLogger(__name__)
 
 FETCHERS = ("kafka-python", "librdkafka")
 RD_BATCH = 2000  # messages a librdkafka consume() hands out at most
+# librdkafka's log end of a partition is trusted this long after it handed out a record of
+# it (and since its last seek or resume): proof that librdkafka is fetching it
+FRESH_S = 1.0
 
 
 class Fetch(Protocol):
@@ -129,12 +137,23 @@ class KafkaPythonFetch:
 class RdKafkaFetch:
     """librdkafka fetches the partitions the group's kafka-python consumer owns (paused)."""
 
-    def __init__(self, settings: Settings, consumer: Any) -> None:
-        from confluent_kafka import Consumer
+    def __init__(
+        self,
+        settings: Settings,
+        consumer: Any,
+        rd: Consumer | None = None,
+        clock: Seconds = time.monotonic,
+    ) -> None:
+        """`rd`: the librdkafka consumer (default: one of `rdkafka_fetch_config`)."""
+        if rd is None:
+            from confluent_kafka import Consumer
 
-        self.group = consumer
-        self.rd = Consumer(rdkafka_fetch_config(settings, logger=log))
+            rd = Consumer(rdkafka_fetch_config(settings, logger=log))
+        self.group, self.clock = consumer, clock
+        self.rd: Consumer = rd
         self._positions: dict[TopicPartition, int] = {}  # next offset handed out
+        self._handed_at: dict[TopicPartition, float] = {}  # a record last handed out, since
+        # the partition's last seek or resume (FRESH_S)
         self._paused: set[TopicPartition] = set()
         self._unreadable: UnreadableRecord | None = None  # raised at the next poll
 
@@ -167,6 +186,7 @@ class RdKafkaFetch:
                     failed.add(tp)
                     continue
                 self._positions[tp] = (msg.offset() or 0) + 1
+                self._handed_at[tp] = self.clock()
         return records
 
     def _consume(self, wait_s: float) -> list[Any]:
@@ -213,6 +233,7 @@ class RdKafkaFetch:
             self.rd.incremental_unassign([_rd(tp) for tp in lost])
             for tp in lost:
                 del self._positions[tp]
+                self._handed_at.pop(tp, None)
                 self._paused.discard(tp)
 
     def position(self, tp: TopicPartition, timeout_ms: int | None = None) -> int | None:
@@ -223,7 +244,9 @@ class RdKafkaFetch:
         return max(position, rd.offset)
 
     def highwater(self, tp: TopicPartition) -> int | None:
-        """The end offset (read_committed: the last stable one) of the last fetch."""
+        """The high watermark of the last fetch answer holding `tp` (not the last stable
+        offset: an open transaction on an input topic holds its partition back until it
+        ends)."""
         from confluent_kafka import KafkaException
 
         try:
@@ -233,12 +256,16 @@ class RdKafkaFetch:
         return int(high) if high is not None and high >= 0 else None
 
     def fetched_end(self, tp: TopicPartition) -> int | None:
-        """Where the log of `tp` ends, as new as asking the broker: librdkafka keeps a fetch
-        of every partition it reads waiting at the broker, which answers it as soon as
-        anything is appended, and takes its end offset from each answer before handing out
-        its records. Not for a paused partition (no fetch waits for it) or one not fetched
-        yet: None, ask the broker."""
-        return None if tp in self._paused else self.highwater(tp)
+        """Where the log of `tp` ends, as new as asking the broker while librdkafka is
+        fetching it: it keeps a fetch waiting at the broker, which answers as soon as
+        anything is appended, and takes the end offset from each answer before handing out
+        its records. Proof that it is fetching: it handed out a record of `tp` within
+        FRESH_S, since the partition's last seek or resume. Otherwise (paused, just sought
+        or resumed, its leader away, or quiet) None: ask the broker."""
+        handed = self._handed_at.get(tp)
+        if tp in self._paused or handed is None or self.clock() - handed > FRESH_S:
+            return None
+        return self.highwater(tp)
 
     def end_offsets(
         self, partitions: list[TopicPartition], timeout_ms: int
@@ -246,6 +273,7 @@ class RdKafkaFetch:
         return dict(self.group.end_offsets(partitions, timeout_ms))
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
+        self._handed_at.pop(tp, None)
         if tp in self._positions:
             self.rd.seek(_rd(tp, offset))
         else:
@@ -267,6 +295,8 @@ class RdKafkaFetch:
 
     def resume(self, *tps: TopicPartition) -> None:
         self._paused.difference_update(tps)
+        for tp in tps:
+            self._handed_at.pop(tp, None)
         assigned = [_rd(tp) for tp in tps if tp in self._positions]
         if assigned:
             self.rd.resume(assigned)
