@@ -99,17 +99,19 @@ def produce_live(
     # full collection walks them and stalls sending 90-100 ms (3 a minute at 100 devices),
     # which showed as +100 ms user-seen latency on the windows those ticks close
     gc.freeze()
-    for ts, records in ticks:
-        delay = ts / 1000 - time.time()
-        if delay > 0:
-            time.sleep(delay)  # pacing, not synchronisation
-        behind = max(behind, -delay)
-        send(out, records, names)
-        if sent is not None:
-            sent[ts] = wall_clock_ms()
-    out.flush()
-    out.close()
-    gc.unfreeze()
+    try:
+        for ts, records in ticks:
+            delay = ts / 1000 - time.time()
+            if delay > 0:
+                time.sleep(delay)  # pacing, not synchronisation
+            behind = max(behind, -delay)
+            send(out, records, names)
+            if sent is not None:
+                sent[ts] = wall_clock_ms()
+        out.flush()
+        out.close()
+    finally:
+        gc.unfreeze()
     return behind, (time.process_time() - cpu0) / (time.time() - t0 / 1000)
 
 

@@ -66,8 +66,8 @@ def test_trims_at_most_once_an_interval() -> None:
 
 
 def test_full_collections_walk_only_what_is_made_after_start_up() -> None:
-    """A started worker's full collections walked every module and model object: 64-88 ms
-    of its main thread every ~10 s, and the windows closing meanwhile waited."""
+    """A started worker's full collections walked every module and model object, and the
+    windows closing meanwhile waited."""
     made_at_start_up = [{"a": 1}]
     try:
         freeze_start_up()

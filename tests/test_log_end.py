@@ -84,8 +84,8 @@ def test_the_fetched_highwater_alone_decides_when_records_are_still_unread() -> 
 
 def test_a_fetcher_that_knows_the_log_end_is_not_asked_again() -> None:
     """librdkafka keeps a fetch of each partition waiting at the broker and takes the log end
-    from every answer: a round trip per poll to ask the same cost the worker's main thread
-    18% of its time at 100 live devices. A partition it does not fetch (paused) is asked."""
+    from every answer: a round trip per poll to ask the same held the worker's main thread.
+    A partition it does not fetch (paused) is asked."""
     clients = Clients({CAM: 10, TEL: 20}, {CAM: 10, TEL: 20}, {CAM: 10, TEL: 25}, {CAM: 10})
     log_end = log_end_with(clients, Aligner(("cam", "tel")))
     assert log_end.at_log_end(CAM) and clients.asked == []

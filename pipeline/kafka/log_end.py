@@ -66,8 +66,8 @@ class LogEnd:
         and partition, with every owned partition with nothing buffered here at that moment;
         a partition whose buffered records ran out later in the same poll is asked then (it
         was once taken as caught up without asking). A fetcher that learns the log end with
-        every fetch answer (librdkafka: `Fetch.fetched_end`) is not asked again: at 100 live
-        devices that round trip took 18% of the main thread's time."""
+        every fetch answer (librdkafka: `Fetch.fetched_end`) is not asked: that round trip
+        each poll held the main thread while a fleet's windows closed (docs/performance.md)."""
         if tp not in self.owned:
             return True
         try:

@@ -62,11 +62,9 @@ from pipeline.stream.worker_loop import backpressure_step, classify_due, process
 
 log = logging.getLogger(__name__)
 
-# a commit waits this long for outputs in flight: without it, a broker away held the loop
-# (no polling, no word of it) for the producer's whole 120 s delivery timeout
+# a commit waits this long for outputs in flight (a broker away held the loop, not polling,
+# for the producer's 120 s delivery timeout), and for the offsets commit itself
 COMMIT_FLUSH_TIMEOUT_S = 5.0
-# and this long for the offsets commit itself (kafka-python's default held a step 5-20 s
-# while the broker was away)
 COMMIT_TIMEOUT_MS = 5000
 IN_FLIGHT_POLL_MS = 5  # longest a poll waits for records while the model thread works
 
@@ -158,8 +156,8 @@ class KafkaWorker:
             timeout = self.watch.poll_timeout(poll_timeout_ms)
         polled = self._poll(timeout)
         self.watch.polled(fetched=bool(polled))
-        if not polled:
-            self.engine.idle()  # frames decoded ahead, not while a fleet's windows close
+        if not polled:  # frames decoded ahead, not while a fleet's windows close
+            self.engine.idle()
         self._follow_assignment()
         self.log_end.new_poll(self._owned)
         count = 0

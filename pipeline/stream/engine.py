@@ -160,8 +160,7 @@ class Engine:
         return []
 
     def idle(self) -> None:
-        """The reader has no records for the engine now: decode the frames predicted ahead
-        (pipeline/stream/prefetch.py). A reader that never idles decodes them at close."""
+        """The reader has no records now: decode frames ahead (pipeline/stream/prefetch.py)."""
         self.prefetch.idle()
 
     def tick(self, read_through: int | None = None) -> None:

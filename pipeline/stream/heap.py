@@ -59,9 +59,9 @@ class HeapTrim:
 
 def freeze_start_up() -> None:
     """Move every object start-up made (modules, the model, the clients) out of the cycle
-    collector's reach. A full collection walks every object it tracks: in a started worker
-    each took 64-88 ms of the main thread, every ~10 s at 100 devices, and the windows that
-    closed meanwhile waited. What start-up made lives as long as the process; its garbage
-    is collected first."""
+    collector's reach. A full collection walks every object it tracks, modules and model
+    included, and stops the main thread meanwhile, while windows wait to close
+    (docs/performance.md). What start-up made lives as long as the process; its garbage is
+    collected first."""
     gc.collect()
     gc.freeze()

@@ -12,8 +12,8 @@ close: only the moment of the work changes.
 
 Why at idle, not on arrival: the frames of a fleet arrive together too, and the first
 frame past a window's end plus the allowed lateness, the one that closes the window, is
-often a frame the next window picks. Decoded on arrival, 100 devices' frames took both
-cores in the very moment their windows closed, and each event waited for them
+often a frame the next window picks. Decoded on arrival, a fleet's frames took the cores
+in the very moment its windows closed, and each event waited for them
 (docs/performance.md). A reader that never idles (a backlog, a replay) decodes at close,
 a batch at a time on every feature thread, as without prefetching.
 """
@@ -75,10 +75,12 @@ class FramePrefetch:
         with self._lock:
             future = self._pending.pop(item.position, None)
             self._waiting.pop(item.position, None)
+            if future is not None:
+                self.ahead += 1
+            else:
+                self.at_close += 1
         if future is not None:
-            self.ahead += 1
             return future.result()
-        self.at_close += 1
         return decode_frame(item, self.spec.image_size)
 
     def closed(self, window: Window) -> None:
