@@ -14,6 +14,7 @@ import pytest
 from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
+from encoders.modality import Modality
 from pipeline.errors import UserError
 from pipeline.kafka.admin import TopicNames, auto_creates_topics, ensure_topics
 from pipeline.kafka.fetch import FETCHERS
@@ -309,3 +310,19 @@ def test_acknowledgements_carry_the_time_they_arrived_not_when_drained(bootstrap
     now["ms"] = 9_000  # the worker drains them later
     assert sorted(out.completed_at()) == [(0, None, 1_000), (1, None, 1_000), (2, None, 1_000)]
     out.close()
+
+
+@pytest.mark.parametrize("fetcher", FETCHERS)
+def test_frames_are_decoded_ahead_once_the_worker_has_nothing_to_read(
+    bootstrap: str, topics: TopicNames, start_worker, runner: ModelRunner, fetcher: str
+) -> None:
+    """The frames an open window will pick are decoded when a poll finds nothing to read
+    (`Engine.idle`), not as they arrive nor only at close."""
+    s = settings_for(bootstrap, topics)
+    s = replace(s, kafka=replace(s.kafka, fetcher=fetcher))
+    # two windows of frames: the first one's count predicts the second's picks, and the
+    # second stays open (no frame past its end)
+    produce(bootstrap, to_topics(device_stream("dev-0", T0, 4, (Modality.CAMERA,)), topics))
+    prefetch = start_worker(s).worker.engine.prefetch
+    k = runner.features.num_frames
+    wait_until(lambda: prefetch.started >= k, 60, f"{k} frames of the open window decoded")

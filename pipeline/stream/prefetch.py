@@ -40,6 +40,7 @@ class FramePrefetch:
         self._lock = threading.Lock()  # `decode` runs on the model's and feature threads
         self._last_count: dict[str, int] = {}  # device -> frames in its last closed window
         self._arrived: dict[tuple[str, int], int] = {}  # (device, window start) -> frames
+        self.started = 0  # frames whose decoding started ahead (when the reader idled)
         self.ahead = 0  # frames handed out decoded ahead
         self.at_close = 0  # frames decoded when asked (not predicted)
 
@@ -68,6 +69,7 @@ class FramePrefetch:
             for position, item in self._waiting.items():
                 future = self._pool.submit(decode_frame, item, self.spec.image_size)
                 self._pending[position] = future
+            self.started += len(self._waiting)
             self._waiting.clear()
 
     def decode(self, item: Item) -> np.ndarray:
