@@ -170,7 +170,9 @@ class RdKafkaFetch:
             return []
         records: list[Record] = []
         failed: set[TopicPartition] = set()
-        for msg in self._consume((timeout_ms - group_wait) / 1000):
+        fetched = self._consume((timeout_ms - group_wait) / 1000)
+        now = self.clock()  # once a poll, not per record
+        for msg in fetched:
             tp = TopicPartition(msg.topic(), msg.partition())
             if tp not in self._positions or tp in failed:
                 continue  # given up meanwhile (rebalance), or read again after the seek
@@ -186,7 +188,7 @@ class RdKafkaFetch:
                     failed.add(tp)
                     continue
                 self._positions[tp] = (msg.offset() or 0) + 1
-                self._handed_at[tp] = self.clock()
+                self._handed_at[tp] = now
         return records
 
     def _consume(self, wait_s: float) -> list[Any]:
